@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print their figures.")
 app.add_typer(bench_app, name="bench")
 console = Console(width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,18 +124,16 @@ def demo_cmd(scenario: str = typer.Option("hospital", help="folder under scenari
 def main() -> None:
     """Entry point: bad input becomes exit code 2 with a message naming file, line and field."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)   # click returns a typer.Exit's code instead of raising it
+        sys.exit(rc if isinstance(rc, int) else 0)
     except InputError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.BadParameter, typer.Abort) as e:
-        err.print(f"[bold red]error:[/] {e}")
-        sys.exit(2)
-    except Exception as e:  # click usage errors
-        import click
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors (unknown option, bad value) from typer's click: shown, exit code 2.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(2)
         raise
