@@ -1,0 +1,331 @@
+"""The engine: continuous batching over a pipeline of stages.
+
+    step(): schedule -> run stages in order -> sample -> collect finished
+
+Requests join and leave between steps. A step is either a prefill step (prompt chunks of
+newly admitted requests) or a decode step (one token for every running request), as in
+nano-vllm. KV memory for a request's whole budget (prompt + max_tokens) is reserved when it
+is admitted, so a running request never has to be preempted and recomputed.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from .stage import Stage, StepBatch, build_stages, even_bounds
+from .weights import WeightSource, open_source
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+class ContextTooLong(ValueError):
+    """prompt + max_tokens exceeds the context window; refused rather than truncated."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0            # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None             # same seed -> same tokens (a generator per request)
+    stop: tuple[str, ...] = ()          # stop strings (not included in the text)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling params {self}")
+        object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 16              # running requests decoded together
+    max_waiting: int = 64               # bound of the waiting queue
+    max_model_len: int = 2048           # context window: prompt + max_tokens
+    max_prefill_tokens: int = 512       # prompt tokens per prefill step (longer prompts go in chunks)
+    num_kv_blocks: int = 2048
+    block_size: int = 16
+
+    def __post_init__(self):
+        if self.max_model_len > self.num_kv_blocks * self.block_size:
+            raise ValueError("the KV cache cannot hold one request of max_model_len tokens")
+
+
+class Status(Enum):
+    WAITING, RUNNING, FINISHED = range(3)
+
+
+@dataclass
+class RequestOutput:
+    """A finished request, with the timestamps TTFT/TPOT/token gaps are measured from."""
+    req_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str                  # "stop" | "length" | "cancelled"
+    arrival: float                      # time.perf_counter() at add_request
+    token_times: list[float]
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_token: Callable[[Request, int], None] | None = None
+    req_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    arrival: float = field(default_factory=time.perf_counter)
+    status: Status = Status.WAITING
+    num_computed: int = 0               # tokens whose KV is in the cache
+    finish_reason: str | None = None
+    text: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.params.temperature > 0:
+            self.generator = torch.Generator()
+            if self.params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.params.seed)
+
+    @property
+    def budget(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.req_id, self.prompt_ids, self.output_ids, self.text,
+                             self.finish_reason, self.arrival, self.token_times)
+
+
+class Scheduler:
+    """Admission (queue bound, context window, KV reservation) and batch selection."""
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_blocks = cfg.num_kv_blocks     # blocks not reserved by a running request
+        self.lock = threading.Lock()             # add/cancel may come from a server thread
+
+    def blocks(self, seq: Request) -> int:
+        return -(-seq.budget // self.cfg.block_size)
+
+    def add(self, seq: Request) -> None:
+        if seq.budget > self.cfg.max_model_len:
+            raise ContextTooLong(f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens "
+                                 f"({seq.params.max_tokens}) exceeds the context window of "
+                                 f"{self.cfg.max_model_len} tokens")
+        with self.lock:
+            if len(self.waiting) >= self.cfg.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests already waiting (max {self.cfg.max_waiting})")
+            self.waiting.append(seq)
+
+    def take_cancelled(self) -> list[Request]:
+        with self.lock:
+            gone = [s for s in itertools.chain(self.waiting, self.running) if s.cancelled]
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for s in gone:
+            self.finish(s, "cancelled")
+        return gone
+
+    def finish(self, seq: Request, reason: str) -> None:
+        if seq.status == Status.RUNNING:
+            self.running.remove(seq)
+            self.free_blocks += self.blocks(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def schedule(self) -> tuple[list[Request], StepBatch] | None:
+        """Prefill chunks first (admitting waiting requests FIFO while seats and KV allow),
+        otherwise one decode token for every running request."""
+        with self.lock:
+            while (self.waiting and len(self.running) < self.cfg.max_num_seqs
+                   and self.blocks(self.waiting[0]) <= self.free_blocks):
+                seq = self.waiting.popleft()
+                seq.status = Status.RUNNING
+                self.free_blocks -= self.blocks(seq)
+                self.running.append(seq)
+        budget, rows = self.cfg.max_prefill_tokens, []
+        for seq in self.running:
+            if seq.prefilling and budget > 0:
+                n = min(len(seq.prompt_ids) - seq.num_computed, budget)
+                rows.append((seq, seq.prompt_ids[seq.num_computed:seq.num_computed + n]))
+                budget -= n
+        if not rows:
+            rows = [(seq, seq.output_ids[-1:]) for seq in self.running]
+        if not rows:
+            return None
+        seqs = [s for s, _ in rows]
+        width = max(len(t) for _, t in rows)
+        tokens = torch.tensor([t + [0] * (width - len(t)) for _, t in rows])     # [B, width]
+        return seqs, StepBatch([s.req_id for s in seqs], [s.num_computed for s in seqs],
+                               [len(t) for _, t in rows], tokens)
+
+
+def sample(logits: torch.Tensor, seqs: Sequence[Request]) -> list[int]:
+    """logits: [B, vocab] -> one token per row; greedy rows in one argmax, sampled rows each
+    with their own generator so a request's tokens do not depend on its batch mates."""
+    out = logits.argmax(-1).tolist()
+    for b, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature == 0:
+            continue
+        probs = torch.softmax(logits[b] / p.temperature, -1)
+        if p.top_p < 1:
+            sorted_p, idx = probs.sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
+            probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        out[b] = int(torch.multinomial(probs, 1, generator=seq.generator))
+    return out
+
+
+class Engine:
+    def __init__(self, stages: Sequence[Stage], config: EngineConfig = EngineConfig(),
+                 tokenizer: Any = None, eos_token_ids: Iterable[int] = ()):
+        self.stages, self.config, self.tokenizer = list(stages), config, tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.scheduler = Scheduler(config)
+        self.seqs: dict[int, Request] = {}
+
+    # --- requests --------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
+                    on_token: Callable[[Request, int], None] | None = None) -> int:
+        """Queue a prompt (text or token ids); returns the request id. Raises QueueFull or
+        ContextTooLong. on_token(seq, token_id) is called for every token as it is made."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        seq = Request(ids, params, on_token)
+        self.scheduler.add(seq)
+        self.seqs[seq.req_id] = seq
+        return seq.req_id
+
+    def cancel(self, req_id: int) -> None:
+        """Stop a request; it leaves at the next step with finish_reason 'cancelled'."""
+        if req_id in self.seqs:
+            self.seqs[req_id].cancelled = True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration; returns the requests that finished in it."""
+        done = self.scheduler.take_cancelled()
+        scheduled = self.scheduler.schedule()
+        if scheduled is not None:
+            seqs, batch = scheduled
+            logits = self.run_stages(batch)
+            done += self.postprocess(seqs, batch, logits)
+        for stage in self.stages:
+            stage.free([s.req_id for s in done])
+        for s in done:
+            self.seqs.pop(s.req_id, None)
+            if self.tokenizer is not None and s.text is None:
+                s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+        return [s.output() for s in done]
+
+    def run_stages(self, batch: StepBatch) -> torch.Tensor:
+        x = None
+        for stage in self.stages:
+            x = stage.forward(batch, x)
+        return x                                 # [B, vocab]: each row's last new token
+
+    def postprocess(self, seqs: list[Request], batch: StepBatch, logits: torch.Tensor) -> list[Request]:
+        for seq, n in zip(seqs, batch.num_new):
+            seq.num_computed += n
+        # rows still in the middle of their prompt (chunked prefill) sample nothing
+        ready = [b for b, s in enumerate(seqs) if not s.prefilling]
+        tokens = sample(logits[ready], [seqs[b] for b in ready]) if ready else []
+        now, done = time.perf_counter(), []
+        for b, tok in zip(ready, tokens):
+            seq = seqs[b]
+            seq.output_ids.append(tok)
+            seq.token_times.append(now)
+            if seq.on_token is not None:
+                seq.on_token(seq, tok)
+            reason = self.stop_reason(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                done.append(seq)
+        return done
+
+    def stop_reason(self, seq: Request, tok: int) -> str | None:
+        p = seq.params
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            # a stop string ends within the last few tokens: decode only a tail, not the whole text
+            tail = self.tokenizer.decode(seq.output_ids[-max(map(len, p.stop)) - 1:], skip_special_tokens=True)
+            if any(s in tail for s in p.stop):
+                text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+                seq.text = text[:min(text.find(s) for s in p.stop if s in text)]
+                return "stop"
+        if len(seq.output_ids) >= p.max_tokens:
+            return "length"
+        return None
+
+    # --- conveniences ----------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str | list[int]],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[RequestOutput]:
+        """Run prompts to completion (all admitted together), outputs in prompt order."""
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[int, RequestOutput] = {}
+        while self.has_unfinished():
+            results.update((o.req_id, o) for o in self.step())
+        return [results[i] for i in ids]
+
+    @classmethod
+    def local(cls, source: WeightSource | str | None = None, bounds: Sequence[int] | None = None,
+              num_stages: int = 1, config: EngineConfig | None = None,
+              dtype: torch.dtype = torch.float32) -> Engine:
+        """An engine whose stages all run in this process (default: the embedded SmolLM2 GGUF)."""
+        src = source if hasattr(source, "load") else open_source(source)
+        cfg = src.config
+        config = config or EngineConfig(max_model_len=min(cfg.max_position, EngineConfig.max_model_len))
+        stages = build_stages(src, bounds or even_bounds(cfg.num_layers, num_stages),
+                              config.num_kv_blocks, config.block_size, dtype)
+        return cls(stages, config, src.tokenizer(), cfg.eos_token_ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, with the model's chat template and the assistant turn opened."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False)

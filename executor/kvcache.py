@@ -1,0 +1,158 @@
+"""The engine's own paged KV cache: one per stage, holding that stage's layers.
+
+Layout: for each owned layer a flat pool of slots [num_blocks * block_size, kv_heads, head_dim];
+a request owns a list of blocks (its block table), so token position p of request r lives
+in slot block_table[r][p // block_size] * block_size + p % block_size.
+
+Because the cache is ours (not hidden inside a model), the KV of given layers and requests
+can be read out as a plain dict of tensors, sent to another node, and written into a cache
+that owns different layers; that is what live reconfiguration moves.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCacheFull(RuntimeError):
+    """No free blocks left; the scheduler's admission control should make this unreachable."""
+
+
+class KVCache:
+    def __init__(self, layers: range, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.layers, self.block_size, self.num_blocks = layers, block_size, num_blocks
+        shape = (len(layers), num_blocks * block_size, num_kv_heads, head_dim)
+        # empty, not zeros: untouched pages of a large pool cost no memory on CPU
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.block_tables: dict[Any, list[int]] = {}
+        self.lens: dict[Any, int] = {}        # tokens written per request
+
+    # --- allocation ------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    def allocate(self, req: Any, num_tokens: int) -> None:
+        """Make sure request `req` has blocks for positions [0, num_tokens)."""
+        table = self.block_tables.setdefault(req, [])
+        self.lens.setdefault(req, 0)
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need > len(self.free_blocks):
+            raise KVCacheFull(f"request {req!r} needs {need} blocks, {len(self.free_blocks)} free")
+        table.extend(self.free_blocks.popleft() for _ in range(max(need, 0)))
+
+    def free(self, reqs: Iterable[Any]) -> None:
+        for r in reqs:
+            self.free_blocks.extend(self.block_tables.pop(r, ()))
+            self.lens.pop(r, None)
+
+    def check_integrity(self) -> None:
+        """Idle-time check: every block is either free or owned by exactly one request."""
+        used = [b for t in self.block_tables.values() for b in t]
+        owned = used + list(self.free_blocks)
+        if len(owned) != self.num_blocks or set(owned) != set(range(self.num_blocks)):
+            raise AssertionError(f"KV blocks: {len(self.free_blocks)} free + {len(used)} used "
+                                 f"!= {self.num_blocks} total, or a block is owned twice")
+        for r, n in self.lens.items():
+            if n > len(self.block_tables[r]) * self.block_size:
+                raise AssertionError(f"request {r!r} has {n} tokens beyond its blocks")
+
+    def _slots(self, req: Any, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(self.block_tables[req], dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    # --- one forward step ------------------------------------------------------------------
+
+    def prepare(self, reqs: Sequence[Any], starts: Sequence[int], num_new: Sequence[int],
+                width: int) -> Attention:
+        """Allocate room for this step's tokens and build the attention metadata shared by
+        every layer. Row b writes num_new[b] tokens at positions starts[b].. (rows padded to width)."""
+        B = len(reqs)
+        for r, s, n in zip(reqs, starts, num_new):
+            if s != self.lens.get(r, 0):
+                raise ValueError(f"request {r!r}: step starts at {s}, cache holds {self.lens.get(r, 0)}")
+            self.allocate(r, s + n)
+            self.lens[r] = s + n
+        ctx = [s + n for s, n in zip(starts, num_new)]
+        S = max(ctx)
+        # gather index [B, S]: the slots of each row's whole context, padded with slot 0 (masked)
+        gather = torch.zeros(B, S, dtype=torch.long)
+        for b, r in enumerate(reqs):
+            gather[b, :ctx[b]] = self._slots(r, 0, ctx[b])
+        starts_t, ctx_t = torch.tensor(starts), torch.tensor(ctx)
+        q_pos = starts_t.unsqueeze(1) + torch.arange(width).unsqueeze(0)          # [B, width]
+        valid = torch.arange(width).unsqueeze(0) < torch.tensor(num_new).unsqueeze(1)   # [B, width]
+        write_idx = gather.gather(1, q_pos.clamp(max=S - 1))[valid]               # [tokens]
+        write_rows = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)
+        # mask [B, 1, width, S]: causal within the step, and only this row's own context
+        kpos = torch.arange(S)
+        mask = (kpos.view(1, 1, S) <= q_pos.unsqueeze(2)) & (kpos.view(1, 1, S) < ctx_t.view(B, 1, 1))
+        return Attention(self, gather, write_idx, write_rows, mask.unsqueeze(1))
+
+    # --- migration -------------------------------------------------------------------------
+
+    def read(self, reqs: Sequence[Any], layers: Sequence[int] | None = None,
+             since: int | dict[Any, int] = 0) -> dict[str, Any]:
+        """The KV of `layers` (global ids) for `reqs`, positions [since, len): a plain dict of
+        tensors and lists that torch.distributed can send. `since` is one position for all
+        requests or one per request: "the tokens appended since p" of a pre-copy round."""
+        layers = list(self.layers if layers is None else layers)
+        li = torch.tensor([self._local(l) for l in layers], dtype=torch.long)
+        starts = [since.get(r, 0) if isinstance(since, dict) else since for r in reqs]
+        lengths = [max(self.lens[r] - s, 0) for r, s in zip(reqs, starts)]
+        slots = torch.cat([self._slots(r, s, s + n) for r, s, n in zip(reqs, starts, lengths)]
+                          or [torch.zeros(0, dtype=torch.long)])
+        return {"layers": layers, "reqs": list(reqs), "starts": starts, "lengths": lengths,
+                # advanced indexing copies only the selected slots: [layers, tokens, kv_heads, d]
+                "k": self.k[li.unsqueeze(1), slots], "v": self.v[li.unsqueeze(1), slots]}
+
+    def write(self, payload: dict[str, Any]) -> None:
+        """Write a read() payload in (appending to or overwriting what a request holds)."""
+        li = torch.tensor([self._local(l) for l in payload["layers"]], dtype=torch.long)
+        offset = 0
+        for r, s, n in zip(payload["reqs"], payload["starts"], payload["lengths"]):
+            if s > self.lens.get(r, 0):
+                raise ValueError(f"request {r!r}: write at {s} would leave a hole after {self.lens.get(r, 0)}")
+            self.allocate(r, s + n)
+            slots = self._slots(r, s, s + n)
+            self.k[li.unsqueeze(1), slots] = payload["k"][:, offset:offset + n].to(self.k.dtype)
+            self.v[li.unsqueeze(1), slots] = payload["v"][:, offset:offset + n].to(self.v.dtype)
+            self.lens[r] = max(self.lens[r], s + n)
+            offset += n
+
+    def _local(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} is not held by this cache (holds {self.layers})")
+        return layer - self.layers.start
+
+
+class Attention:
+    """Per-step attention over the paged cache; called by every layer of the stage."""
+
+    def __init__(self, cache: KVCache, gather, write_idx, write_rows, mask):
+        self.cache, self.gather, self.mask = cache, gather, mask
+        self.write_idx, self.write_rows = write_idx, write_rows
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = q.shape                       # q: [B, T, heads, d]; k, v: [B, T, kv_heads, d]
+        i = layer - self.cache.layers.start
+        kc, vc = self.cache.k[i], self.cache.v[i]  # [slots, kv_heads, d]
+        k, v = k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:])
+        if self.write_rows is not None:           # drop the padding rows of a prefill
+            k, v = k[self.write_rows], v[self.write_rows]
+        kc[self.write_idx] = k
+        vc[self.write_idx] = v
+        keys = kc[self.gather].transpose(1, 2)    # [B, kv_heads, S, d]
+        vals = vc[self.gather].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=self.mask,
+                                           enable_gqa=True)       # [B, heads, T, d]
+        return o.transpose(1, 2)
