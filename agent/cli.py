@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
-from policies import (InputError, PlacementPlan, load_cluster, load_intent_spec, load_model_spec, load_plan,
+from policies import (InputError, PlanRejected, PlacementPlan, load_cluster, load_intent_spec, load_model_spec, load_plan,
                       load_policy, validate)
 
 from .planner import Infeasible, plan as make_plan
@@ -53,7 +54,7 @@ def plan_cmd(
         else:
             console.print("[bold red]No valid plan.[/] Conflicting constraints:")
             for r in e.reasons:
-                console.print(f"  - {r}", highlight=False)
+                console.print(f"  - {escape(r)}", highlight=False)
         raise typer.Exit(1)
     if out:
         out.write_text(yaml.safe_dump(proposal.plan.model_dump(mode="json", exclude_none=True), sort_keys=False))
@@ -66,7 +67,7 @@ def plan_cmd(
     console.print(f"objective {proposal.objective}: {proposal.score:.4g} "
                   f"({'exact search' if proposal.exact else 'DP search'}, {proposal.considered} candidates)")
     for note in proposal.notes:
-        console.print(f"  note: {note}", highlight=False)
+        console.print(f"  note: {escape(note)}", highlight=False)
     print_report(console, proposal.report)
 
 
@@ -108,6 +109,49 @@ def bench_engine_cmd(as_json: bool = typer.Option(False, "--json")):
     run_engine_bench(json_out=as_json)
 
 
+@app.command("serve")
+def serve_cmd(
+    cluster: Path = typer.Option(..., "--cluster", "-c"),
+    policy: Path = typer.Option(..., "--policy", "-p"),
+    plan_file: Path = typer.Option(..., "--plan", help="the placement plan to serve (validated first)"),
+    weights: Optional[str] = typer.Option(None, help="GGUF file or safetensors folder (default: embedded SmolLM2)"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    join: Optional[str] = typer.Option(None, help="HOST:PORT: wait for workers to join here instead of "
+                                                  "starting them on this machine"),
+):
+    """Serve the model over node workers with an OpenAI-compatible API (validated plan only)."""
+    import uvicorn
+
+    from executor.api import create_app
+    from executor.service import Service
+    from executor.weights import open_source
+    from policies import ModelSpec, approve
+
+    c, p, pl = load_cluster(cluster), load_policy(policy), load_plan(plan_file)
+    src = open_source(weights)
+    spec = ModelSpec.from_hf_config(src.config.to_hf(), name=pl.model, dtype="fp32")
+    validated = approve(pl, c, p, None, spec)        # raises PlanRejected: exit 1 with the report
+    join_at = None
+    if join:
+        h, _, prt = join.rpartition(":")
+        join_at = (h, int(prt))
+        console.print(f"waiting for nodes {', '.join(n.name for n in c.nodes if n.state != 'down')} to join at {join}")
+    service = Service.launch(c, validated, weights, join_at=join_at)
+    console.print(f"serving {pl.model}: {pl.summary()} on http://{host}:{port}/v1")
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.close()
+
+
+@app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker_cmd(ctx: typer.Context):
+    """A node worker: `continuo worker --join HOST:PORT --node NAME [--threads N]`."""
+    from executor.worker import main as worker_main
+    worker_main(list(ctx.args))
+
+
 @app.command("demo")
 def demo_cmd(scenario: str = typer.Option("hospital", help="folder under scenarios/"),
              intent: str = typer.Option("phi-70b-split", help="intent file name under scenarios/<s>/intents/")):
@@ -126,8 +170,11 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)   # click returns a typer.Exit's code instead of raising it
         sys.exit(rc if isinstance(rc, int) else 0)
+    except PlanRejected as e:
+        err.print(f"[bold red]plan rejected by the validator:[/]\n{escape(str(e))}", highlight=False)
+        sys.exit(1)
     except InputError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from policies import Cluster, PlacementPlan, Report
@@ -27,9 +28,9 @@ def print_report(console: Console, report: Report) -> None:
     console.print(f"[bold {style}]Validator: {len(report.violations)} violation(s), "
                   f"{len(report.warnings)} warning(s)[/]")
     for v in report.violations:
-        console.print(f"  [red]✗[/] {v.text()}", highlight=False)
+        console.print(f"  [red]✗[/] {escape(v.text())}", highlight=False)
     for w in report.warnings:
-        console.print(f"  [yellow]![/] {w.text()}", highlight=False)
+        console.print(f"  [yellow]![/] {escape(w.text())}", highlight=False)
     if report.estimates:
         e = report.estimates
         console.print(f"  estimates: TTFT {e.ttft_ms:.1f} ms, TPOT {e.tpot_ms:.2f} ms, "

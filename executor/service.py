@@ -1,0 +1,218 @@
+"""The running service: node workers + engine + a loop thread, with a thread-safe front door.
+
+The HTTP layer (executor/api.py) and the Python API both go through `Service`: submit a
+request with a listener, cancel it, read health and per-node state. The engine loop thread owns
+every conversation with the workers; other threads hand it calls to run between steps.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies import Cluster, ValidatedPlan
+
+from .engine import Engine, EngineConfig, Request, RequestOutput, SamplingParams
+from .runtime import NodeRuntime, WorkerDied
+
+
+class ServiceUnavailable(RuntimeError):
+    """The service cannot take requests (a worker died, or it is shutting down)."""
+
+
+@dataclass
+class Listener:
+    """Callbacks for one request, called from the engine thread."""
+    on_token: Callable[[int], None] | None = None
+    on_done: Callable[[RequestOutput | None, str | None], None] | None = None   # (output, error)
+
+
+class EngineLoop(threading.Thread):
+    """Steps the engine while it has work; runs handed-in calls at iteration boundaries."""
+
+    def __init__(self, engine: Engine, on_step: Callable[[float], None] | None = None):
+        super().__init__(name="engine-loop", daemon=True)
+        self.engine = engine
+        self.calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self.wake = threading.Event()
+        self.listeners: dict[int, Listener] = {}
+        self.stopped = False
+        self.broken: Exception | None = None
+        self.on_step = on_step
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
+        """Run fn() on the engine thread between two steps and return its result."""
+        if threading.current_thread() is self:
+            return fn()
+        fut: Future = Future()
+        self.calls.put((fn, fut))
+        self.wake.set()
+        return fut.result(timeout)
+
+    def run(self) -> None:
+        while not self.stopped:
+            while not self.calls.empty():
+                fn, fut = self.calls.get()
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # handed back to the caller
+                    fut.set_exception(e)
+            if self.broken is None and self.engine.has_unfinished():
+                t0 = time.perf_counter()
+                try:
+                    done = self.engine.step()
+                except WorkerDied as e:
+                    self.fail_all(e)
+                    continue
+                if self.on_step:
+                    self.on_step(time.perf_counter() - t0)
+                for out in done:
+                    lst = self.listeners.pop(out.req_id, None)
+                    if lst and lst.on_done:
+                        lst.on_done(out, None)
+            else:
+                self.wake.wait(0.05)
+                self.wake.clear()
+
+    def fail_all(self, err: Exception) -> None:
+        """A worker died mid-step: every in-flight request ends with a clear error, none hangs."""
+        self.broken = err
+        for req_id, lst in list(self.listeners.items()):
+            self.engine.cancel(req_id)
+            if lst.on_done:
+                lst.on_done(None, str(err))
+        self.listeners.clear()
+        sched = self.engine.scheduler
+        with sched.lock:
+            sched.waiting.clear()
+            sched.running.clear()
+        self.engine.seqs.clear()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+
+def _portable(src) -> Any:
+    """What a worker needs to open the same weights itself: a path, or the (picklable) random source."""
+    for attr in ("path", "folder"):
+        if hasattr(src, attr):
+            return str(getattr(src, attr))
+    return src
+
+
+@dataclass
+class Service:
+    """An engine serving one model, optionally over node workers (runtime)."""
+    engine: Engine
+    model_name: str
+    runtime: NodeRuntime | None = None
+    cluster: Cluster | None = None
+    plan: ValidatedPlan | None = None
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.loop = EngineLoop(self.engine)
+        self.loop.start()
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def launch(cls, cluster: Cluster, validated: ValidatedPlan, source=None, config: EngineConfig | None = None,
+               dtype: str = "float32", threads_per_worker: int | None = None, tokenizer=None,
+               join_at: tuple[str, int] | None = None, timeout: float = 120.0) -> "Service":
+        """Start a worker per node (down nodes excepted) and load the plan's stages.
+
+        Workers run on this machine, or, with join_at=(host, port), the service waits for every node
+        to join from wherever it runs (`continuo worker --join HOST:PORT --node NAME`)."""
+        if not isinstance(validated, ValidatedPlan):
+            raise TypeError("the executor accepts only a ValidatedPlan (from policies.approve)")
+        if validated.cluster_fingerprint != cluster.fingerprint():
+            raise ValueError(f"plan was validated against cluster state {validated.cluster_fingerprint}, "
+                             f"now {cluster.fingerprint()}: validate it again")
+        from .weights import open_source
+        src = source if hasattr(source, "load") else open_source(source)
+        cfg = src.config
+        config = config or EngineConfig(max_model_len=min(cfg.max_position, 2048))
+        nodes = [n.name for n in cluster.nodes if n.state != "down"]
+        rt = NodeRuntime(nodes, *join_at, timeout=timeout) if join_at else \
+            NodeRuntime.local(nodes, threads_per_worker, timeout)
+        try:
+            stages = [(s.node, s.first_layer, s.last_layer + 1) for s in validated.plan.stages]
+            rt.load(stages, _portable(src), dtype, config.num_kv_blocks, config.block_size)
+            engine = Engine([rt.pipeline(cfg.num_layers)], config, tokenizer or src.tokenizer(), cfg.eos_token_ids)
+        except BaseException:
+            rt.shutdown()
+            raise
+        return cls(engine, validated.plan.model, rt, cluster, validated)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, listener: Listener) -> int:
+        """Queue a request; raises QueueFull, ContextTooLong, ValueError or ServiceUnavailable."""
+        if self.loop.broken is not None:
+            raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
+        on_token = (lambda seq, tok: listener.on_token(tok)) if listener.on_token else None
+
+        def add() -> int:
+            req_id = self.engine.add_request(prompt, params, on_token)
+            self.loop.listeners[req_id] = listener
+            return req_id
+        req_id = self.loop.call(add)
+        self.loop.wake.set()
+        return req_id
+
+    def cancel(self, req_id: int) -> None:
+        self.engine.cancel(req_id)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams, timeout: float = 600) -> RequestOutput:
+        """Blocking convenience: submit and wait for the finished output."""
+        done: Future = Future()
+        self.submit(prompt, params, Listener(on_done=lambda out, err: done.set_result((out, err))))
+        out, err = done.result(timeout)
+        if err:
+            raise ServiceUnavailable(err)
+        return out
+
+    # --- state -----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def queue_depth(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    def running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    def health(self) -> dict[str, Any]:
+        nodes = self.runtime.health() if self.runtime else {}
+        ok = self.loop.broken is None and all(v == "ok" for v in nodes.values())
+        return {"status": "ok" if ok else "degraded", "nodes": nodes,
+                "error": None if self.loop.broken is None else str(self.loop.broken)}
+
+    def node_states(self) -> list[dict[str, Any]]:
+        """Per node: alive, layers held, resident memory, weights, KV, step time p50."""
+        if self.runtime is None:
+            return []
+        infos = {i.node: i for i in self.loop.call(self.runtime.stats)}
+        health = self.runtime.health()
+        out = []
+        for n in self.runtime.nodes:
+            i = infos.get(n)
+            out.append({"node": n, "state": health[n], "layers": [list(x) for x in i.layers] if i else [],
+                        "rss_bytes": i.rss_bytes if i else None, "weight_bytes": i.weight_bytes if i else None,
+                        "kv_bytes": i.kv_bytes if i else None, "step_ms_p50": i.step_ms_p50 if i else None,
+                        "threads": i.threads if i else None})
+        return out
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.loop.join(timeout=10)
+        if self.runtime:
+            self.runtime.shutdown()

@@ -1,0 +1,179 @@
+"""Typed control messages and the torch.distributed plumbing between the driver and node workers.
+
+Rank 0 is the driver (scheduler, sampler, HTTP server); every node of the cluster is one worker
+rank. All control flows driver -> worker on one ordered channel per worker; activations flow
+worker -> next worker, and the last stage's logits flow back to the driver. Workers join through
+a TCPStore rendezvous (`join`), which is what lets the same worker start on another host.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DRIVER = 0
+
+
+# --- messages (driver -> worker) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hop:
+    """One stage of a route: the worker rank that runs layers [start, end)."""
+    rank: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class LoadStage:
+    """Build the model of layers [start, end) from `source` and allocate its KV cache."""
+    start: int
+    end: int
+    source: Any            # a GGUF path, a safetensors folder, None (embedded default) or a RandomSource
+    dtype: str = "float32"
+    num_kv_blocks: int = 512
+    block_size: int = 16
+
+
+@dataclass(frozen=True)
+class Step:
+    """Run one micro-batch through this worker's hops of `route` (activations from the previous hop)."""
+    batch: Any             # executor.stage.StepBatch
+    route: tuple[Hop, ...]
+
+
+@dataclass(frozen=True)
+class Free:
+    req_ids: tuple
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Ask for resident memory, owned layers and per-step compute times (a reply follows)."""
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass
+class Reply:
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass
+class WorkerInfo:
+    node: str
+    rank: int
+    pid: int
+    threads: int
+    layers: list[tuple[int, int]] = field(default_factory=list)
+    rss_bytes: int = 0
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    step_ms_p50: float | None = None
+    steps: int = 0
+
+
+# --- sending objects and tensors -------------------------------------------------------------
+
+def send_obj(obj: Any, dst: int) -> list:
+    """Non-blocking send of a picklable object; returns the pending works (keep them alive)."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst), dist.isend(payload, dst)]
+
+
+def recv_obj(src: int) -> Any:
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(payload, src)
+    return pickle.loads(payload.numpy().tobytes())
+
+
+def send_tensor(t: torch.Tensor, dst: int) -> list:
+    """Send shape + dtype header then the data, so the receiver need not know the shape."""
+    t = t.contiguous()
+    header = torch.tensor([_DTYPES.index(t.dtype), t.dim(), *t.shape], dtype=torch.int64)
+    size = torch.tensor([header.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst), dist.isend(header, dst), dist.isend(t, dst)]
+
+
+def recv_tensor(src: int) -> torch.Tensor:
+    size = torch.empty(1, dtype=torch.int64)
+    dist.recv(size, src)
+    header = torch.empty(int(size.item()), dtype=torch.int64)
+    dist.recv(header, src)
+    dtype, ndim = _DTYPES[int(header[0])], int(header[1])
+    out = torch.empty(tuple(int(s) for s in header[2:2 + ndim]), dtype=dtype)
+    dist.recv(out, src)
+    return out
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8]
+
+
+def wait_all(works: list) -> None:
+    for w in works:
+        w.wait()
+
+
+# --- rendezvous --------------------------------------------------------------------------------
+
+def _store(host: str, port: int, master: bool, timeout: float) -> dist.TCPStore:
+    return dist.TCPStore(host, port, is_master=master, timeout=timedelta(seconds=timeout),
+                         wait_for_workers=False)
+
+
+def serve_rendezvous(host: str, port: int, nodes: list[str], timeout: float = 120.0) -> tuple[dist.Store, dict[str, int]]:
+    """Driver side: open the store, wait until every node has joined, hand out ranks, init the group."""
+    store = _store(host, port, True, timeout)
+    deadline = time.monotonic() + timeout
+    missing = list(nodes)
+    while missing:
+        missing = [n for n in missing if not store.check([f"join/{n}"])]
+        if missing and time.monotonic() > deadline:
+            raise TimeoutError(f"nodes never joined {host}:{port}: {', '.join(missing)}")
+        time.sleep(0.05)
+    ranks = {n: i + 1 for i, n in enumerate(nodes)}
+    store.set("world_size", str(len(nodes) + 1))
+    for n, r in ranks.items():
+        store.set(f"rank/{n}", str(r))
+    _init_group(store, 0, len(nodes) + 1, timeout)
+    return store, ranks
+
+
+def join(host: str, port: int, node: str, timeout: float = 120.0) -> tuple[int, int]:
+    """Worker side: register `node` at the driver's store, learn the rank, init the group."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store = _store(host, port, False, timeout)
+            break
+        except (RuntimeError, OSError):   # the driver is not listening yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    store.set(f"join/{node}", str(os.getpid()))
+    rank = int(store.get(f"rank/{node}"))
+    world = int(store.get("world_size"))
+    _init_group(store, rank, world, timeout)
+    return rank, world
+
+
+def _init_group(store, rank: int, world: int, timeout: float) -> None:
+    # gloo carries control messages and, on CPU, activations. (GPU nodes would add an NCCL group
+    # for activations and KV; not wired yet.)
+    dist.init_process_group("gloo", store=dist.PrefixStore("continuo", store), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout))
