@@ -181,6 +181,20 @@ class RandomSource:
         return None
 
 
+class StateDictSource:
+    """Tensors already in memory under transformers names (e.g. pulled from the node that
+    owned the layers before, or loaded once and shared by several stages)."""
+
+    def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None):
+        self.config, self.state, self._tokenizer = config, state, tokenizer
+
+    def load(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return {n: self.state[n].to(dtype) for n in names if n in self.state}
+
+    def tokenizer(self):
+        return self._tokenizer
+
+
 def open_source(spec: str | Path | None) -> WeightSource:
     """A GGUF file, a safetensors folder, or None for the embedded default model."""
     if spec is None:
