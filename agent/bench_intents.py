@@ -58,6 +58,22 @@ def _score(items: list[dict], key: str) -> tuple[float, dict[str, float], int]:
     return (sum(flat) / len(flat) if flat else 0.0), {f: sum(v) / len(v) for f, v in sorted(per.items())}, len(flat)
 
 
+def summary(rows: list[dict], use_llm: bool = True) -> dict:
+    """Field accuracy overall, per field, on the held-out and tuned intents, for merged/rules/LLM values."""
+    acc, per, n = _score(rows, "ok")
+    held = [r for r in rows if r["held_out"]]
+    tuned = [r for r in rows if not r["held_out"]]
+    return {
+        "intents": len(rows), "fields_scored": n, "field_accuracy": round(acc, 4),
+        "per_field": {k: round(v, 4) for k, v in per.items()},
+        "held_out_intents": len(held), "held_out_field_accuracy": round(_score(held, "ok")[0], 4) if held else None,
+        "tuned_field_accuracy": round(_score(tuned, "ok")[0], 4) if tuned else None,
+        "rules_only_field_accuracy": round(_score(rows, "rules_ok")[0], 4),
+        "llm_only_field_accuracy": round(_score(rows, "llm_ok")[0], 4) if use_llm else None,
+        "sec_per_intent_p50": round(statistics.median(r["seconds"] for r in rows), 3) if rows else None,
+    }
+
+
 def evaluate(cluster, policy, intents: list[dict], llm=None, use_llm: bool = True) -> dict:
     """Parse and score every intent; per-intent detail plus figures for the merged, rules and LLM values."""
     rows = []
@@ -71,20 +87,7 @@ def evaluate(cluster, policy, intents: list[dict], llm=None, use_llm: bool = Tru
             "llm_ok": {f: same(v, (p.llm_values or {}).get(f)) for f, v in exp.items()},
             "got": {f: p.values.get(f) for f in exp}, "expect": exp, "questions": p.questions,
         })
-    acc, per, n = _score(rows, "ok")
-    held = [r for r in rows if r["held_out"]]
-    tuned = [r for r in rows if not r["held_out"]]
-    out = {
-        "intents": len(rows), "fields_scored": n, "field_accuracy": round(acc, 4),
-        "per_field": {k: round(v, 4) for k, v in per.items()},
-        "held_out_intents": len(held), "held_out_field_accuracy": round(_score(held, "ok")[0], 4) if held else None,
-        "tuned_field_accuracy": round(_score(tuned, "ok")[0], 4) if tuned else None,
-        "rules_only_field_accuracy": round(_score(rows, "rules_ok")[0], 4),
-        "llm_only_field_accuracy": round(_score(rows, "llm_ok")[0], 4) if use_llm else None,
-        "sec_per_intent_p50": round(statistics.median(r["seconds"] for r in rows), 3) if rows else None,
-        "rows": rows,
-    }
-    return out
+    return summary(rows, use_llm) | {"rows": rows}
 
 
 def _print(name: str, res: dict, verbose: bool = True) -> None:
@@ -144,17 +147,7 @@ def run_all(as_json: bool = False, llm=None, use_llm: bool = True) -> dict:
                       use_llm=use_llm) if not as_json else _quiet(d, llm, use_llm)
             per_scenario[d.name] = {k: v for k, v in res.items() if k not in ("rows", "others")}
             rows += res["rows"]
-    acc, per, n = _score(rows, "ok")
-    held = [r for r in rows if r["held_out"]]
-    tuned = [r for r in rows if not r["held_out"]]
-    total = {"intents": len(rows), "fields_scored": n, "field_accuracy": round(acc, 4),
-             "per_field": {k: round(v, 4) for k, v in per.items()},
-             "held_out_intents": len(held), "held_out_field_accuracy": round(_score(held, "ok")[0], 4),
-             "tuned_field_accuracy": round(_score(tuned, "ok")[0], 4),
-             "rules_only_field_accuracy": round(_score(rows, "rules_ok")[0], 4),
-             "llm_only_field_accuracy": round(_score(rows, "llm_ok")[0], 4) if use_llm else None,
-             "sec_per_intent_p50": round(statistics.median(r["seconds"] for r in rows), 3),
-             "scenarios": per_scenario}
+    total = summary(rows, use_llm) | {"scenarios": per_scenario}
     if as_json:
         print(json.dumps(total))
     else:

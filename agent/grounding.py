@@ -447,8 +447,9 @@ def read_rules(text: str, inv: Inventory, classify=None) -> Reading:
     r.durations = find_durations(soft)
 
     # data class
+    # data class: candidates for the LLM are the classes the words name, else the nearest by meaning
     classes, _ = data_class_by_words(clean, inv)
-    r.candidates["data_class"] = list(inv.policy.data_classes)
+    r.candidates["data_class"] = classes or list(inv.policy.data_classes)
     if classes:
         r.values["data_class"] = classes[0]
     elif classify is not None:
@@ -456,6 +457,7 @@ def read_rules(text: str, inv: Inventory, classify=None) -> Reading:
         if got is not None:
             r.values["data_class"] = got[0]
             r.weak.add("data_class")
+            r.candidates["data_class"] = [got[0]] + [c for c in inv.policy.data_classes if c != got[0]]
 
     # latency limits
     for d in r.durations:
@@ -479,7 +481,7 @@ def read_rules(text: str, inv: Inventory, classify=None) -> Reading:
         best = max(scores.values())
         top = [o for o in OBJECTIVES if scores.get(o) == best]
         r.values["objective"] = top[0] if len(top) == 1 else "balanced"
-    r.candidates["objective"] = list(OBJECTIVES)
+        r.candidates["objective"] = [o for o in OBJECTIVES if o in scores]
 
     # places: exclusions, jurisdictions, tier, trust
     exclude: list[str] = []
@@ -500,7 +502,6 @@ def read_rules(text: str, inv: Inventory, classify=None) -> Reading:
                 exclude += [n for n in inv.nodes if n not in m.nodes and n not in exclude]
         elif m.kind == "jurisdiction":
             juris_cands.add(m.value)
-            node_cands |= m.nodes
             if not cue:
                 continue
             keep = {m.value} if sign > 0 else set(inv.jurisdictions) - {m.value}
@@ -556,17 +557,14 @@ def build_schema(r: Reading) -> dict:
     props: dict[str, Any] = {}
     c = r.candidates
     props["data_class"] = {"enum": list(c["data_class"]) + [None]}
-    props["objective"] = {"enum": list(c["objective"]) + [None]}
-    for f in ("max_ttft_ms", "max_tpot_ms"):
+    for f in ("objective", "max_ttft_ms", "max_tpot_ms"):
         if f in c:
             props[f] = {"enum": list(c[f]) + [None]}
-    if "exclude_nodes" in c:
-        props["exclude_nodes"] = {"type": "array", "items": {"enum": c["exclude_nodes"]},
-                                  "maxItems": len(c["exclude_nodes"])}
-    if "allowed_jurisdictions" in c:
-        props["allowed_jurisdictions"] = {"anyOf": [{"type": "array", "items": {"enum": c["allowed_jurisdictions"]},
-                                                     "minItems": 1, "maxItems": len(c["allowed_jurisdictions"])},
-                                                    {"type": "null"}]}
+    # sets are asked as one yes/no per grounded candidate: bounded output, no repeats
+    for f in ("exclude_nodes", "allowed_jurisdictions"):
+        if f in c:
+            props[f] = {"type": "object", "properties": {x: {"type": "boolean"} for x in c[f]},
+                        "required": list(c[f]), "additionalProperties": False}
     for f in ("prefer_tier", "model", "service", "concurrency"):
         if f in c:
             props[f] = {"enum": list(c[f]) + [None]}
@@ -574,6 +572,15 @@ def build_schema(r: Reading) -> dict:
 
 
 # ---------------------------------------------------------------- the check pass
+
+
+def from_schema(values: dict[str, Any]) -> dict[str, Any]:
+    """LLM answers in build_schema's shape back to field values: {name: true/false} maps become lists."""
+    out = dict(values)
+    for f in ("exclude_nodes", "allowed_jurisdictions"):
+        if isinstance(out.get(f), dict):
+            out[f] = [k for k, v in out[f].items() if v is True] or None
+    return out
 
 
 def check(values: dict[str, Any], r: Reading, inv: Inventory) -> tuple[dict[str, Any], list[str]]:
@@ -595,6 +602,8 @@ def check(values: dict[str, Any], r: Reading, inv: Inventory) -> tuple[dict[str,
         elif f == "objective":
             if v not in OBJECTIVES:
                 why = "not an objective (latency, throughput, cost, balanced)"
+            elif v not in r.candidates.get("objective", []):
+                why = "no word of the text asks for it"
         elif f in ("max_ttft_ms", "max_tpot_ms"):
             if not isinstance(v, (int, float)) or float(v) not in durations:
                 why = "no such time limit in the text"

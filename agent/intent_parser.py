@@ -26,7 +26,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 
 from policies import Cluster, IntentSpec, Policy, Traffic
 
-from .grounding import FIELDS, Inventory, Reading, build_schema, check, read_rules
+from .grounding import FIELDS, Inventory, Reading, build_schema, check, from_schema, read_rules
 
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 MAX_ATTEMPTS = 2                  # LLM answers that are not JSON are sent back once with the error
@@ -214,7 +214,7 @@ def parse_intent(text: str, cluster: Cluster, policy: Policy, llm: BaseChatModel
         raw, errors = ask_llm(llm, reading, build_schema(reading))
         dropped += errors
         if raw is not None:
-            llm_values, llm_dropped = check({k: v for k, v in raw.items()}, reading, inv)
+            llm_values, llm_dropped = check(from_schema(raw), reading, inv)
             dropped += [f"(llm) {d}" for d in llm_dropped]
     values, sources, more = merge(rules, reading.weak, llm_values, inv)
     questions += more

@@ -112,9 +112,9 @@ def test_schema_only_offers_grounded_values(hospital):
     r = read_rules("Patient data, TTFT 300 ms, avoid ward-a-edge.", hospital)
     props = build_schema(r)["properties"]
     assert props["max_ttft_ms"]["enum"] == [300.0, None]
-    assert props["exclude_nodes"]["items"]["enum"] == ["ward-a-edge"]
-    assert set(props["data_class"]["enum"]) == {"public", "internal", "confidential", "phi", None}
-    assert "model" not in props and "prefer_tier" not in props
+    assert props["exclude_nodes"]["required"] == ["ward-a-edge"]
+    assert props["data_class"]["enum"] == ["phi", None]
+    assert "model" not in props and "prefer_tier" not in props and "objective" not in props
 
 
 def test_check_drops_ungrounded(hospital):
