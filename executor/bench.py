@@ -51,7 +51,10 @@ def _hf_run(model, prompts, max_tokens: int, pad_id: int) -> float:
     return (out.shape[1] - width) * len(prompts) / (time.perf_counter() - t)
 
 
-def run_engine_bench(json_out: bool = False, max_tokens: int = 32, repeats: int = 2) -> dict:
+def run_engine_bench(json_out: bool = False, max_tokens: int = 32, repeats: int = 2,
+                     threads: int | None = None) -> dict:
+    if threads:     # both sides run under the same setting; on an oversubscribed VM, 1 is often faster
+        torch.set_num_threads(threads)
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -114,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("which", choices=["engine"])
     p.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     a = p.parse_args(argv)
-    run_engine_bench(json_out=a.json, max_tokens=a.max_tokens)
+    run_engine_bench(json_out=a.json, max_tokens=a.max_tokens, threads=a.threads)
 
 
 if __name__ == "__main__":
