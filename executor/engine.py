@@ -123,8 +123,14 @@ class Request:
         return len(self.prompt_ids) + self.params.max_tokens
 
     @property
+    def prefill_target(self) -> int:
+        """Tokens whose KV must be computed before the next decode step: the prompt, plus every
+        output token but the last after a recompute (when the KV was dropped mid-request)."""
+        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+
+    @property
     def prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        return self.num_computed < self.prefill_target
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.req_id, self.prompt_ids, self.output_ids, self.text,
@@ -181,8 +187,9 @@ class Scheduler:
         budget, rows = self.cfg.max_prefill_tokens, []
         for seq in self.running:
             if seq.prefilling and budget > 0:
-                n = min(len(seq.prompt_ids) - seq.num_computed, budget)
-                rows.append((seq, seq.prompt_ids[seq.num_computed:seq.num_computed + n]))
+                n = min(seq.prefill_target - seq.num_computed, budget)
+                ids = seq.prompt_ids + seq.output_ids if seq.output_ids else seq.prompt_ids
+                rows.append((seq, ids[seq.num_computed:seq.num_computed + n]))
                 budget -= n
         if not rows:
             rows = [(seq, seq.output_ids[-1:]) for seq in self.running]
@@ -240,6 +247,16 @@ class Engine:
         if req_id in self.seqs:
             self.seqs[req_id].cancelled = True
 
+    def recompute_all(self) -> list[int]:
+        """Drop the KV of every running request; each re-prefills its prompt and outputs so far
+        (the baseline a live KV migration is measured against). Returns their ids."""
+        ids = [s.req_id for s in self.scheduler.running]
+        for stage in self.stages:
+            stage.free(ids)
+        for s in self.scheduler.running:
+            s.num_computed = 0
+        return ids
+
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
@@ -270,8 +287,9 @@ class Engine:
     def postprocess(self, seqs: list[Request], batch: StepBatch, logits: torch.Tensor) -> list[Request]:
         for seq, n in zip(seqs, batch.num_new):
             seq.num_computed += n
-        # rows still in the middle of their prompt (chunked prefill) sample nothing
-        ready = [b for b, s in enumerate(seqs) if not s.prefilling]
+        # only rows whose every known token is now computed sample: not those in the middle of a
+        # prompt (chunked prefill), nor a recompute that caught up (its next token is known)
+        ready = [b for b, s in enumerate(seqs) if s.num_computed == len(s.prompt_ids) + len(s.output_ids)]
         tokens = sample(logits[ready], [seqs[b] for b in ready]) if ready else []
         now, done = time.perf_counter(), []
         for b, tok in zip(ready, tokens):

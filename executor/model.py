@@ -195,17 +195,23 @@ class DecoderLayer(nn.Module):
 class StageModel(nn.Module):
     """Decoder layers [start, end) of a model; the embedding if start == 0, norm + head if end == L."""
 
-    def __init__(self, cfg: ModelConfig, start: int, end: int):
+    def __init__(self, cfg: ModelConfig, start: int, end: int, parts: dict | None = None):
+        """New modules, or with `parts` ({('layer', i): DecoderLayer, 'embed', 'norm', 'head'}) existing
+        ones adopted as they are: a live reconfiguration composes a stage from kept and moved layers."""
         super().__init__()
         if not 0 <= start < end <= cfg.num_layers:
             raise ValueError(f"bad stage range [{start}, {end}) for {cfg.num_layers} layers")
         self.cfg, self.start, self.end = cfg, start, end
         self.is_first, self.is_last = start == 0, end == cfg.num_layers
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        p = parts or {}
+        new = parts is None
+        self.embed_tokens = (nn.Embedding(cfg.vocab_size, cfg.hidden_size) if new else p["embed"]) \
+            if self.is_first else None
         self.rotary = Rotary(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(start, end))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) if new else p[("layer", i)] for i in range(start, end))
+        self.norm = (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if new else p["norm"]) if self.is_last else None
+        self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if new else p["head"]) \
+            if self.is_last else None
         if self.is_first and self.is_last and cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
