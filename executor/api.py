@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import ContextTooLong, QueueFull, RequestOutput, SamplingParams
+from .reconfig import ReconfigurationError
 from .service import Listener, Service, ServiceUnavailable
 
 
@@ -85,6 +86,30 @@ class Metrics:
         Gauge("continuo_running_requests", "requests being decoded", registry=r).set_function(service.running)
         self.stage = Gauge("continuo_stage_step_seconds", "per-node median step time", ["node"], registry=r)
         self.alive = Gauge("continuo_node_up", "1 when the node's worker answers", ["node"], registry=r)
+        self.rc_pause = Histogram("continuo_reconfig_pause_seconds", "switch window of a reconfiguration",
+                                  ["method"], registry=r, buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 5, 30))
+        self.rc_phase = Gauge("continuo_reconfig_phase_seconds", "duration of each phase of the last reconfiguration",
+                              ["phase"], registry=r)
+        self.rc_bytes = Counter("continuo_reconfig_bytes", "bytes moved by reconfigurations", ["kind"], registry=r)
+        self.rc_rounds = Gauge("continuo_reconfig_precopy_rounds", "pre-copy rounds of the last reconfiguration",
+                               registry=r)
+        self.rc_total = Counter("continuo_reconfigurations", "reconfigurations by method and outcome",
+                                ["method", "outcome"], registry=r)
+        self.rc_bandwidth = Gauge("continuo_reconfig_bandwidth_bytes_per_second", "bytes moved / moving time, "
+                                  "last reconfiguration", registry=r)
+        service.on_reconfigured.append(self.reconfigured)
+
+    def reconfigured(self, rep) -> None:
+        self.rc_total.labels(rep.method, rep.state).inc()
+        for phase, secs in rep.phases.items():
+            self.rc_phase.labels(phase).set(secs)
+        if rep.pause_s is not None:
+            self.rc_pause.labels(rep.method).observe(rep.pause_s)
+        for kind, b in rep.bytes_moved.items():
+            self.rc_bytes.labels(kind).inc(b)
+        self.rc_rounds.set(rep.rounds)
+        if rep.bandwidth_gbs:
+            self.rc_bandwidth.set(rep.bandwidth_gbs * 1e9)
 
     def finished(self, out: RequestOutput | None, err: str | None) -> None:
         if out is None:
@@ -284,6 +309,34 @@ def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
         vp = service.plan
         return {"model": service.model_name, "plan": vp.plan.model_dump(mode="json") if vp else None,
                 "cluster_fingerprint": vp.cluster_fingerprint if vp else None, "policy": vp.policy if vp else None}
+
+    class ReconfigureBody(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        plan: dict[str, Any]
+        method: Literal["live", "stop_and_copy", "recompute", "restart"] = "live"
+        wait: bool = False
+
+    @app.post("/admin/reconfigure")
+    async def admin_reconfigure(body: ReconfigureBody):
+        """Validate the plan against the live state (policy, transition, freshness), then apply it."""
+        from policies import InputError, PlanRejected
+        try:
+            rep = await asyncio.to_thread(service.reconfigure_plan, body.plan, body.method, body.wait)
+        except InputError as e:
+            raise APIError(400, str(e), param="plan") from None
+        except PlanRejected as e:
+            return JSONResponse({"error": {"message": "the validator refused the plan", "type": "plan_rejected",
+                                           "param": "plan", "code": "violations"},
+                                 "report": e.report.model_dump(mode="json")}, status_code=422)
+        except (ReconfigurationError, TypeError) as e:
+            raise APIError(409, str(e), code="reconfiguration_refused") from None
+        return rep.as_dict()
+
+    @app.get("/admin/reconfigurations")
+    async def admin_reconfigurations():
+        cur = service.loop.reconfig
+        return {"current": cur.report.as_dict() if cur is not None else None,
+                "history": [r.as_dict() for r in service.history]}
 
     @app.get("/admin/nodes")
     async def admin_nodes():

@@ -102,12 +102,32 @@ class NodeRuntime:
             raise WorkerError(f"{node}: {reply.error}")
         return reply.value
 
+    def collect(self, nodes: Sequence[str]) -> list:
+        """The replies of several workers to commands already sent to all of them."""
+        replies = [(n, self._guard(n, lambda n=n: recv_obj(self.ranks[n]))) for n in nodes]
+        bad = [f"{n}: {r.error}" for n, r in replies if not r.ok]
+        if bad:
+            raise WorkerError("; ".join(bad))
+        return [r.value for _, r in replies]
+
     def load(self, stages: Sequence[tuple[str, int, int]], source=None, dtype: str = "float32",
              num_kv_blocks: int = 512, block_size: int = 16) -> list[WorkerInfo]:
         """Each node loads the layers [start, end) it owns (only those weights are read)."""
+        nodes = [n for n, _, _ in stages]
+        if len(set(nodes)) != len(nodes):
+            raise ValueError(f"a node may serve one contiguous range of layers; {nodes} repeats one")
         infos = [self.call(n, LoadStage(a, b, source, dtype, num_kv_blocks, block_size)) for n, a, b in stages]
         self.placement = [StagePlacement(n, a, b) for n, a, b in stages]
         return infos
+
+    def set_model(self, cfg, dtype_bytes: int) -> None:
+        """Sizes the reconfiguration reports bytes with."""
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        params = cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size + 2 * cfg.hidden_size
+        self.model_cfg = cfg
+        self.num_layers = cfg.num_layers
+        self.layer_bytes = params * dtype_bytes
+        self.kv_bytes_per_token_layer = 2 * kv * dtype_bytes
 
     def route(self) -> tuple[Hop, ...]:
         return tuple(Hop(self.ranks[p.node], p.start, p.end) for p in self.placement)
@@ -188,8 +208,15 @@ class DistributedPipeline:
     def free(self, req_ids: Sequence) -> None:
         if not req_ids:
             return
+        # Every live worker hears it, not only the route: a node filling up for a reconfiguration
+        # holds KV of these requests too.
+        serving = {p.node for p in self.rt.placement}
         with self.rt.lock:
-            for r in dict.fromkeys(h.rank for h in self.rt.route()):
-                node = self.rt.node_of[r]
-                if node not in self.rt.dead:
+            for node, r in self.rt.ranks.items():
+                if node in self.rt.dead:
+                    continue
+                try:
                     wait_all(self.rt._guard(node, lambda r=r: send_obj(Free(tuple(req_ids)), r)))
+                except WorkerDied:
+                    if node in serving:      # an idle node's death does not stop the service
+                        raise

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import queue
 import threading
+
+import torch
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies import Cluster, ValidatedPlan
+from pydantic import ValidationError
+
+from policies import Cluster, InputError, ModelSpec, PlacementPlan, ValidatedPlan, approve
 
 from .engine import Engine, EngineConfig, Request, RequestOutput, SamplingParams
-from .runtime import NodeRuntime, WorkerDied
+from .reconfig import ReconfigReport, Reconfiguration, ReconfigurationError
+from .runtime import NodeRuntime, StagePlacement, WorkerDied
 
 
 class ServiceUnavailable(RuntimeError):
@@ -43,6 +48,7 @@ class EngineLoop(threading.Thread):
         self.stopped = False
         self.broken: Exception | None = None
         self.on_step = on_step
+        self.reconfig = None                 # a Reconfiguration under way, ticked between steps
 
     def call(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
         """Run fn() on the engine thread between two steps and return its result."""
@@ -61,6 +67,13 @@ class EngineLoop(threading.Thread):
                     fut.set_result(fn())
                 except BaseException as e:  # handed back to the caller
                     fut.set_exception(e)
+            rc = self.reconfig
+            if rc is not None and not rc.done and self.broken is None:
+                try:
+                    rc.tick()               # a named phase between two steps, never inside one
+                except WorkerDied as e:
+                    self.fail_all(e)
+                    continue
             if self.broken is None and self.engine.has_unfinished():
                 t0 = time.perf_counter()
                 try:
@@ -75,7 +88,7 @@ class EngineLoop(threading.Thread):
                     if lst and lst.on_done:
                         lst.on_done(out, None)
             else:
-                self.wake.wait(0.05)
+                self.wake.wait(0.002 if rc is not None and not rc.done else 0.05)
                 self.wake.clear()
 
     def fail_all(self, err: Exception) -> None:
@@ -113,7 +126,12 @@ class Service:
     runtime: NodeRuntime | None = None
     cluster: Cluster | None = None
     plan: ValidatedPlan | None = None
+    source: Any = None                   # what workers load weights from (path, None or RandomSource)
+    dtype: str = "float32"
     started: float = field(default_factory=time.time)
+    history: list = field(default_factory=list)     # finished reconfiguration reports
+    policy: Any = None                   # the policy pack, to validate plans handed in over HTTP
+    on_reconfigured: list = field(default_factory=list)   # callbacks(report) when one ends
 
     def __post_init__(self):
         self.loop = EngineLoop(self.engine)
@@ -124,7 +142,7 @@ class Service:
     @classmethod
     def launch(cls, cluster: Cluster, validated: ValidatedPlan, source=None, config: EngineConfig | None = None,
                dtype: str = "float32", threads_per_worker: int | None = None, tokenizer=None,
-               join_at: tuple[str, int] | None = None, timeout: float = 120.0) -> "Service":
+               join_at: tuple[str, int] | None = None, timeout: float = 120.0, policy=None) -> "Service":
         """Start a worker per node (down nodes excepted) and load the plan's stages.
 
         Workers run on this machine, or, with join_at=(host, port), the service waits for every node
@@ -144,11 +162,12 @@ class Service:
         try:
             stages = [(s.node, s.first_layer, s.last_layer + 1) for s in validated.plan.stages]
             rt.load(stages, _portable(src), dtype, config.num_kv_blocks, config.block_size)
+            rt.set_model(cfg, torch.tensor([], dtype=getattr(torch, dtype)).element_size())
             engine = Engine([rt.pipeline(cfg.num_layers)], config, tokenizer or src.tokenizer(), cfg.eos_token_ids)
         except BaseException:
             rt.shutdown()
             raise
-        return cls(engine, validated.plan.model, rt, cluster, validated)
+        return cls(engine, validated.plan.model, rt, cluster, validated, _portable(src), dtype, policy=policy)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -210,6 +229,72 @@ class Service:
                         "kv_bytes": i.kv_bytes if i else None, "step_ms_p50": i.step_ms_p50 if i else None,
                         "threads": i.threads if i else None})
         return out
+
+    # --- reconfiguration -------------------------------------------------------------------------
+
+    def reconfigure(self, validated: ValidatedPlan, method: str = "live", wait: bool = True,
+                    timeout: float = 600.0, weights: str = "pull", on_event=None,
+                    fail_at: str | None = None, transfer_timeout_s: float = 300.0) -> ReconfigReport:
+        """Apply a validated plan to the running service (see executor/reconfig.py)."""
+        if not isinstance(validated, ValidatedPlan):
+            raise TypeError("the executor accepts only a ValidatedPlan (from policies.approve)")
+        if self.runtime is None or self.plan is None:
+            raise ReconfigurationError("this service runs in one process; nothing to reconfigure")
+        if validated.cluster_fingerprint != self.cluster.fingerprint():
+            raise ReconfigurationError(f"plan was validated against cluster state {validated.cluster_fingerprint}, "
+                                       f"now {self.cluster.fingerprint()}: validate it again")
+        live = self.plan.plan.placement_key()
+        if validated.transition_from != live:
+            raise ReconfigurationError(f"plan's transition was validated from {validated.transition_from!r}, but "
+                                       f"the live plan is {live!r}: validate it with current=the live plan")
+        if self.loop.reconfig is not None and not self.loop.reconfig.done:
+            raise ReconfigurationError(f"reconfiguration {self.loop.reconfig.rid} is still under way")
+        if self.loop.broken is not None:
+            raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
+        new = [StagePlacement(s.node, s.first_layer, s.last_layer + 1) for s in validated.plan.stages]
+        cfg = self.engine.config
+
+        def events(rep):
+            if rep.state == "done":           # committed: the new plan serves
+                self.plan = validated
+            if rep.state in ("done", "aborted"):
+                self.history.append(rep)
+                for cb in self.on_reconfigured:
+                    cb(rep)
+            if on_event:
+                on_event(rep)
+        rc = Reconfiguration(self.engine, self.runtime, new, method=method, source=self.source, dtype=self.dtype,
+                             num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size, weights=weights,
+                             on_event=events, timeout_s=transfer_timeout_s)
+        rc.fail_after = fail_at              # fault injection for tests: fail on entering this phase
+        self.loop.call(lambda: setattr(self.loop, "reconfig", rc))
+        self.loop.wake.set()
+        if wait:
+            deadline = time.monotonic() + timeout
+            while not rc.done and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return rc.report
+
+    def reconfigure_plan(self, plan: dict | PlacementPlan, method: str = "live", wait: bool = True) -> ReconfigReport:
+        """Validate a plain plan against the live state (policy, transition from the live plan, freshness)
+        and apply it. Raises PlanRejected (with the report) or InputError for a malformed plan."""
+        if self.policy is None:
+            raise ReconfigurationError("this service was started without a policy pack; hand in a ValidatedPlan")
+        if isinstance(plan, dict):
+            try:
+                plan = PlacementPlan.model_validate(plan)
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise InputError(err["msg"], field=".".join(map(str, err["loc"]))) from None
+        if plan.cluster_fingerprint is None:
+            plan = plan.model_copy(update={"cluster_fingerprint": self.cluster.fingerprint()})
+        validated = approve(plan, self.cluster, self.policy, plan.intent, self.model_spec, current=self.plan.plan)
+        return self.reconfigure(validated, method=method, wait=wait)
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        cfg = self.runtime.model_cfg
+        return ModelSpec.from_hf_config(cfg.to_hf(), name=self.model_name, dtype="fp32" if self.dtype == "float32" else "bf16")
 
     def close(self) -> None:
         self.loop.stop()

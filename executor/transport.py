@@ -59,6 +59,11 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class DropStage:
+    """Forget the stage this node serves (the stop-the-world restart baseline)."""
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -86,39 +91,43 @@ class WorkerInfo:
 
 # --- sending objects and tensors -------------------------------------------------------------
 
-def send_obj(obj: Any, dst: int) -> list:
+def send_obj(obj: Any, dst: int, group=None, tag: int = 0) -> list:
     """Non-blocking send of a picklable object; returns the pending works (keep them alive)."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
-    return [dist.isend(size, dst), dist.isend(payload, dst)]
+    return [dist.isend(size, dst, group=group, tag=tag), dist.isend(payload, dst, group=group, tag=tag)]
 
 
-def recv_obj(src: int) -> Any:
-    size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src)
-    payload = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(payload, src)
+def recv_into(t: torch.Tensor, src: int, group=None, tag: int = 0, timeout: float | None = None) -> torch.Tensor:
+    """Blocking receive; with a timeout (seconds) a peer that never sends raises instead of hanging."""
+    if timeout is None:
+        dist.recv(t, src, group=group, tag=tag)
+    else:
+        dist.irecv(t, src, group=group, tag=tag).wait(timedelta(seconds=timeout))
+    return t
+
+
+def recv_obj(src: int, group=None, tag: int = 0, timeout: float | None = None) -> Any:
+    size = recv_into(torch.empty(1, dtype=torch.int64), src, group, tag, timeout)
+    payload = recv_into(torch.empty(int(size.item()), dtype=torch.uint8), src, group, tag, timeout)
     return pickle.loads(payload.numpy().tobytes())
 
 
-def send_tensor(t: torch.Tensor, dst: int) -> list:
+def send_tensor(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> list:
     """Send shape + dtype header then the data, so the receiver need not know the shape."""
     t = t.contiguous()
     header = torch.tensor([_DTYPES.index(t.dtype), t.dim(), *t.shape], dtype=torch.int64)
     size = torch.tensor([header.numel()], dtype=torch.int64)
-    return [dist.isend(size, dst), dist.isend(header, dst), dist.isend(t, dst)]
+    return [dist.isend(size, dst, group=group, tag=tag), dist.isend(header, dst, group=group, tag=tag), dist.isend(t, dst, group=group, tag=tag)]
 
 
-def recv_tensor(src: int) -> torch.Tensor:
-    size = torch.empty(1, dtype=torch.int64)
-    dist.recv(size, src)
-    header = torch.empty(int(size.item()), dtype=torch.int64)
-    dist.recv(header, src)
+def recv_tensor(src: int, group=None, tag: int = 0, timeout: float | None = None) -> torch.Tensor:
+    size = recv_into(torch.empty(1, dtype=torch.int64), src, group, tag, timeout)
+    header = recv_into(torch.empty(int(size.item()), dtype=torch.int64), src, group, tag, timeout)
     dtype, ndim = _DTYPES[int(header[0])], int(header[1])
     out = torch.empty(tuple(int(s) for s in header[2:2 + ndim]), dtype=dtype)
-    dist.recv(out, src)
-    return out
+    return recv_into(out, src, group, tag, timeout)
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8]
@@ -154,7 +163,7 @@ def serve_rendezvous(host: str, port: int, nodes: list[str], timeout: float = 12
     return store, ranks
 
 
-def join(host: str, port: int, node: str, timeout: float = 120.0) -> tuple[int, int]:
+def join(host: str, port: int, node: str, timeout: float = 120.0) -> tuple[int, int, dist.Store]:
     """Worker side: register `node` at the driver's store, learn the rank, init the group."""
     deadline = time.monotonic() + timeout
     while True:
@@ -169,11 +178,18 @@ def join(host: str, port: int, node: str, timeout: float = 120.0) -> tuple[int, 
     rank = int(store.get(f"rank/{node}"))
     world = int(store.get("world_size"))
     _init_group(store, rank, world, timeout)
-    return rank, world
+    return rank, world, store
 
 
 def _init_group(store, rank: int, world: int, timeout: float) -> None:
     # gloo carries control messages and, on CPU, activations. (GPU nodes would add an NCCL group
     # for activations and KV; not wired yet.)
+    global BULK
     dist.init_process_group("gloo", store=dist.PrefixStore("continuo", store), rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout))
+    # A second group for bulk transfers (weights, KV) that run in a background thread while the
+    # default group carries steps: separate gloo pairs, so neither waits behind the other.
+    BULK = dist.new_group(backend="gloo")
+
+
+BULK = None

@@ -9,6 +9,8 @@ from the last stage, logits back to the driver), Free forgets requests, Stats re
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import os
 import resource
 import statistics
@@ -19,23 +21,33 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .transport import (DRIVER, Free, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, join, recv_obj,
+from . import transport
+from .migration import Abort, BenchCopy, Cleanup, Commit, CopyKV, Migrator, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
+from .transport import (DRIVER, DropStage, Free, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, join, recv_obj,
                         recv_tensor, send_obj, send_tensor, wait_all)
+
+MIGRATION_MESSAGES = (BenchCopy, Prepare, SendWeights, SendKV, RecvKV, CopyKV, RoundEnd, Commit, Cleanup, Abort)
+REPLIED = (Commit, Cleanup, Abort)     # the driver waits for a reply to these; the rest run in the background
 
 
 class Worker:
-    def __init__(self, node: str, rank: int, threads: int):
+    def __init__(self, node: str, rank: int, threads: int, store=None):
         self.node, self.rank, self.threads = node, rank, threads
-        self.stages: dict[tuple[int, int], object] = {}     # (start, end) -> LocalStage
+        self.stage = None                                    # LocalStage of the layers this node serves
+        self.cfg = None
         self.step_ms: list[float] = []
         self.pending: list = []                              # sends in flight (kept alive until done)
+        self.migrator = Migrator(self, transport.BULK, store, node)
 
     def load(self, msg: LoadStage) -> Reply:
         from .stage import build_stage
         from .weights import open_source
+        if self.stage is not None:
+            raise RuntimeError(f"{self.node} already serves layers [{self.stage.start}, {self.stage.end}); "
+                               "a node serves one contiguous range (reconfigure to change it)")
         src = msg.source if hasattr(msg.source, "load") else open_source(msg.source)
-        stage = build_stage(src, msg.start, msg.end, msg.num_kv_blocks, msg.block_size, getattr(torch, msg.dtype))
-        self.stages[(msg.start, msg.end)] = stage
+        self.cfg = src.config
+        self.stage = build_stage(src, msg.start, msg.end, msg.num_kv_blocks, msg.block_size, getattr(torch, msg.dtype))
         return Reply(True, self.info())
 
     def step(self, msg: Step) -> None:
@@ -45,7 +57,10 @@ class Worker:
         for i, hop in enumerate(route):
             if hop.rank != self.rank:
                 continue
-            stage = self.stages[(hop.start, hop.end)]
+            stage = self.stage
+            if stage is None or (stage.start, stage.end) != (hop.start, hop.end):
+                raise RuntimeError(f"{self.node} asked for layers [{hop.start}, {hop.end}) but serves "
+                                   f"{None if stage is None else (stage.start, stage.end)}")
             if i > 0 and route[i - 1].rank != self.rank:
                 x = recv_tensor(route[i - 1].rank)
             x = stage.forward(msg.batch, x)
@@ -57,15 +72,32 @@ class Worker:
         del self.step_ms[:-1000]
         self._reap()
 
+    def migration(self, m):
+        if isinstance(m, Prepare) and self.cfg is None:
+            from .weights import open_source
+            self.cfg = (m.source if hasattr(m.source, "load") else open_source(m.source)).config
+        return self.migrator.handle(m)
+
+    def queue_migration(self, batch: tuple) -> None:
+        """Hand a round to the background thread; a failure here is posted where the driver looks."""
+        try:
+            for m in batch:
+                self.migration(m)
+        except Exception as e:
+            end = batch[-1]
+            if isinstance(end, RoundEnd):
+                self.migrator.store.set(f"mig/{end.rid}/{end.round}/{self.node}", f"{type(e).__name__}: {e}")
+
     def _reap(self) -> None:
         self.pending = [w for w in self.pending if not w.is_completed()]
 
     def info(self) -> WorkerInfo:
-        wb = sum(p.numel() * p.element_size() for s in self.stages.values() for p in s.model.parameters())
-        kvb = sum(s.cache.k.numel() * s.cache.k.element_size() * 2 for s in self.stages.values())
-        rss = _rss_bytes()
-        return WorkerInfo(self.node, self.rank, os.getpid(), self.threads, sorted(self.stages), rss, wb, kvb,
-                          statistics.median(self.step_ms) if self.step_ms else None, len(self.step_ms))
+        stages = [s for s in (self.stage,) if s is not None]
+        wb = sum(p.numel() * p.element_size() for s in stages for p in s.model.parameters())
+        kvb = sum(s.cache.k.numel() * s.cache.k.element_size() * 2 for s in stages)
+        return WorkerInfo(self.node, self.rank, os.getpid(), self.threads, [(s.start, s.end) for s in stages],
+                          _rss_bytes(), wb, kvb, statistics.median(self.step_ms) if self.step_ms else None,
+                          len(self.step_ms))
 
     def serve(self) -> None:
         while True:
@@ -74,8 +106,9 @@ class Worker:
                 self.step(msg)
                 continue
             if isinstance(msg, Free):
-                for s in self.stages.values():
-                    s.free(msg.req_ids)
+                if self.stage is not None:
+                    self.stage.free(msg.req_ids)
+                self.migrator.free(msg.req_ids)
                 continue
             if isinstance(msg, Shutdown):
                 wait_all(self.pending)
@@ -85,6 +118,19 @@ class Worker:
                     reply = self.load(msg)
                 elif isinstance(msg, Stats):
                     reply = Reply(True, self.info())
+                elif isinstance(msg, DropStage):
+                    self.stage = None
+                    reply = Reply(True, self.info())
+                elif isinstance(msg, (tuple, *MIGRATION_MESSAGES)):
+                    # A reconfiguration's messages, alone or batched (a node's whole round in one send).
+                    batch = msg if isinstance(msg, tuple) else (msg,)
+                    if not isinstance(batch[-1], REPLIED):
+                        self.queue_migration(batch)           # background work: completion goes to the store
+                        continue
+                    value = None
+                    for m in batch:
+                        value = self.migration(m)
+                    reply = Reply(True, value)
                 else:
                     reply = Reply(False, error=f"unknown message {type(msg).__name__}")
             except Exception as e:  # our bug or bad input: report it, keep serving
@@ -110,11 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     host, _, port = a.join.rpartition(":")
     if not host or not port.isdigit():
         ap.error(f"--join wants HOST:PORT, got {a.join!r}")
+    faulthandler.register(signal.SIGUSR1)      # `kill -USR1 PID` prints every thread's stack
     if a.threads > 0:
         torch.set_num_threads(a.threads)   # workers on one machine must not fight over cores
-    rank, _ = join(host, int(port), a.node, a.timeout)
+    rank, _, store = join(host, int(port), a.node, a.timeout)
     try:
-        Worker(a.node, rank, torch.get_num_threads()).serve()
+        Worker(a.node, rank, torch.get_num_threads(), store).serve()
     finally:
         dist.destroy_process_group()
 

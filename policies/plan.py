@@ -70,6 +70,10 @@ class PlacementPlan(BaseModel):
     def summary(self) -> str:
         return " -> ".join(f"{s.node}[{s.first_layer}-{s.last_layer}]" for s in self.stages)
 
+    def placement_key(self) -> str:
+        """Model and stages only: two plans with the same key place the model the same way."""
+        return f"{self.model}:{self.summary()}"
+
 
 class Violation(BaseModel):
     """One broken rule: stable rule id, where, what is wrong, and how to fix it."""
@@ -118,6 +122,7 @@ class ValidatedPlan(BaseModel):
     report: Report
     cluster_fingerprint: str
     policy: str
+    transition_from: str | None = None   # placement_key of the live plan the transition was checked from
     _sealed: bool = PrivateAttr(default=False)
 
     def __init__(self, *, _seal: object = None, **data):

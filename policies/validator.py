@@ -340,4 +340,4 @@ def approve(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: Inten
     stamped = plan if plan.cluster_fingerprint else plan.model_copy(update={"cluster_fingerprint": cluster.fingerprint()})
     stamped = stamped.model_copy(update={"estimates": report.estimates})
     return ValidatedPlan(_seal=_SEAL, plan=stamped, report=report, cluster_fingerprint=cluster.fingerprint(),
-                         policy=policy.name)
+                         policy=policy.name, transition_from=current.placement_key() if current else None)

@@ -1,0 +1,356 @@
+"""Worker side of a live reconfiguration: build the next stage beside the serving one, fill it
+with weights and KV in the background, then swap it in at an iteration boundary.
+
+    Prepare  -> a background thread builds the new stage: kept layers are shared (no copy), gained
+                layers are loaded from this node's own checkpoint or pulled from their owner;
+                a fresh KV cache is allocated for the new layer range.
+    SendKV / RecvKV / CopyKV (a round) -> KV of positions [since, len) of in-flight requests moves
+                into the new stage's cache, on a second process group so serving goes on.
+    Commit   -> the new stage serves from the next step on; the old one is kept until Cleanup.
+    Abort    -> the new stage is dropped; the old one never stopped serving.
+
+Background work runs on one thread per worker, in the order the driver sent it, on the "bulk"
+process group; a round's completion (or error) is posted to the rendezvous store.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .kvcache import KVCache
+from .model import DecoderLayer, ModelConfig, RMSNorm, StageModel, hf_names
+from .stage import LocalStage
+from .transport import recv_into, recv_obj, recv_tensor, send_obj, send_tensor
+
+
+DEBUG = bool(os.environ.get("CONTINUO_DEBUG"))
+TRANSFER_TIMEOUT_S = float(os.environ.get("CONTINUO_TRANSFER_TIMEOUT_S", "30"))   # a peer that never answers
+
+
+# --- messages (driver -> worker) ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prepare:
+    rid: int
+    start: int
+    end: int
+    pulls: tuple[tuple[int, int, int], ...]   # (a, b, owner rank): layers [a, b) pulled from their owner
+    loads: tuple[tuple[int, int], ...]        # (a, b): layers [a, b) loaded from this node's own checkpoint
+    source: Any
+    dtype: str
+    num_kv_blocks: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class SendWeights:
+    rid: int
+    start: int
+    end: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class SendKV:
+    rid: int
+    layers: tuple[int, int]
+    since: dict          # req_id -> first position to send (requests not listed are not sent)
+    dst: int
+
+
+@dataclass(frozen=True)
+class RecvKV:
+    rid: int
+    src: int
+
+
+@dataclass(frozen=True)
+class CopyKV:
+    rid: int
+    layers: tuple[int, int]
+    since: dict
+
+
+@dataclass(frozen=True)
+class BenchCopy:
+    """A plain copy of nbytes to (send=True) or from a peer: the benchmark's bandwidth yardstick."""
+    rid: int
+    nbytes: int
+    peer: int
+    send: bool
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    """Post `rid/round/node` to the store once every background task before it is done."""
+    rid: int
+    round: int
+
+
+@dataclass(frozen=True)
+class Commit:
+    rid: int
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    rid: int
+
+
+@dataclass(frozen=True)
+class Abort:
+    rid: int
+
+
+# --- building stages from parts -------------------------------------------------------------------
+
+def stage_parts(model: StageModel) -> dict[Any, nn.Module]:
+    """The modules of a stage by role: ('layer', i), 'embed', 'norm', 'head'."""
+    parts: dict[Any, nn.Module] = {("layer", model.start + j): m for j, m in enumerate(model.layers)}
+    if model.embed_tokens is not None:
+        parts["embed"] = model.embed_tokens
+    if model.norm is not None:
+        parts["norm"], parts["head"] = model.norm, model.lm_head
+    return parts
+
+
+def compose(cfg: ModelConfig, start: int, end: int, parts: dict[Any, nn.Module]) -> StageModel:
+    """A StageModel for [start, end) made of existing modules (shared, not copied)."""
+    return StageModel(cfg, start, end, parts).eval()
+
+
+def _empty_parts(cfg: ModelConfig, a: int, b: int, dtype: torch.dtype) -> dict[Any, nn.Module]:
+    parts: dict[Any, nn.Module] = {("layer", i): DecoderLayer(cfg, i).to(dtype) for i in range(a, b)}
+    if a == 0:
+        parts["embed"] = nn.Embedding(cfg.vocab_size, cfg.hidden_size).to(dtype)
+    if b == cfg.num_layers:
+        parts["norm"] = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
+        parts["head"] = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).to(dtype)
+    return parts
+
+
+def _tensors(parts: dict[Any, nn.Module]) -> list[torch.Tensor]:
+    """A deterministic flat list of every tensor of `parts` (sender and receiver agree on it)."""
+    out = []
+    for key in sorted(parts, key=str):
+        sd = parts[key].state_dict()
+        out += [sd[k] for k in sorted(sd)]
+    return out
+
+
+def weight_parts(cfg: ModelConfig, owner: StageModel, a: int, b: int) -> dict[Any, nn.Module]:
+    """The parts of layers [a, b) (with embedding / head when the range holds the ends) an owner sends."""
+    have = stage_parts(owner)
+    keys = [("layer", i) for i in range(a, b)] + (["embed"] if a == 0 else []) + \
+        (["norm", "head"] if b == cfg.num_layers else [])
+    return {k: have[k] for k in keys}
+
+
+# --- the worker's migration state -------------------------------------------------------------------
+
+@dataclass
+class Migration:
+    """What a worker holds while a reconfiguration is under way."""
+    rid: int
+    pending: LocalStage | None = None
+    retired: LocalStage | None = None
+    freed: set = field(default_factory=set)     # requests finished meanwhile: their KV is not written
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    empty: bool = False                         # the node holds no layers after the switch
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: str | None = None
+    aborted: bool = False
+
+
+class Migrator:
+    """Runs a worker's background migration tasks in order on the bulk process group."""
+
+    def __init__(self, worker, bulk_group, store, node: str):
+        self.worker, self.group, self.store, self.node = worker, bulk_group, store, node
+        self.tasks: queue.Queue = queue.Queue()
+        self.m: Migration | None = None          # the reconfiguration under way
+        self.by_rid: dict[int, Migration] = {}   # ...and aborted ones whose transfers still drain
+        self.sends: list = []
+        threading.Thread(target=self._run, name="migrator", daemon=True).start()
+
+    # called on the worker's main thread -------------------------------------------------------
+    def handle(self, msg) -> Any:
+        """Queue background messages; Commit / Cleanup / Abort act at once and return a reply value."""
+        if self.m is None or (self.m.rid != msg.rid and not isinstance(msg, (Commit, Cleanup, Abort))):
+            self.m = self.by_rid[msg.rid] = Migration(msg.rid)   # its first message opens a reconfiguration
+        m = self.m
+        if m is None or m.rid != msg.rid:
+            raise RuntimeError(f"no reconfiguration {msg.rid} under way on {self.node}")
+        if isinstance(msg, Commit):
+            t0 = time.perf_counter()
+            self._join()
+            if DEBUG:
+                print(f"[{self.node}] commit waited {1e3 * (time.perf_counter() - t0):.1f} ms for transfers",
+                      file=sys.stderr, flush=True)
+            if m.error or (m.pending is None and not m.empty):
+                raise RuntimeError(f"cannot commit on {self.node}: {m.error or 'nothing prepared'}")
+            m.retired, self.worker.stage = self.worker.stage, m.pending
+            layers = None if m.pending is None else (m.pending.start, m.pending.end)
+            return {"layers": layers, "bytes_in": m.bytes_in, "bytes_out": m.bytes_out}
+        if isinstance(msg, Abort):
+            # Do not wait: a transfer may be stuck on a dead peer. Queued tasks see the error and
+            # skip; the tags of this reconfiguration keep stray messages out of later ones.
+            m.aborted, m.error = True, m.error or "aborted"
+            self.m = None
+            return {"freed_bytes": 0}
+        if isinstance(msg, Cleanup):
+            self._join()
+            freed = 0
+            gone = m.retired
+            if gone is not None:
+                keep = set(map(id, self.worker.stage.model.parameters())) if self.worker.stage else set()
+                freed = sum(p.numel() * p.element_size() for p in gone.model.parameters() if id(p) not in keep)
+                freed += 2 * gone.cache.k.numel() * gone.cache.k.element_size()
+            self.m = None
+            self.by_rid.pop(m.rid, None)
+            return {"freed_bytes": freed}
+        self.tasks.put(msg)
+        return None
+
+    def _join(self) -> None:
+        """Wait for the background tasks, boundedly: a stuck transfer must not stall serving."""
+        with self.tasks.all_tasks_done:
+            if not self.tasks.all_tasks_done.wait_for(lambda: self.tasks.unfinished_tasks == 0, TRANSFER_TIMEOUT_S):
+                raise TimeoutError(f"{self.node}: background transfers still running after {TRANSFER_TIMEOUT_S:g} s")
+
+    def free(self, req_ids) -> None:
+        m = self.m
+        if m is not None:
+            with m.lock:
+                m.freed.update(req_ids)
+                if m.pending is not None:
+                    m.pending.cache.free(req_ids)
+
+    # the background thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            msg = self.tasks.get()
+            # Tasks of an aborted reconfiguration still run, so that the peer waiting on this
+            # transfer is not left hanging; what they build is dropped.
+            m = self.by_rid.get(msg.rid)
+            t0 = time.perf_counter()
+            try:
+                if m is not None and (m.error is None or m.aborted):
+                    self._do(m, msg)
+                    if DEBUG:
+                        print(f"[{self.node}] {type(msg).__name__} {1e3 * (time.perf_counter() - t0):.1f} ms",
+                              file=sys.stderr, flush=True)
+            except Exception as e:
+                if m is not None:
+                    m.error = f"{type(e).__name__}: {e}"
+                    traceback.print_exc()
+            finally:
+                if isinstance(msg, RoundEnd):
+                    err = None if m is None else m.error
+                    for w in self.sends:
+                        try:
+                            w.wait(timedelta(seconds=TRANSFER_TIMEOUT_S))
+                        except Exception as e:
+                            err = err or f"send failed: {e}"
+                    self.sends = []
+                    if m is not None and not m.aborted:
+                        m.error = err
+                    if m is not None and m.aborted:
+                        self.by_rid.pop(m.rid, None)
+                        m.pending = None
+                    self.store.set(f"mig/{msg.rid}/{msg.round}/{self.node}",
+                                   "aborted" if m is None or m.aborted else err or "ok")
+                self.tasks.task_done()
+
+    def _do(self, m: Migration, msg) -> None:
+        w = self.worker
+        if isinstance(msg, Prepare):
+            self._prepare(m, msg)
+        elif isinstance(msg, SendWeights):
+            parts = weight_parts(w.cfg, w.stage.model, msg.start, msg.end)
+            for t in _tensors(parts):
+                self.sends.append(dist.isend(t.detach().contiguous(), msg.dst, group=self.group, tag=msg.rid))
+                m.bytes_out += t.numel() * t.element_size()
+        elif isinstance(msg, SendKV):
+            payload = self._read(w.stage.cache, msg.layers, msg.since)
+            self.sends += _send_payload(payload, msg.dst, self.group, msg.rid)
+            m.bytes_out += payload["k"].numel() * payload["k"].element_size() * 2
+        elif isinstance(msg, RecvKV):
+            payload = _recv_payload(msg.src, self.group, msg.rid)
+            m.bytes_in += payload["k"].numel() * payload["k"].element_size() * 2
+            self._write(m, payload)
+        elif isinstance(msg, BenchCopy):
+            buf = torch.empty(msg.nbytes, dtype=torch.uint8)
+            if msg.send:
+                self.sends.append(dist.isend(buf, msg.peer, group=self.group, tag=msg.rid))
+            else:
+                recv_into(buf, msg.peer, self.group, msg.rid, TRANSFER_TIMEOUT_S)
+        elif isinstance(msg, CopyKV):
+            self._write(m, self._read(w.stage.cache, msg.layers, msg.since))
+
+    def _prepare(self, m: Migration, msg: Prepare) -> None:
+        w = self.worker
+        if msg.start == msg.end:          # this node gives all its layers away
+            m.empty = True
+            return
+        dtype = getattr(torch, msg.dtype)
+        parts = stage_parts(w.stage.model) if w.stage is not None else {}
+        for a, b, owner in msg.pulls:
+            got = _empty_parts(w.cfg, a, b, dtype)
+            for t in _tensors(got):
+                recv_into(t, owner, self.group, msg.rid, TRANSFER_TIMEOUT_S)
+                m.bytes_in += t.numel() * t.element_size()
+            parts.update(got)
+        if msg.loads:
+            from .weights import open_source
+            src = msg.source if hasattr(msg.source, "load") else open_source(msg.source)
+            for a, b in msg.loads:
+                tmp = StageModel(w.cfg, a, b, _empty_parts(w.cfg, a, b, dtype))
+                tmp.load_hf_state(src.load(hf_names(w.cfg, a, b), dtype))
+                parts.update(stage_parts(tmp))
+        model = compose(w.cfg, msg.start, msg.end, parts)
+        cache = KVCache(range(msg.start, msg.end), msg.num_kv_blocks, msg.block_size, w.cfg.num_kv_heads,
+                        w.cfg.head_dim, dtype)
+        m.pending = LocalStage(model, cache)
+
+    def _read(self, cache: KVCache, layers: tuple[int, int], since: dict) -> dict:
+        reqs = [r for r in since if r in cache.lens]     # finished meanwhile: nothing to send
+        return cache.read(reqs, range(*layers), {r: since[r] for r in reqs})
+
+    def _write(self, m: Migration, payload: dict) -> None:
+        with m.lock:
+            keep = [i for i, r in enumerate(payload["reqs"]) if r not in m.freed]
+            if len(keep) < len(payload["reqs"]):
+                offsets = [0]
+                for n in payload["lengths"]:
+                    offsets.append(offsets[-1] + n)
+                idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in keep] or
+                                [torch.zeros(0, dtype=torch.long)])
+                payload = {**payload, "reqs": [payload["reqs"][i] for i in keep],
+                           "starts": [payload["starts"][i] for i in keep],
+                           "lengths": [payload["lengths"][i] for i in keep],
+                           "k": payload["k"][:, idx], "v": payload["v"][:, idx]}
+            m.pending.cache.write(payload)
+
+
+def _send_payload(p: dict, dst: int, group, tag: int) -> list:
+    meta = {k: p[k] for k in ("layers", "reqs", "starts", "lengths")}
+    return send_obj(meta, dst, group, tag) + send_tensor(p["k"], dst, group, tag) + send_tensor(p["v"], dst, group, tag)
+
+
+def _recv_payload(src: int, group, tag: int) -> dict:
+    meta = recv_obj(src, group, tag, TRANSFER_TIMEOUT_S)
+    return {**meta, "k": recv_tensor(src, group, tag, TRANSFER_TIMEOUT_S),
+            "v": recv_tensor(src, group, tag, TRANSFER_TIMEOUT_S)}

@@ -1,0 +1,334 @@
+"""Live pipeline reconfiguration, driver side: PlanDelta and the state machine.
+
+    serving -> preparing -> pre-copying -> switching -> cleaning -> serving
+                   \\______________\\___________ aborted (the old plan never stopped serving)
+
+`tick()` is called by the engine loop between two steps and never blocks, except in the switch,
+the only window in which no token is produced: the last KV delta is copied and every changed
+worker swaps its new stage in, then the route the driver sends with each step changes.
+
+Methods behind the same machine, for measurement:
+  live           weights prepared and KV pre-copied in rounds while decoding goes on
+  stop_and_copy  everything (weights and all KV) is moved inside the pause
+  recompute      weights prepared while serving; the moved KV is dropped and re-prefilled
+  restart        stop the world: every node reloads its new layers, every request re-prefills
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .migration import Abort, Cleanup, Commit, CopyKV, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
+from .runtime import NodeRuntime, StagePlacement, WorkerDied, WorkerError
+
+METHODS = ("live", "stop_and_copy", "recompute", "restart")
+_rids = itertools.count(1)
+
+
+class ReconfigurationError(RuntimeError):
+    """A reconfiguration was refused or aborted; the old plan keeps serving."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """Layers [start, end) change owner: weights and KV travel src -> dst."""
+    src: str
+    dst: str
+    start: int
+    end: int
+
+
+@dataclass
+class PlanDelta:
+    """What moves between two placements (each node one contiguous range [start, end))."""
+    old: dict[str, tuple[int, int]]
+    new: dict[str, tuple[int, int]]
+    moves: list[Move]
+
+    @classmethod
+    def between(cls, old: list[StagePlacement], new: list[StagePlacement]) -> "PlanDelta":
+        o = {p.node: (p.start, p.end) for p in old}
+        n = {p.node: (p.start, p.end) for p in new}
+        owner_old = {layer: p.node for p in old for layer in range(p.start, p.end)}
+        moves: list[Move] = []
+        for p in new:
+            run = None
+            for layer in range(p.start, p.end):
+                src = owner_old[layer]
+                if src == p.node:
+                    run = None
+                    continue
+                if run and run[0] == src and run[3] == layer:
+                    run[3] = layer + 1
+                else:
+                    run = [src, p.node, layer, layer + 1]
+                    moves.append(run)          # type: ignore[arg-type]
+        return cls(o, n, [Move(*m) for m in moves])
+
+    @property
+    def changed(self) -> list[str]:
+        """Nodes whose range changes (they rebuild their stage), in a stable order."""
+        nodes = list(dict.fromkeys([*self.old, *self.new]))
+        return [x for x in nodes if self.old.get(x) != self.new.get(x)]
+
+    def weight_bytes(self, bytes_per_layer: float) -> float:
+        return sum((m.end - m.start) * bytes_per_layer for m in self.moves)
+
+    def summary(self) -> str:
+        return ", ".join(f"layers {m.start}-{m.end - 1}: {m.src} -> {m.dst}" for m in self.moves) or "nothing moves"
+
+
+@dataclass
+class ReconfigReport:
+    """What one reconfiguration did and how long each phase took (seconds)."""
+    rid: int
+    method: str
+    state: str = "serving"
+    delta: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
+    pause_s: float | None = None
+    rounds: int = 0
+    kv_tokens_copied: int = 0
+    bytes_moved: dict[str, int] = field(default_factory=lambda: {"weights": 0, "kv": 0})
+    error: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    ended: float | None = None
+
+    @property
+    def bandwidth_gbs(self) -> float | None:
+        moving = sum(self.phases.get(k, 0) for k in ("preparing", "pre-copying", "switching"))
+        total = sum(self.bytes_moved.values())
+        return total / moving / 1e9 if moving and total else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rid": self.rid, "method": self.method, "state": self.state, "delta": self.delta,
+                "phases_s": self.phases, "pause_ms": None if self.pause_s is None else 1e3 * self.pause_s,
+                "rounds": self.rounds, "kv_tokens_copied": self.kv_tokens_copied, "bytes_moved": self.bytes_moved,
+                "bandwidth_gbs": self.bandwidth_gbs, "error": self.error}
+
+
+class Reconfiguration:
+    """One reconfiguration of a running service, advanced by `tick()` between engine steps."""
+
+    def __init__(self, engine, runtime: NodeRuntime, new: list[StagePlacement], *, method: str = "live",
+                 source=None, dtype: str = "float32", num_kv_blocks: int = 512, block_size: int = 16,
+                 weights: str = "pull", max_rounds: int = 4, timeout_s: float = 300.0, on_event=None):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        self.engine, self.rt, self.method = engine, runtime, method
+        self.new = list(new)
+        self.delta = PlanDelta.between(runtime.placement, self.new)
+        self.source, self.dtype, self.blocks, self.block_size = source, dtype, num_kv_blocks, block_size
+        self.weights, self.max_rounds, self.timeout_s = weights, max_rounds, timeout_s
+        self.rid = next(_rids)
+        self.report = ReconfigReport(self.rid, method, delta=self.delta.summary())
+        self.state = "serving"
+        self.phase_t = time.perf_counter()
+        self.copied: dict[int, int] = {}       # req_id -> KV positions already at their new home
+        self.round = 0
+        self.waiting_for: tuple[int, list[str]] | None = None
+        self.on_event = on_event or (lambda rep: None)
+        self.fail_after: str | None = None     # tests inject a failure at a phase
+        self.committed = False
+
+    # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.state in ("done", "aborted")
+
+    def _enter(self, state: str) -> None:
+        now = time.perf_counter()
+        if self.state not in ("serving", "done", "aborted"):
+            self.report.phases[self.state] = now - self.phase_t
+        self.state, self.phase_t, self.report.state = state, now, state
+        if state == "done":
+            self.report.ended = now
+        self.on_event(self.report)
+        if self.fail_after == state:
+            raise ReconfigurationError(f"injected failure on entering {state}")
+
+    def _round_done(self, blocking: bool) -> bool:
+        """Whether every worker posted the current round; raises on a worker's error."""
+        rnd, nodes = self.waiting_for
+        keys = [f"mig/{self.rid}/{rnd}/{n}" for n in nodes]
+        while True:
+            for n in nodes:
+                if n in self.rt.dead or self.rt.health().get(n, "ok") != "ok":
+                    raise WorkerDied(n, self.rt.dead.get(n, "process exited"))
+            if time.perf_counter() - self.report.started > self.timeout_s:
+                raise ReconfigurationError(f"timed out after {self.timeout_s:g} s waiting for {', '.join(nodes)}")
+            if self.rt.store.check(keys):
+                for k, n in zip(keys, nodes):
+                    v = self.rt.store.get(k).decode()
+                    if v != "ok":
+                        raise ReconfigurationError(f"{n}: {v}")
+                self.waiting_for = None
+                return True
+            if not blocking:
+                return False
+            time.sleep(0.0005)
+
+    def _issue(self, per_node: dict[str, list], commit: bool = False) -> None:
+        """Send each node its round as one batch: sends before receives (so no pair waits on the
+        other), then a RoundEnd (completion posted to the store) or, in the switch, a Commit (the
+        worker replies once its transfers are done and the new stage is in)."""
+        from .transport import send_obj, wait_all
+        order = {SendWeights: 0, SendKV: 0, CopyKV: 1, Prepare: 2, RecvKV: 3}
+        nodes = [n for n in per_node if per_node[n]] if not commit else self.delta.changed
+        end = Commit(self.rid) if commit else RoundEnd(self.rid, self.round)
+        batches = {n: tuple(sorted(per_node.get(n, []), key=lambda m: order[type(m)])) + (end,) for n in nodes}
+        with self.rt.lock:
+            works = [w for n, b in batches.items() for w in self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))]
+            if commit:
+                self.rt.collect(nodes)
+            wait_all(works)
+        self.waiting_for = None if commit else (self.round, nodes)
+
+    def _prepare_round(self) -> None:
+        """Round 0: every changed node builds its next stage; gained layers are pulled or loaded."""
+        per: dict[str, list] = {n: [] for n in self.delta.changed}
+        for node in self.delta.changed:
+            start, end = self.delta.new.get(node, (0, 0))
+            pulls, loads = [], []
+            for mv in self.delta.moves:
+                if mv.dst != node:
+                    continue
+                if self.weights == "pull" and mv.src not in self.rt.dead:
+                    pulls.append((mv.start, mv.end, self.rt.ranks[mv.src]))
+                    per[mv.src].append(SendWeights(self.rid, mv.start, mv.end, self.rt.ranks[node]))
+                    self.report.bytes_moved["weights"] += int(self.rt.layer_bytes * (mv.end - mv.start))
+                else:
+                    loads.append((mv.start, mv.end))
+            per[node].append(Prepare(self.rid, start, end, tuple(pulls), tuple(loads), self.source, self.dtype,
+                                     self.blocks, self.block_size))
+        self.round = 0
+        self._issue(per)
+
+    def _kv_round(self, final: bool, commit: bool = False) -> int:
+        """Copy positions [copied, now) of every running request's KV to the node that will own it."""
+        lens = {s.req_id: s.num_computed for s in self.engine.scheduler.running if s.num_computed > 0}
+        since = {r: self.copied.get(r, 0) for r in lens}
+        tokens = sum(lens[r] - since[r] for r in lens)
+        per: dict[str, list] = {n: [] for n in self.rt.nodes}
+        owner_old = {layer: p.node for p in self.rt.placement for layer in range(p.start, p.end)}
+        for node in self.delta.changed:
+            if node not in self.delta.new:
+                continue
+            a, b = self.delta.new[node]
+            runs: list[list] = []
+            for layer in range(a, b):
+                src = owner_old[layer]
+                if runs and runs[-1][0] == src and runs[-1][2] == layer:
+                    runs[-1][2] += 1
+                else:
+                    runs.append([src, layer, layer + 1])
+            for src, x, y in runs:
+                if src == node:
+                    per[node].append(CopyKV(self.rid, (x, y), since))
+                else:
+                    per[src].append(SendKV(self.rid, (x, y), since, self.rt.ranks[node]))
+                    per[node].append(RecvKV(self.rid, self.rt.ranks[src]))
+                    self.report.bytes_moved["kv"] += int(self.rt.kv_bytes_per_token_layer * (y - x)
+                                                         * tokens)
+        self.round += 1
+        self._issue(per, commit)
+        self.copied.update(lens)
+        self.report.rounds += 0 if final else 1
+        self.report.kv_tokens_copied += tokens
+        return tokens
+
+    # --- the machine --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Advance without blocking (the switch blocks: that is the pause). Aborts on any failure."""
+        try:
+            self._tick()
+        except (WorkerDied, WorkerError, ReconfigurationError, RuntimeError) as e:
+            if self.committed:          # past the switch the new plan serves; only cleanup failed
+                self.report.error = f"after the switch: {e}"
+                self.state = self.report.state = "done"
+                self.report.ended = time.perf_counter()
+                self.on_event(self.report)
+            else:
+                self.abort(str(e))
+            if isinstance(e, WorkerDied) and e.node in {p.node for p in self.rt.placement}:
+                raise                       # a serving node is gone: the engine loop fails its requests
+
+    def _tick(self) -> None:
+        if self.state == "serving":
+            self._enter("preparing")
+            if self.method in ("live", "recompute"):
+                self._prepare_round()
+            return
+        if self.waiting_for is not None and not self._round_done(blocking=False):
+            return
+        if self.state == "preparing":
+            if self.method == "live":
+                self._enter("pre-copying")
+                self._kv_round(final=False)
+            else:
+                self._switch()
+            return
+        if self.state == "pre-copying":
+            delta = sum(max(0, s.num_computed - self.copied.get(s.req_id, 0)) for s in self.engine.scheduler.running)
+            small = delta <= max(2, 2 * len(self.engine.scheduler.running))
+            if small or self.report.rounds >= self.max_rounds:
+                self._switch()
+            else:
+                self._kv_round(final=False)
+            return
+        if self.state == "cleaning":
+            self._enter("done")
+
+    def _switch(self) -> None:
+        """The pause: last delta, commit on every changed node, new route. Blocks until done."""
+        self._enter("switching")
+        t0 = time.perf_counter()
+        if self.method == "stop_and_copy":
+            self._prepare_round()
+            self._round_done(blocking=True)
+        if self.method == "restart":
+            self._restart()
+        else:
+            if self.method in ("live", "stop_and_copy"):
+                # The last delta and the Commit go out in one batch per node: each worker commits
+                # once its own transfers are done, so the pause is one delta copy + one round trip.
+                self._kv_round(final=True, commit=True)
+            else:
+                self._issue({}, commit=True)
+            self.rt.placement = list(self.new)
+            self.committed = True
+            if self.method == "recompute":
+                self.engine.recompute_all()
+        self.report.pause_s = time.perf_counter() - t0
+        self._enter("cleaning")
+        if self.method != "restart":
+            for node in self.delta.changed:
+                self.rt.call(node, Cleanup(self.rid))
+
+    def _restart(self) -> None:
+        """Stop the world: every node drops its layers, loads the new ones, requests re-prefill."""
+        from .transport import DropStage
+        self.committed = True           # from here on there is no old plan to go back to
+        for node in self.rt.nodes:
+            if node not in self.rt.dead:
+                self.rt.call(node, DropStage())
+        self.rt.load([(p.node, p.start, p.end) for p in self.new], self.source, self.dtype, self.blocks,
+                     self.block_size)
+        self.engine.recompute_all()
+
+    def abort(self, why: str) -> None:
+        """Drop everything prepared; the old plan keeps serving (only before the switch commits)."""
+        self.report.error = why
+        for node in self.delta.changed:
+            if node in self.rt.dead:
+                continue
+            try:
+                self.rt.call(node, Abort(self.rid))
+            except (WorkerDied, WorkerError):
+                pass
+        self.waiting_for = None
+        self.state = self.report.state = "aborted"
+        self.report.ended = time.perf_counter()
+        self.on_event(self.report)
