@@ -165,6 +165,190 @@ def demo_cmd(scenario: str = typer.Option("hospital", help="folder under scenari
                current=None, max_stages=8, out=None, as_json=False)
 
 
+# ---------------------------------------------------------------- the agent: intent files, apply, chat
+
+
+def _intent_inputs(intent_file: Path, cluster: Optional[Path], policy: Optional[Path]):
+    """The intent file and the cluster and policy it runs against (--cluster/--policy override its front matter)."""
+    from .intent_file import load_intent_file
+    f = load_intent_file(intent_file)
+    paths = {"cluster": cluster or f.resolve("cluster"), "policy": policy or f.resolve("policy")}
+    for key, path in paths.items():
+        if path is None:
+            raise InputError(f"no {key}: name it in the front matter ({key}: FILE) or pass --{key}",
+                             file=str(intent_file), line=1, field=key)
+    return f, load_cluster(paths["cluster"]), load_policy(paths["policy"])
+
+
+def _front_defaults(f) -> dict:
+    return {k: f.front[k] for k in ("service", "model") if k in f.front}
+
+
+def _print_questions(e, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ok": False, "status": "needs-clarification", **e.parsed.to_json()}))
+    else:
+        console.print("[bold yellow]The intent is incomplete.[/] Please say:")
+        for q in e.questions:
+            console.print(f"  ? {escape(q)}", highlight=False)
+
+
+@app.command("parse")
+def parse_cmd(
+    intent_file: Path = typer.Argument(..., metavar="INTENT.md", help="intent file (Markdown, optional front matter)"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="overrides the front matter's"),
+    policy: Optional[Path] = typer.Option(None, "--policy", "-p", help="overrides the front matter's"),
+    use_llm: bool = typer.Option(True, "--llm/--no-llm", help="ask the LLM too, or read with the rules alone"),
+    as_json: bool = typer.Option(False, "--json", help="print the IntentSpec (and what needs asking) as JSON"),
+):
+    """Parse an intent file into an IntentSpec; exit 1 when a required field stays unknown."""
+    from .agent import Agent, NeedsClarification
+    f, c, p = _intent_inputs(intent_file, cluster, policy)
+    parsed = Agent(c, p, use_llm=use_llm).read(f.body, _front_defaults(f))
+    if parsed.spec is None:
+        _print_questions(NeedsClarification(parsed), as_json)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps({"ok": True, **parsed.to_json()}))
+        return
+    console.print_json(parsed.spec.model_dump_json(exclude_defaults=True))
+    for q in parsed.questions:
+        console.print(f"  ? {escape(q)}", highlight=False)
+    for d in parsed.dropped:
+        console.print(f"  dropped: {escape(d)}", highlight=False)
+
+
+@app.command("apply")
+def apply_cmd(
+    intent_file: Path = typer.Argument(..., metavar="INTENT.md", help="intent file (Markdown, optional front matter)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="parse, plan, validate and diff; no service needed"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="apply a valid plan without asking (confirm -> auto)"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c", help="overrides the front matter's"),
+    policy: Optional[Path] = typer.Option(None, "--policy", "-p", help="overrides the front matter's"),
+    server: str = typer.Option("http://127.0.0.1:8000", help="the running service's base URL"),
+    use_llm: bool = typer.Option(True, "--llm/--no-llm", help="ask the LLM too, or read with the rules alone"),
+    as_json: bool = typer.Option(False, "--json", help="print the outcome (spec, plan, report, diff) as JSON"),
+):
+    """Parse, plan, validate, show the diff and (as the mode allows) apply live; exit 1 unless ok."""
+    from .agent import Agent, NeedsClarification
+    from .remote import RemoteError, RemoteService
+    if dry_run and yes:
+        raise InputError("--dry-run and --yes contradict each other: pick one", field="--yes")
+    f, c, p = _intent_inputs(intent_file, cluster, policy)
+    mode = f.front.get("mode", "confirm")
+    if yes and mode == "confirm":
+        mode = "auto"
+    if dry_run and mode in ("confirm", "auto"):
+        mode = "auto"   # nothing serves, so the gate stops at "dry-run" before asking
+    model = load_model_spec(f.front["model"]) if f.front.get("model") else None
+    agent = Agent(c, p, executor=None if dry_run else RemoteService(server), model=model, mode=mode,
+                  confirm=lambda out: _confirm(out, c, as_json), use_llm=use_llm)
+    try:
+        out = agent.apply(f.body, defaults=_front_defaults(f))
+    except NeedsClarification as e:
+        _print_questions(e, as_json)
+        raise typer.Exit(1)
+    except RemoteError as e:
+        if as_json:
+            print(json.dumps({"ok": False, "status": "unreachable", "message": str(e)}))
+        else:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(out.as_dict()))
+    else:
+        from .render import print_outcome
+        print_outcome(console, out, c)
+    raise typer.Exit(0 if out.ok else 1)
+
+
+def _confirm(out, cluster, as_json: bool) -> bool:
+    """Show the plan, its diff and report (on stderr when stdout carries JSON), then ask."""
+    from rich.prompt import Confirm
+
+    from .render import diff_table, plan_table
+    shown = err if as_json else console
+    shown.print(diff_table(out.diff))
+    shown.print(plan_table(out.plan, cluster))
+    print_report(shown, out.report)
+    if not sys.stdin.isatty():
+        shown.print("[yellow]not a terminal: cannot ask; pass --yes to apply without asking[/]")
+        return False
+    return Confirm.ask("Apply this plan live?", default=False, console=shown)
+
+
+@app.command("chat")
+def chat_cmd(
+    cluster: Path = typer.Option(..., "--cluster", "-c"),
+    policy: Path = typer.Option(..., "--policy", "-p"),
+    server: Optional[str] = typer.Option(None, help="the running service's base URL (default: nothing serving, "
+                                                    "plans are only shown)"),
+    mode: str = typer.Option("confirm", help="read-only | suggest | confirm | auto"),
+):
+    """A conversation with the placement agent: tool calls, plan diffs and confirmation as they happen."""
+    from rich.prompt import Confirm, Prompt
+
+    from .agent import Agent, AgentError
+    from .intent_file import MODES
+    from .remote import RemoteService
+    from .render import diff_table, plan_table
+    if mode not in MODES:
+        raise InputError(f"mode '{mode}' is not one of {', '.join(MODES)}", field="--mode")
+    c, p = load_cluster(cluster), load_policy(policy)
+
+    def confirm(out) -> bool:
+        console.print(diff_table(out.diff))
+        console.print(plan_table(out.plan, c))
+        print_report(console, out.report)
+        return Confirm.ask("Apply this plan live?", default=False, console=console)
+
+    def show(kind: str, data) -> None:
+        if kind == "token":
+            console.print(data, end="", highlight=False, markup=False)
+        elif kind == "reply":
+            console.print()
+        elif kind == "tool_call":
+            console.print(f"[dim]-> {data['name']}({escape(json.dumps(data['args']))})[/]", highlight=False)
+        elif kind == "tool_result":
+            name, text, ok = data
+            console.print(f"[{'dim' if ok else 'red'}]<- {name}: {escape(str(text))}[/]", highlight=False)
+        elif kind == "plan":
+            console.print(plan_table(data[0], c))
+            print_report(console, data[1])
+        elif kind == "diff":
+            console.print(diff_table(data))
+
+    agent = Agent(c, p, executor=RemoteService(server) if server else None, mode=mode, confirm=confirm)
+    console.print(f"[bold]Continuo chat[/] on {c.name}, policy {p.name}, mode {mode}. Empty line or 'exit' ends.")
+    history = None
+    while True:
+        try:
+            text = Prompt.ask("[bold cyan]you[/]", console=console, default="", show_default=False)
+        except (EOFError, KeyboardInterrupt):
+            break
+        if text.strip().lower() in ("", "exit", "quit"):
+            break
+        try:
+            history = agent.chat(text, history, on_event=show)
+        except AgentError as e:
+            console.print(f"[red]{escape(str(e))}[/]", highlight=False)
+        except RuntimeError as e:   # the service went away: say so and keep talking
+            console.print(f"[red]error: {escape(str(e))}[/]", highlight=False)
+
+
+@bench_app.command("intents")
+def bench_intents_cmd(
+    cluster: Path = typer.Option(..., "--cluster", "-c"),
+    policy: Path = typer.Option(..., "--policy", "-p"),
+    intents: Path = typer.Option(..., "--intents", "-i", help="labelled set: YAML list of {text, expect}"),
+    use_llm: bool = typer.Option(True, "--llm/--no-llm", help="score the LLM backends, or the rules alone"),
+    as_json: bool = typer.Option(False, "--json", help="last line: one JSON object with the figures"),
+):
+    """Field accuracy (per field and overall) and seconds per intent of the intent parser on a labelled set."""
+    from .bench_intents import run
+    run(cluster, policy, intents, as_json=as_json, use_llm=use_llm)
+
+
 def main() -> None:
     """Entry point: bad input becomes exit code 2 with a message naming file, line and field."""
     try:

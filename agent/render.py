@@ -35,3 +35,39 @@ def print_report(console: Console, report: Report) -> None:
         e = report.estimates
         console.print(f"  estimates: TTFT {e.ttft_ms:.1f} ms, TPOT {e.tpot_ms:.2f} ms, "
                       f"throughput {e.throughput_tok_s:.0f} tok/s, cost ${e.cost_per_hour:.2f}/h", highlight=False)
+
+
+def diff_table(rows, title: str = "Plan diff") -> Table:
+    """A terraform-style diff (agent.plan_diff rows): + placed, ~ moved, = unchanged, - removed."""
+    style = {"+": "green", "~": "yellow", "=": "dim", "-": "red"}
+    t = Table(title=title)
+    for col in ("", "layers", "from", "to"):
+        t.add_column(col, no_wrap=True)
+    for r in rows:
+        s = style.get(r.action, "")
+        t.add_row(f"[{s}]{r.action}[/]", f"{r.first_layer}-{r.last_layer}", r.old_node or "", r.new_node or "")
+    return t
+
+
+def print_outcome(console: Console, out, cluster: Cluster) -> None:
+    """An agent Outcome: the spec, the diff against the live plan, the plan, the report and what happened."""
+    if out.spec is not None:
+        console.print("[bold]Intent:[/] " + escape(out.spec.model_dump_json(exclude_defaults=True)), highlight=False)
+    for item in (out.parsed.ignored if out.parsed else []):
+        console.print(f"  [yellow]ignored[/] '{escape(item)}': an intent cannot change the policy or the mode",
+                      highlight=False)
+    for q in (out.parsed.questions if out.parsed else []):
+        console.print(f"  [yellow]?[/] {escape(q)}", highlight=False)
+    if out.plan is not None:
+        console.print(diff_table(out.diff, "Plan diff" + ("" if out.current else " (nothing serving now)")))
+        console.print(plan_table(out.plan, cluster))
+    if out.report is not None:
+        print_report(console, out.report)
+    for r in out.reasons:
+        console.print(f"  - {escape(r)}", highlight=False)
+    if out.reconfig:
+        pause = out.reconfig.get("pause_ms")
+        console.print(f"  reconfiguration {out.reconfig.get('method', '')}: state {out.reconfig.get('state')}"
+                      + (f", pause {pause:.1f} ms" if isinstance(pause, (int, float)) else ""), highlight=False)
+    color = "green" if out.ok else "red"
+    console.print(f"[bold {color}]{out.status}[/]: {escape(out.message)}", highlight=False)

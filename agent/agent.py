@@ -1,0 +1,357 @@
+"""The agent: from a plain-language intent to an applied plan, behind one approval gate.
+
+    from agent import Agent
+    agent = Agent(cluster, policy, executor=service, mode="confirm", confirm=lambda outcome: True)
+    outcome = agent.apply("Keep patient data in the EU, TTFT under 300 ms.")
+
+Two paths, one gate:
+
+    deterministic   apply(text): parse -> planner -> gate                        (no LLM tool calls)
+    chat            chat(message): the LLM calls tools (agent/tools.py) in a loop;
+                    its apply_plan / rollback calls go through the same gate
+
+    gate(plan): validate against the live plan -> diff -> mode allows? -> valid? -> executor?
+                -> confirm? -> policies.approve(current=live) -> executor.reconfigure(validated)
+
+Nothing reaches the executor except a ValidatedPlan from `policies.approve`, and only when the mode
+(set by the caller, never by the intent's text) allows it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from pydantic import ValidationError
+
+from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, Report, ValidatedPlan, approve,
+                      load_model_spec, validate)
+
+from .intent_file import MODES
+from .intent_parser import ParsedIntent, parse_intent
+from .planner import Infeasible, PlanProposal, plan as make_plan
+
+PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+DEFAULT_MODEL = "smollm2-135m"
+CHANGES_ALLOWED = {"read-only": False, "suggest": False, "confirm": True, "auto": True}
+
+
+class AgentError(Exception):
+    """The agent gave up; `attempts` holds what was tried and what went wrong, in order."""
+
+    def __init__(self, message: str, attempts: list[str] | None = None):
+        self.attempts = list(attempts or [])
+        super().__init__(message + "".join(f"\n  attempt {i + 1}: {a}" for i, a in enumerate(self.attempts)))
+
+
+class NeedsClarification(AgentError):
+    """The intent leaves a required field unknown; `questions` are what to ask the operator."""
+
+    def __init__(self, parsed: ParsedIntent):
+        self.parsed, self.questions = parsed, list(parsed.questions)
+        super().__init__("the intent is incomplete:\n" + "\n".join(f"- {q}" for q in self.questions))
+
+
+@dataclass(frozen=True)
+class DiffRow:
+    """One run of layers and what happens to it: '+' placed, '~' moved, '=' unchanged, '-' removed."""
+    action: str
+    first_layer: int
+    last_layer: int
+    old_node: str | None
+    new_node: str | None
+
+    def text(self) -> str:
+        layers = f"layers {self.first_layer}-{self.last_layer}"
+        if self.action == "~":
+            return f"~ {layers}: {self.old_node} -> {self.new_node}"
+        return f"{self.action} {layers}: {self.new_node or self.old_node}"
+
+
+def plan_diff(old: PlacementPlan | None, new: PlacementPlan) -> list[DiffRow]:
+    """Terraform-style diff of layer ownership, as runs of layers with the same (old, new) owners."""
+    before = old.layer_owner() if old else {}
+    after = new.layer_owner()
+    rows: list[DiffRow] = []
+    for layer in sorted(set(before) | set(after)):
+        a, b = before.get(layer), after.get(layer)
+        action = "+" if a is None else "-" if b is None else "=" if a == b else "~"
+        last = rows[-1] if rows else None
+        if last and (last.action, last.old_node, last.new_node) == (action, a, b) and last.last_layer == layer - 1:
+            rows[-1] = DiffRow(action, last.first_layer, layer, a, b)
+        else:
+            rows.append(DiffRow(action, layer, layer, a, b))
+    return rows
+
+
+@dataclass
+class Outcome:
+    """What one request did: the spec, the plan, the validator's report, the diff and, if applied, the figures.
+
+    status: applied | unchanged | dry-run | suggested | declined | refused | rejected | infeasible | failed
+    """
+    status: str
+    spec: IntentSpec | None
+    plan: PlacementPlan | None = None
+    report: Report | None = None
+    diff: list[DiffRow] = field(default_factory=list)
+    current: PlacementPlan | None = None
+    reconfig: dict | None = None          # the executor's reconfiguration figures (pause, bytes moved, ...)
+    message: str = ""
+    parsed: ParsedIntent | None = None
+    reasons: list[str] = field(default_factory=list)   # why no plan exists (status infeasible)
+
+    @property
+    def applied(self) -> bool:
+        return self.status == "applied"
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing went wrong: applied, or a valid plan shown without applying."""
+        return self.status in ("applied", "unchanged", "dry-run", "suggested")
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "status": self.status, "message": self.message,
+                "spec": self.spec.model_dump(mode="json") if self.spec else None,
+                "plan": self.plan.model_dump(mode="json") if self.plan else None,
+                "report": self.report.model_dump(mode="json") if self.report else None,
+                "current": self.current.model_dump(mode="json") if self.current else None,
+                "diff": [r.__dict__ for r in self.diff], "reconfig": self.reconfig, "reasons": self.reasons,
+                "questions": self.parsed.questions if self.parsed else [],
+                "ignored": self.parsed.ignored if self.parsed else []}
+
+
+def _live(executor: Any) -> PlacementPlan | None:
+    """The plan the executor serves now: a Service holds a ValidatedPlan, a remote client a PlacementPlan."""
+    p = getattr(executor, "plan", None) if executor is not None else None
+    return p.plan if isinstance(p, ValidatedPlan) else p
+
+
+def _figures(rep: Any) -> dict:
+    if hasattr(rep, "as_dict"):
+        return rep.as_dict()
+    return dict(rep) if isinstance(rep, dict) else {"result": str(rep)}
+
+
+class Agent:
+    """Intent -> IntentSpec -> plan -> validation -> approval -> live reconfiguration.
+
+    executor: None for a dry run (nothing serving), or anything with `.plan` (the live plan) and
+    `.reconfigure(validated, method)`, such as executor.service.Service.
+    llm: a langchain chat model for parsing and chat; None takes `agent.llm.get_llm()` when needed.
+    use_llm=False parses with the rules alone (no model is loaded).
+    model: the ModelSpec to plan for; default the intent's model, else the served one, else smollm2-135m.
+    mode: read-only | suggest | confirm | auto. confirm(outcome) -> bool is asked in confirm mode.
+    """
+
+    def __init__(self, cluster: Cluster, policy: Policy, executor: Any = None, llm: BaseChatModel | None = None,
+                 model: ModelSpec | None = None, mode: str = "confirm",
+                 confirm: Callable[[Outcome], bool] | None = None, *, use_llm: bool = True, max_attempts: int = 3,
+                 max_steps: int = 12, method: str = "live"):
+        self.cluster, self.policy, self.executor = cluster, policy, executor
+        self._llm, self.use_llm, self.model = llm, use_llm, model
+        self.mode = self._check_mode(mode)
+        self.confirm = confirm
+        self.max_attempts, self.max_steps, self.method = max_attempts, max_steps, method
+        self.applied: list[PlacementPlan] = []    # plans this agent applied, newest last (for rollback)
+
+    @staticmethod
+    def _check_mode(mode: str) -> str:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        return mode
+
+    @property
+    def llm(self) -> BaseChatModel:
+        if self._llm is None:
+            from .llm import get_llm
+            self._llm = get_llm()
+        return self._llm
+
+    def live_plan(self) -> PlacementPlan | None:
+        """The plan serving now; None when nothing serves."""
+        return _live(self.executor)
+
+    def model_for(self, spec: IntentSpec | None = None) -> ModelSpec:
+        if self.model is not None:
+            return self.model
+        live = self.live_plan()
+        return load_model_spec((spec and spec.model) or (live and live.model) or DEFAULT_MODEL)
+
+    # ------------------------------------------------------------ parse and plan
+
+    def read(self, text: str, defaults: dict | None = None) -> ParsedIntent:
+        """Parse an intent and keep everything the parser found (questions, dropped values, sources)."""
+        return parse_intent(text, self.cluster, self.policy, llm=self._llm if self.use_llm else None,
+                            use_llm=self.use_llm, defaults=defaults)
+
+    def parse(self, text: str, defaults: dict | None = None) -> IntentSpec:
+        """The IntentSpec of a plain-language intent; raises NeedsClarification while it is incomplete."""
+        parsed = self.read(text, defaults)
+        if parsed.spec is None:
+            raise NeedsClarification(parsed)
+        return parsed.spec
+
+    def plan_spec(self, spec: IntentSpec) -> PlanProposal:
+        """The planner's best valid plan for a spec, checked against the live plan; raises Infeasible."""
+        return make_plan(spec, self.cluster, self.policy, self.model_for(spec), current=self.live_plan())
+
+    def plan(self, text: str) -> PlanProposal:
+        """Parse and plan; raises NeedsClarification or planner.Infeasible."""
+        return self.plan_spec(self.parse(text))
+
+    # ------------------------------------------------------------ the deterministic path
+
+    def apply(self, text: str, mode: str | None = None, defaults: dict | None = None) -> Outcome:
+        """Parse, plan and (as the mode allows) apply; raises NeedsClarification when the intent is incomplete."""
+        parsed = self.read(text, defaults)
+        if parsed.spec is None:
+            raise NeedsClarification(parsed)
+        try:
+            proposal = self.plan_spec(parsed.spec)
+        except Infeasible as e:
+            return Outcome("infeasible", parsed.spec, current=self.live_plan(), parsed=parsed, reasons=e.reasons,
+                           message="no valid plan: " + "; ".join(e.reasons))
+        out = self.gate(proposal.plan, parsed.spec, mode)
+        out.parsed = parsed
+        return out
+
+    # ------------------------------------------------------------ the one gate to the executor
+
+    def gate(self, plan: PlacementPlan, spec: IntentSpec | None, mode: str | None = None) -> Outcome:
+        """Validate, diff, and apply only if the mode, the validator and (in confirm mode) the operator allow it."""
+        mode = self._check_mode(mode or self.mode)
+        current = self.live_plan()
+        model = self.model_for(spec)
+        report = validate(plan, self.cluster, self.policy, spec, model, current=current)
+        plan = plan.model_copy(update={"estimates": report.estimates})
+        out = Outcome("pending", spec or plan.intent, plan, report, plan_diff(current, plan), current)
+        if not CHANGES_ALLOWED[mode]:
+            out.status = "refused" if mode == "read-only" else "suggested"
+            out.message = (f"{mode} mode: nothing is applied" if mode == "read-only"
+                           else "suggest mode: the plan and diff are shown, never applied")
+            return out
+        if not report.ok:
+            out.status, out.message = "rejected", report.text()
+            return out
+        if self.executor is None:
+            out.status, out.message = "dry-run", "dry run: nothing is serving, nothing applied"
+            return out
+        if current is not None and current.placement_key() == plan.placement_key():
+            out.status, out.message = "unchanged", "the live plan already places the model this way: nothing to move"
+            return out
+        if mode == "confirm" and not (self.confirm and self.confirm(out)):
+            out.status, out.message = "declined", "the operator declined: nothing applied"
+            return out
+        validated = approve(plan, self.cluster, self.policy, spec, model, current=current)
+        try:
+            rep = self.executor.reconfigure(validated, method=self.method)
+        except (RuntimeError, ConnectionError, TimeoutError) as e:   # the world said no: a result, not our bug
+            out.status, out.message = "failed", f"the executor refused or failed: {e}"
+            return out
+        out.reconfig = _figures(rep)
+        if out.reconfig.get("error") or out.reconfig.get("state") == "aborted":
+            out.status = "failed"
+            out.message = f"reconfiguration aborted, the old plan still serves: {out.reconfig.get('error')}"
+            return out
+        out.status, out.message = "applied", "applied live"
+        if current is not None:
+            self.applied.append(current)
+        return out
+
+    def rollback(self, mode: str | None = None) -> Outcome:
+        """Put back the plan that served before this agent's last apply (through the gate, like any plan)."""
+        if not self.applied:
+            raise AgentError("nothing to roll back: this agent has applied no plan")
+        previous = self.applied[-1]
+        out = self.gate(previous, previous.intent, mode)
+        if out.applied:
+            self.applied = self.applied[:-2]   # gate pushed the plan we rolled away from; drop both
+        return out
+
+    # ------------------------------------------------------------ the chat path: the LLM with tools
+
+    def chat(self, message: str, history: list[BaseMessage] | None = None, mode: str | None = None,
+             on_event: Callable[[str, Any], None] | None = None) -> list[BaseMessage]:
+        """One turn of conversation: the LLM calls tools until it answers in words. Returns the new history.
+
+        on_event(kind, data) sees: "token" (reply text as it streams), "tool_call" (the call),
+        "tool_result" (name, text, ok), "plan" (plan, report), "diff" (plan_diff rows), "reply" (the final text). Raises AgentError after `max_attempts`
+        failed tool calls (errors, violations, no plan) or `max_steps` model calls.
+        """
+        from .tools import Workbench, make_tools
+
+        emit = on_event or (lambda kind, data: None)
+        bench = Workbench(self, self._check_mode(mode or self.mode), emit=emit)
+        tools = {t.name: t for t in make_tools(bench)}
+        llm = self.llm.bind_tools(list(tools.values()))
+        messages = list(history or []) or [SystemMessage((PROMPTS / "agent_system.md").read_text().strip())]
+        messages.append(HumanMessage(message))
+        note = self._grounded_note(message)
+        if note:
+            messages.append(SystemMessage(note))
+        failures: list[str] = []
+        done: dict[str, str] = {}        # calls made this turn -> their answers (small models repeat themselves)
+        for _ in range(self.max_steps):
+            reply = self._ask(llm, messages, emit)
+            messages.append(reply)
+            if not reply.tool_calls:
+                emit("reply", reply.content)
+                return messages
+            repeated = 0
+            for call in reply.tool_calls:
+                emit("tool_call", call)
+                text, ok, again = self._run_tool(tools, call, done)
+                emit("tool_result", (call["name"], text, ok))
+                messages.append(ToolMessage(text, tool_call_id=call["id"], name=call["name"]))
+                repeated += again
+                if not ok:
+                    failures.append(f"{call['name']}({call['args']}): {text}")
+            if len(failures) >= self.max_attempts:
+                raise AgentError(f"gave up after {len(failures)} failed attempts", failures)
+            if repeated == len(reply.tool_calls):
+                llm = self.llm      # it only repeats itself: done with tools, let it answer in words
+        raise AgentError(f"no answer after {self.max_steps} model calls", failures)
+
+    @staticmethod
+    def _run_tool(tools: dict, call: dict, done: dict[str, str]) -> tuple[str, bool, bool]:
+        """Run one tool call: (answer text, ok, was a repeat). The model's mistakes come back as text."""
+        from .tools import ToolError
+        key = f"{call['name']}{json.dumps(call['args'], sort_keys=True, default=str)}"
+        if key in done:
+            return f"already done, same answer: {done[key]}\nNow answer the operator in words.", True, True
+        if call["name"] not in tools:
+            return f"error: no tool named {call['name']!r}; use one of {', '.join(tools)}", False, False
+        try:
+            done[key] = str(tools[call["name"]].invoke(call["args"]))
+            return done[key], True, False
+        except (ToolError, ValidationError) as e:   # the model's mistake: data it can act on; our bugs propagate
+            return f"error: {e}", False, False
+
+    def _grounded_note(self, message: str) -> str:
+        """What the rules read in the operator's words, grounded in the inventory, for the model to build on."""
+        parsed = parse_intent(message, self.cluster, self.policy, use_llm=False)
+        lines = []
+        if parsed.values:
+            lines.append("Fields read from the operator's words (grounded in the cluster and policy): "
+                         + json.dumps(parsed.values, default=str))
+        if parsed.spec is not None:
+            lines.append("If the operator asks for a placement, call propose_plan with these fields first.")
+        lines += [f"Unclear, ask the operator: {q}" for q in parsed.questions]
+        lines += [f"Ignored, not yours to grant: '{s}'" for s in parsed.ignored]
+        return "\n".join(lines)
+
+    @staticmethod
+    def _ask(llm, messages: list[BaseMessage], emit) -> AIMessage:
+        """Stream one model reply, passing text on as it comes; tool calls arrive whole at the end."""
+        full = None
+        for chunk in llm.stream(messages):
+            if isinstance(chunk.content, str) and chunk.content:
+                emit("token", chunk.content)
+            full = chunk if full is None else full + chunk
+        if full is None:
+            return AIMessage(content="")
+        return AIMessage(content=full.content, tool_calls=list(full.tool_calls or []), id=full.id)
