@@ -103,10 +103,33 @@ def bench_plan_cmd(as_json: bool = typer.Option(False, "--json"), repeats: int =
 
 
 @bench_app.command("engine")
-def bench_engine_cmd(as_json: bool = typer.Option(False, "--json")):
-    """Decode throughput of our engine vs transformers, batching gains, TTFT/TPOT."""
+def bench_engine_cmd(as_json: bool = typer.Option(False, "--json"),
+                     threads: Optional[int] = typer.Option(None, help="torch threads for both sides (on a "
+                                                                      "shared 2-core VM, 1 is often faster)"),
+                     max_tokens: int = typer.Option(32, min=1)):
+    """Our engine vs transformers generate(), batching gains, TTFT/TPOT, 2-stage pipeline vs 1 stage."""
     from executor.bench import run_engine_bench
-    run_engine_bench(json_out=as_json)
+    run_engine_bench(json_out=as_json, threads=threads, max_tokens=max_tokens)
+
+
+@app.command("apply-plan")
+def apply_plan_cmd(
+    plan_file: Path = typer.Argument(..., metavar="PLAN", help="placement plan to apply to the running service"),
+    server: str = typer.Option("http://127.0.0.1:8000", help="the service's base URL"),
+    method: str = typer.Option("live", help="live | stop_and_copy | recompute | restart"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Apply a plan to a running service as a live reconfiguration (validated there first)."""
+    from .apply_plan import apply_plan
+    raise typer.Exit(apply_plan(load_plan(plan_file), server, method, as_json, console))
+
+
+@bench_app.command("reconfig")
+def bench_reconfig_cmd(as_json: bool = typer.Option(False, "--json"),
+                       repeats: int = typer.Option(2, min=1, help="series of reconfigurations per method")):
+    """Downtime, TTFT/TPOT overhead, bandwidth and correctness of live migration vs the baselines."""
+    from executor.bench_reconfig import run
+    run(as_json=as_json, repeats=repeats)
 
 
 @app.command("serve")
@@ -137,7 +160,7 @@ def serve_cmd(
         h, _, prt = join.rpartition(":")
         join_at = (h, int(prt))
         console.print(f"waiting for nodes {', '.join(n.name for n in c.nodes if n.state != 'down')} to join at {join}")
-    service = Service.launch(c, validated, weights, join_at=join_at)
+    service = Service.launch(c, validated, weights, join_at=join_at, policy=p)
     console.print(f"serving {pl.model}: {pl.summary()} on http://{host}:{port}/v1")
     try:
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
@@ -153,16 +176,12 @@ def worker_cmd(ctx: typer.Context):
 
 
 @app.command("demo")
-def demo_cmd(scenario: str = typer.Option("hospital", help="folder under scenarios/"),
-             intent: str = typer.Option("phi-70b-split", help="intent file name under scenarios/<s>/intents/")):
-    """The main job: plan a scenario's intent and print the plan and the validator report."""
-    base = ROOT / "scenarios" / scenario
-    console.rule(f"[bold]Continuo demo: scenario {scenario}, intent {intent}")
-    ipath = base / "intents" / f"{intent}.yaml"
-    console.print(f"intent file {ipath.relative_to(ROOT)}:\n" + ipath.read_text(), highlight=False)
-    ctx = typer.Context(plan_cmd)
-    ctx.invoke(plan_cmd, cluster=base / "cluster.yaml", policy=base / "policy.yaml", intent=ipath, model=None,
-               current=None, max_stages=8, out=None, as_json=False)
+def demo_cmd(intent: Optional[Path] = typer.Option(None, help="intent file (default: scenarios/local/intents/"
+                                                                 "maintenance.md)")):
+    """The main job: serve the embedded model over local workers under load, parse an intent, plan,
+    validate and apply it live, and print what happened."""
+    from .demo import run_demo
+    raise typer.Exit(run_demo(intent, console))
 
 
 # ---------------------------------------------------------------- the agent: intent files, apply, chat

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -52,7 +53,7 @@ def _hf_run(model, prompts, max_tokens: int, pad_id: int) -> float:
 
 
 def run_engine_bench(json_out: bool = False, max_tokens: int = 32, repeats: int = 2,
-                     threads: int | None = None) -> dict:
+                     threads: int | None = None, pipeline: bool = True) -> dict:
     if threads:     # both sides run under the same setting; on an oversubscribed VM, 1 is often faster
         torch.set_num_threads(threads)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -107,6 +108,27 @@ def run_engine_bench(json_out: bool = False, max_tokens: int = 32, repeats: int 
     print(f"8 concurrent requests: TTFT p50 {result['ttft_ms_p50']} ms, p99 {result['ttft_ms_p99']} ms; "
           f"TPOT p50 {result['tpot_ms_p50']} ms, p99 {result['tpot_ms_p99']} ms "
           f"(mean TPOT {statistics.mean(tpot):.1f} ms)")
+    if pipeline:
+        from .bench_pipeline import run_pipeline_bench
+        # The 1-stage side runs with the same torch threads as above (the best setting on this machine);
+        # the 2-stage side gets one worker per stage with the cores split between them.
+        pipe = run_pipeline_bench(max_tokens=max_tokens, source=str(gguf.path), cores=torch.get_num_threads(),
+                                  worker_threads=max(1, (os.cpu_count() or 2) // 2))
+        result["pipeline2_vs_stage1"] = round(pipe["pipeline2_vs_stage1"], 3)
+        result["pipeline2_vs_stage1_all_steps_microbatched"] = round(pipe["pipeline2_vs_stage1_all_steps_microbatched"], 3)
+        for side in ("stage1", "pipeline2"):
+            for k in ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
+                result[f"{side}_{k}"] = round(pipe[side][k], 2)
+        result["pipeline2_workers"] = pipe["pipeline2"]["workers"]
+        print(f"2 stages on 2 worker processes ({os.cpu_count()} cores) vs 1 stage ({torch.get_num_threads()} threads): "
+              f"{result['pipeline2_vs_stage1']:.2f}x throughput (prefill micro-batched); every step cut in 2 "
+              f"micro-batches: {result['pipeline2_vs_stage1_all_steps_microbatched']:.2f}x")
+        for side in ("stage1", "pipeline2"):
+            print(f"  {side:<10} {result[side + '_tok_s']:7.1f} tok/s; TTFT p50 {result[side + '_ttft_p50_ms']} ms, "
+                  f"p99 {result[side + '_ttft_p99_ms']} ms; TPOT p50 {result[side + '_tpot_p50_ms']} ms, "
+                  f"p99 {result[side + '_tpot_p99_ms']} ms")
+        for w in result["pipeline2_workers"]:
+            print(f"  worker {w['node']}: layers {w['layers']}, resident {w['rss_mb']} MB, weights {w['weights_mb']} MB")
     if json_out:
         print(json.dumps(result))
     return result

@@ -9,7 +9,7 @@ import torch
 
 from .engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from .runtime import NodeRuntime
-from .stage import build_stages, even_bounds
+from .stage import build_stages
 from .weights import open_source
 
 PROMPTS = ["Write a short poem about the sea.", "Explain photosynthesis to a child.",
@@ -38,7 +38,17 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
     return _figures(outs, time.perf_counter() - t)
 
 
-def run_pipeline_bench(max_tokens: int = 64, source=None, cores: int | None = None) -> dict:
+def balanced_bounds(cfg) -> list[int]:
+    """Two stages of about equal work: the LM head (vocab x hidden) weighs like several layers."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size
+    head = cfg.vocab_size * cfg.hidden_size
+    cut = min(range(1, cfg.num_layers), key=lambda c: max(c * layer, (cfg.num_layers - c) * layer + head))
+    return [0, cut, cfg.num_layers]
+
+
+def run_pipeline_bench(max_tokens: int = 64, source=None, cores: int | None = None,
+                       worker_threads: int | None = None) -> dict:
     """Returns {'stage1': figures, 'pipeline2': figures + per-worker RSS, 'pipeline2_vs_stage1': ratio}."""
     src = open_source(source)
     cfg = src.config
@@ -54,21 +64,26 @@ def run_pipeline_bench(max_tokens: int = 64, source=None, cores: int | None = No
     stage1 = _run(one, prompts, max_tokens)
     del one
     # 2 stages on 2 worker processes, the cores split between them; this process only schedules.
-    rt = NodeRuntime.local(["w0", "w1"], threads_per_worker=max(1, cores // 2))
+    rt = NodeRuntime.local(["w0", "w1"], threads_per_worker=worker_threads or max(1, cores // 2))
     try:
-        b = even_bounds(cfg.num_layers, 2)
+        b = balanced_bounds(cfg)
         rt.load([("w0", b[0], b[1]), ("w1", b[1], b[2])], source=str(src.path) if hasattr(src, "path") else source,
                 num_kv_blocks=ec.num_kv_blocks, block_size=ec.block_size)
         torch.set_num_threads(1)
-        two = Engine([rt.pipeline(cfg.num_layers)], ec, tok, cfg.eos_token_ids)
-        pipe2 = _run(two, prompts, max_tokens)
+        pipe = rt.pipeline(cfg.num_layers)
+        two = Engine([pipe], ec, tok, cfg.eos_token_ids)
+        pipe2 = _run(two, prompts, max_tokens)                    # micro-batches where a step is big enough
+        pipe.micro_batches = 2
+        forced = _run(two, prompts, max_tokens)                   # every step cut in 2
+        pipe2["forced_microbatch_tok_s"] = forced["tok_s"]
         pipe2["workers"] = [{"node": i.node, "layers": i.layers, "rss_mb": round(i.rss_bytes / 2**20),
                              "weights_mb": round(i.weight_bytes / 2**20), "step_ms_p50": i.step_ms_p50}
                             for i in rt.stats()]
     finally:
         rt.shutdown()
         torch.set_num_threads(saved)
-    return {"stage1": stage1, "pipeline2": pipe2, "pipeline2_vs_stage1": pipe2["tok_s"] / stage1["tok_s"]}
+    return {"stage1": stage1, "pipeline2": pipe2, "pipeline2_vs_stage1": pipe2["tok_s"] / stage1["tok_s"],
+            "pipeline2_vs_stage1_all_steps_microbatched": forced["tok_s"] / stage1["tok_s"]}
 
 
 if __name__ == "__main__":

@@ -174,16 +174,24 @@ class Reconfiguration:
         """Send each node its round as one batch: sends before receives (so no pair waits on the
         other), then a RoundEnd (completion posted to the store) or, in the switch, a Commit (the
         worker replies once its transfers are done and the new stage is in)."""
-        from .transport import send_obj, wait_all
+        from .transport import send_obj, settle
         order = {SendWeights: 0, SendKV: 0, CopyKV: 1, Prepare: 2, RecvKV: 3}
         nodes = [n for n in per_node if per_node[n]] if not commit else self.delta.changed
         end = Commit(self.rid) if commit else RoundEnd(self.rid, self.round)
         batches = {n: tuple(sorted(per_node.get(n, []), key=lambda m: order[type(m)])) + (end,) for n in nodes}
         with self.rt.lock:
-            works = [w for n, b in batches.items() for w in self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))]
-            if commit:
-                self.rt.collect(nodes)
-            wait_all(works)
+            works: list = []
+            try:
+                for n, b in batches.items():
+                    works += self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))
+                if commit:
+                    self.rt.collect(nodes)
+            finally:
+                # Sends already under way must finish even if a later one failed: a dropped send
+                # leaves its receiver holding half a message and the channel out of step.
+                failed = settle(works)
+            if failed is not None:
+                raise failed
         self.waiting_for = None if commit else (self.round, nodes)
 
     def _prepare_round(self) -> None:

@@ -138,6 +138,18 @@ def wait_all(works: list) -> None:
         w.wait()
 
 
+def settle(works: list) -> RuntimeError | None:
+    """Wait for every send once (a gloo work must not be waited twice: the second wait blocks),
+    even past a failure, so none is dropped half-way; returns the first failure."""
+    first = None
+    for w in works:
+        try:
+            w.wait()
+        except RuntimeError as e:
+            first = first or e
+    return first
+
+
 # --- rendezvous --------------------------------------------------------------------------------
 
 def _store(host: str, port: int, master: bool, timeout: float) -> dist.TCPStore:

@@ -105,32 +105,55 @@ def test_baselines_keep_outputs(method, reference):
         svc.close()
 
 
-def test_failures_before_the_switch_leave_the_old_plan_serving(reference):
+TARGET = [("edge-a", 0, 1), ("cloud-1", 2, 6)]
+
+
+def check_old_plan_serves(svc, futs, reference, before):
+    assert layers(svc) == before and svc.plan.plan.stages[0].last_layer == 2
+    results = [f.result(120) for f in futs]
+    assert [err for _, err in results] == [None] * len(PROMPTS)
+    assert [out.token_ids for out, _ in results] == reference     # nothing lost, nothing changed
+    out = svc.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+    assert len(out.token_ids) == 5                                 # and it takes new requests
+
+
+@pytest.mark.parametrize("phase", ["preparing", "pre-copying", "switching"])
+def test_a_failure_in_any_phase_before_the_switch_aborts(phase, reference):
     svc = Service.launch(CLUSTER, validated(START), SRC, EC)
     try:
         futs = start_load(svc)
         before = layers(svc)
-        target = [("edge-a", 0, 1), ("cloud-1", 2, 6)]
-        # 1. A failure injected in each phase before the switch.
-        for phase in ("preparing", "pre-copying", "switching"):
-            rep = svc.reconfigure(validated(target, current=svc.plan.plan), fail_at=phase)
-            assert rep.state == "aborted" and "injected" in rep.error
-            assert layers(svc) == before and svc.plan.plan.stages[0].last_layer == 2
-        # 2. A transfer that does not finish in time.
-        rep = svc.reconfigure(validated(target, current=svc.plan.plan), transfer_timeout_s=0.0)
+        rep = svc.reconfigure(validated(TARGET, current=svc.plan.plan), fail_at=phase)
+        assert rep.state == "aborted" and "injected" in rep.error
+        check_old_plan_serves(svc, futs, reference, before)
+    finally:
+        svc.close()
+
+
+def test_a_transfer_that_does_not_finish_in_time_aborts(reference):
+    svc = Service.launch(CLUSTER, validated(START), SRC, EC)
+    try:
+        futs = start_load(svc)
+        before = layers(svc)
+        rep = svc.reconfigure(validated(TARGET, current=svc.plan.plan), transfer_timeout_s=0.0)
         assert rep.state == "aborted" and "timed out" in rep.error
-        # 3. The destination's worker dies.
+        check_old_plan_serves(svc, futs, reference, before)
+    finally:
+        svc.close()
+
+
+def test_a_dead_destination_aborts(reference):
+    svc = Service.launch(CLUSTER, validated(START), SRC, EC)
+    try:
+        futs = start_load(svc)
+        before = layers(svc)
         os.kill(svc.runtime.procs["cloud-1"].pid, signal.SIGKILL)
         time.sleep(0.2)
-        rep = svc.reconfigure(validated(target, current=svc.plan.plan))
+        rep = svc.reconfigure(validated(TARGET, current=svc.plan.plan))
         assert rep.state == "aborted" and "cloud-1" in rep.error
         assert svc.health()["nodes"]["cloud-1"].startswith("dead")
-        results = [f.result(120) for f in futs]
-        assert [err for _, err in results] == [None] * len(PROMPTS)
-        assert [out.token_ids for out, _ in results] == reference     # nothing lost, nothing changed
-        # The old plan still serves new requests.
-        out = svc.generate([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
-        assert len(out.token_ids) == 5
+        before["cloud-1"] = layers(svc)["cloud-1"]          # a dead node reports no layers
+        check_old_plan_serves(svc, futs, reference, before)
     finally:
         svc.close()
 
