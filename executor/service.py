@@ -39,7 +39,7 @@ class Listener:
 class EngineLoop(threading.Thread):
     """Steps the engine while it has work; runs handed-in calls at iteration boundaries."""
 
-    def __init__(self, engine: Engine, on_step: Callable[[float], None] | None = None):
+    def __init__(self, engine: Engine):
         super().__init__(name="engine-loop", daemon=True)
         self.engine = engine
         self.calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
@@ -47,7 +47,6 @@ class EngineLoop(threading.Thread):
         self.listeners: dict[int, Listener] = {}
         self.stopped = False
         self.broken: Exception | None = None
-        self.on_step = on_step
         self.reconfig = None                 # a Reconfiguration under way, ticked between steps
 
     def call(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
@@ -75,14 +74,11 @@ class EngineLoop(threading.Thread):
                     self.fail_all(e)
                     continue
             if self.broken is None and self.engine.has_unfinished():
-                t0 = time.perf_counter()
                 try:
                     done = self.engine.step()
                 except WorkerDied as e:
                     self.fail_all(e)
                     continue
-                if self.on_step:
-                    self.on_step(time.perf_counter() - t0)
                 for out in done:
                     lst = self.listeners.pop(out.req_id, None)
                     if lst and lst.on_done:
