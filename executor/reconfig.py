@@ -47,25 +47,25 @@ class PlanDelta:
     new: dict[str, tuple[int, int]]
     moves: list[Move]
 
+    sources: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)  # node -> (old owner, a, b)
+
     @classmethod
     def between(cls, old: list[StagePlacement], new: list[StagePlacement]) -> "PlanDelta":
         o = {p.node: (p.start, p.end) for p in old}
         n = {p.node: (p.start, p.end) for p in new}
         owner_old = {layer: p.node for p in old for layer in range(p.start, p.end)}
-        moves: list[Move] = []
-        for p in new:
-            run = None
+        sources: dict[str, list[tuple[str, int, int]]] = {}
+        for p in new:       # each new range cut into runs by who holds those layers now
+            runs: list[list] = []
             for layer in range(p.start, p.end):
                 src = owner_old[layer]
-                if src == p.node:
-                    run = None
-                    continue
-                if run and run[0] == src and run[3] == layer:
-                    run[3] = layer + 1
+                if runs and runs[-1][0] == src and runs[-1][2] == layer:
+                    runs[-1][2] = layer + 1
                 else:
-                    run = [src, p.node, layer, layer + 1]
-                    moves.append(run)          # type: ignore[arg-type]
-        return cls(o, n, [Move(*m) for m in moves])
+                    runs.append([src, layer, layer + 1])
+            sources[p.node] = [tuple(r) for r in runs]
+        moves = [Move(src, node, a, b) for node, runs in sources.items() for src, a, b in runs if src != node]
+        return cls(o, n, moves, sources)
 
     @property
     def changed(self) -> list[str]:
@@ -220,18 +220,8 @@ class Reconfiguration:
         since = {r: self.copied.get(r, 0) for r in lens}
         tokens = sum(lens[r] - since[r] for r in lens)
         per: dict[str, list] = {n: [] for n in self.rt.nodes}
-        owner_old = {layer: p.node for p in self.rt.placement for layer in range(p.start, p.end)}
         for node in self.delta.changed:
-            if node not in self.delta.new:
-                continue
-            a, b = self.delta.new[node]
-            runs: list[list] = []
-            for layer in range(a, b):
-                src = owner_old[layer]
-                if runs and runs[-1][0] == src and runs[-1][2] == layer:
-                    runs[-1][2] += 1
-                else:
-                    runs.append([src, layer, layer + 1])
+            runs = self.delta.sources.get(node, [])
             for src, x, y in runs:
                 if src == node:
                     per[node].append(CopyKV(self.rid, (x, y), since))
