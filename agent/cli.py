@@ -106,7 +106,7 @@ def bench_plan_cmd(as_json: bool = typer.Option(False, "--json"), repeats: int =
 def bench_engine_cmd(as_json: bool = typer.Option(False, "--json"),
                      threads: Optional[int] = typer.Option(None, help="torch threads for both sides (on a "
                                                                       "shared 2-core VM, 1 is often faster)"),
-                     max_tokens: int = typer.Option(32, min=1)):
+                     max_tokens: int = typer.Option(128, min=1)):
     """Our engine vs transformers generate(), batching gains, TTFT/TPOT, 2-stage pipeline vs 1 stage."""
     from executor.bench import run_engine_bench
     run_engine_bench(json_out=as_json, threads=threads, max_tokens=max_tokens)

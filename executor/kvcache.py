@@ -92,11 +92,11 @@ class KVCache:
         q_pos = starts_t.unsqueeze(1) + torch.arange(width).unsqueeze(0)          # [B, width]
         valid = torch.arange(width).unsqueeze(0) < torch.tensor(num_new).unsqueeze(1)   # [B, width]
         write_idx = gather.gather(1, q_pos.clamp(max=S - 1))[valid]               # [tokens]
-        write_rows = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)
+        rows = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)   # real tokens of B*width
         # mask [B, 1, width, S]: causal within the step, and only this row's own context
         kpos = torch.arange(S)
         mask = (kpos.view(1, 1, S) <= q_pos.unsqueeze(2)) & (kpos.view(1, 1, S) < ctx_t.view(B, 1, 1))
-        return Attention(self, gather, write_idx, write_rows, mask.unsqueeze(1))
+        return Attention(self, gather, write_idx, rows, mask.unsqueeze(1), width)
 
     # --- migration -------------------------------------------------------------------------
 
@@ -136,25 +136,33 @@ class KVCache:
 
 
 class Attention:
-    """Per-step attention over the paged cache; called by every layer of the stage."""
+    """Per-step attention over the paged cache; called by every layer of the stage.
 
-    def __init__(self, cache: KVCache, gather, write_idx, write_rows, mask):
+    With `rows` set, the stage runs packed: q, k, v hold only the N real tokens ([1, N, ...], the
+    padding of a ragged prefill removed); they are unpacked to [B, width] for attention here."""
+
+    def __init__(self, cache: KVCache, gather, write_idx, rows, mask, width: int):
         self.cache, self.gather, self.mask = cache, gather, mask
-        self.write_idx, self.write_rows = write_idx, write_rows
+        self.write_idx, self.rows, self.width = write_idx, rows, width
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        B, T, H, D = q.shape                       # q: [B, T, heads, d]; k, v: [B, T, kv_heads, d]
+        # q: [B, T, heads, d]; k, v: [B, T, kv_heads, d] (or [1, N, ...] when packed)
         i = layer - self.cache.layers.start
         kc, vc = self.cache.k[i], self.cache.v[i]  # [slots, kv_heads, d]
-        k, v = k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:])
-        if self.write_rows is not None:           # drop the padding rows of a prefill
-            k, v = k[self.write_rows], v[self.write_rows]
-        kc[self.write_idx] = k
-        vc[self.write_idx] = v
+        kc[self.write_idx] = k.flatten(0, 1)       # write_idx: the slot of each real token, in order
+        vc[self.write_idx] = v.flatten(0, 1)
+        B = self.gather.shape[0]
+        if self.rows is not None:                  # unpack: [1, N, heads, d] -> [B, width, heads, d]
+            packed = q
+            q = q.new_zeros(B * self.width, *q.shape[2:])
+            q[self.rows] = packed[0]
+            q = q.view(B, self.width, *q.shape[1:])
         # index_select on the flat slot list is about 2x faster on CPU than kc[gather]
         flat, shape = self.gather.view(-1), (*self.gather.shape, *kc.shape[1:])
         keys = kc.index_select(0, flat).view(shape).transpose(1, 2)    # [B, kv_heads, S, d]
         vals = vc.index_select(0, flat).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=self.mask,
-                                           enable_gqa=True)       # [B, heads, T, d]
-        return o.transpose(1, 2)
+                                           enable_gqa=True).transpose(1, 2)   # [B, width, heads, d]
+        if self.rows is not None:                  # pack again: [1, N, heads, d]
+            o = o.flatten(0, 1)[self.rows].unsqueeze(0)
+        return o

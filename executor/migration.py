@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .kvcache import KVCache
-from .model import DecoderLayer, ModelConfig, RMSNorm, StageModel, hf_names
+from .model import DecoderLayer, Linear, ModelConfig, RMSNorm, StageModel, hf_names, prepack
 from .stage import LocalStage
 from .transport import recv_into, recv_obj, recv_tensor, send_obj, send_tensor
 
@@ -131,13 +131,18 @@ def compose(cfg: ModelConfig, start: int, end: int, parts: dict[Any, nn.Module])
 
 
 def _empty_parts(cfg: ModelConfig, a: int, b: int, dtype: torch.dtype) -> dict[Any, nn.Module]:
-    parts: dict[Any, nn.Module] = {("layer", i): DecoderLayer(cfg, i).to(dtype) for i in range(a, b)}
-    if a == 0:
-        parts["embed"] = nn.Embedding(cfg.vocab_size, cfg.hidden_size).to(dtype)
-    if b == cfg.num_layers:
-        parts["norm"] = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
-        parts["head"] = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).to(dtype)
-    return parts
+    """Uninitialised modules for layers [a, b) that received or loaded weights fill in.
+
+    Built on the meta device and then given empty storage: a random init of every weight would
+    burn CPU seconds on the serving cores for values that are overwritten anyway."""
+    with torch.device("meta"):
+        parts: dict[Any, nn.Module] = {("layer", i): DecoderLayer(cfg, i) for i in range(a, b)}
+        if a == 0:
+            parts["embed"] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if b == cfg.num_layers:
+            parts["norm"] = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            parts["head"] = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    return {k: m.to_empty(device="cpu").to(dtype) for k, m in parts.items()}
 
 
 def _tensors(parts: dict[Any, nn.Module]) -> list[torch.Tensor]:
@@ -321,6 +326,7 @@ class Migrator:
                 tmp.load_hf_state(src.load(hf_names(w.cfg, a, b), dtype))
                 parts.update(stage_parts(tmp))
         model = compose(w.cfg, msg.start, msg.end, parts)
+        prepack(model)          # here in the background, not on the first step after the switch
         cache = KVCache(range(msg.start, msg.end), msg.num_kv_blocks, msg.block_size, w.cfg.num_kv_heads,
                         w.cfg.head_dim, dtype)
         m.pending = LocalStage(model, cache)

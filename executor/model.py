@@ -7,6 +7,7 @@ where its KV cache lives is decided outside it (see stage.py and kvcache.py).
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -143,6 +144,46 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+# oneDNN's packed-weight GEMM beats the default BLAS (MKL, which takes a slow path on AMD CPUs)
+# by 1.3-2.3x once a step has a few rows (measured on this dev machine's EPYC at 8 rows), and
+# loses at 1 row, where a decode step only streams weights. So: batched steps use a packed copy.
+ONEDNN_MIN_ROWS = 4
+ONEDNN = os.environ.get("CONTINUO_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available()
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs batched CPU fp32 steps on a oneDNN-packed copy of its weight.
+
+    The packed copy is a cache outside the state dict (so loading, migration and tying see the
+    plain weight) and is rebuilt if the weight changes. It costs a second copy of the weights in
+    memory on CPU; CONTINUO_ONEDNN=0 turns it off."""
+
+    _packed: tuple | None = None
+
+    def pack(self) -> torch.Tensor | None:
+        w = self.weight
+        if not ONEDNN or w.device.type != "cpu" or w.dtype != torch.float32:
+            return None
+        key = (w.data_ptr(), w._version)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and (packed := self.pack()) is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, self.bias,
+                                                   "none", [None], "")          # [rows, out]
+            return y.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
+
+
+def prepack(module: nn.Module) -> None:
+    """Build the packed weights now (off the serving path) rather than on the first batched step."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.pack()
+
+
 class Attend(Protocol):
     """What attention needs from the KV cache: store k/v of this step, attend over the cache."""
 
@@ -156,8 +197,8 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v in one matmul: fewer, larger GEMMs are what a CPU decode step is bound by
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, attend: Attend):
         B, T, _ = x.shape                                    # x: [B, T, hidden]
@@ -171,8 +212,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -210,7 +251,7 @@ class StageModel(nn.Module):
         self.rotary = Rotary(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) if new else p[("layer", i)] for i in range(start, end))
         self.norm = (RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if new else p["norm"]) if self.is_last else None
-        self.lm_head = (nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if new else p["head"]) \
+        self.lm_head = (Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if new else p["head"]) \
             if self.is_last else None
         if self.is_first and self.is_last and cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -219,9 +260,9 @@ class StageModel(nn.Module):
                 last: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids [B, T] (first stage) or hidden [B, T, hidden]; positions: [B, T].
 
-        The last stage returns logits [B, vocab] of the token at index `last[b]` of each row
-        (only those are sampled, so the head runs on B rows, not B*T), or [B, T, vocab] when
-        `last` is None."""
+        The last stage returns logits [R, vocab] of the tokens at flat indices `last` into the
+        B*T tokens (only those are sampled, so the head runs on R rows, not B*T), or [B, T, vocab]
+        when `last` is None."""
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)                         # [B, T, hidden]
         cos, sin = self.rotary(positions, x.dtype)
@@ -230,7 +271,7 @@ class StageModel(nn.Module):
         if self.lm_head is None:
             return x
         if last is not None:
-            x = x[torch.arange(x.shape[0]), last]            # [B, hidden]
+            x = x.flatten(0, 1)[last]                        # [R, hidden]
         return self.lm_head(self.norm(x)).float()
 
     # --- weights -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from .kvcache import KVCache
-from .model import ModelConfig, Rotary, StageModel
+from .model import ModelConfig, Rotary, StageModel, prepack
 from .weights import WeightSource
 
 
@@ -54,11 +54,26 @@ class LocalStage:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, x: torch.Tensor | None) -> torch.Tensor:
-        positions = torch.tensor(batch.starts).unsqueeze(1) + torch.arange(batch.width)   # [B, width]
-        positions = positions.clamp(max=self.model.cfg.max_position - 1)   # padding may run past the end
-        attend = self.cache.prepare(batch.req_ids, batch.starts, batch.num_new, batch.width)
-        last = torch.tensor(batch.num_new) - 1 if self.model.is_last else None
-        return self.model(batch.tokens if self.model.is_first else x, positions, attend, last)
+        B, width = len(batch.req_ids), batch.width
+        positions = torch.tensor(batch.starts).unsqueeze(1) + torch.arange(width)   # [B, width]
+        attend = self.cache.prepare(batch.req_ids, batch.starts, batch.num_new, width)
+        num_new = torch.tensor(batch.num_new)
+        inp = batch.tokens if self.model.is_first else x            # [B, width] ids or [B, width, hidden]
+        rows = attend.rows                                           # flat index of real tokens, or None
+        if rows is not None:
+            # Rows of different lengths are padded to `width`; the dense layers (most of the work)
+            # run on the real tokens only, packed into one row [1, N]; attention unpacks them.
+            inp = inp.flatten(0, 1)[rows].unsqueeze(0)
+            positions = positions.flatten()[rows].unsqueeze(0)
+            last = num_new.cumsum(0) - 1                            # each row's last token in the packing
+        else:
+            last = torch.arange(B) * width + num_new - 1             # ... in the flattened [B * width]
+        out = self.model(inp, positions, attend, last if self.model.is_last else None)
+        if self.model.is_last or rows is None:
+            return out
+        full = out.new_zeros(B * width, out.shape[-1])               # back to [B, width, hidden] to send on
+        full[rows] = out[0]
+        return full.view(B, width, -1)
 
     def free(self, req_ids: Sequence[Any]) -> None:
         self.cache.free(req_ids)
@@ -78,9 +93,14 @@ def build_stage(source: WeightSource, start: int, end: int, num_kv_blocks: int,
                 device: str | torch.device = "cpu") -> LocalStage:
     """Build the plain model of layers [start, end), place it, and load only its weights."""
     cfg: ModelConfig = source.config
-    model = StageModel(cfg, start, end).to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):          # no random init: every weight is loaded just below
+        model = StageModel(cfg, start, end)
+    model = model.to_empty(device=device).to(dtype).eval()
+    if model.is_first and model.is_last and cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight     # to_empty gave each its own storage
     model.rotary = Rotary(cfg).to(device)         # cos/sin tables stay fp32, cast per step
     model.load_hf_state(source.load(model.hf_names(), dtype))
+    prepack(model)
     cache = KVCache(range(start, end), num_kv_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                     dtype, device)
     return LocalStage(model, cache)

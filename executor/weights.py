@@ -5,8 +5,12 @@ a stage loads only its own layers (and a node only reads the bytes it will serve
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
+import os
+import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -130,11 +134,42 @@ class GGUFSource:
         return _hf_tokenizer(str(self.path.parent), self.path.name)
 
 
+def cache_dir() -> Path:
+    """Where converted artefacts are kept: $CONTINUO_CACHE, else ~/.cache/continuo."""
+    return Path(os.environ.get("CONTINUO_CACHE") or Path.home() / ".cache" / "continuo")
+
+
 @lru_cache(maxsize=4)
 def _hf_tokenizer(folder: str, gguf_file: str | None):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file) if gguf_file \
-        else AutoTokenizer.from_pretrained(folder)
+    if not gguf_file:
+        return AutoTokenizer.from_pretrained(folder)
+    # transformers rebuilds a GGUF's tokenizer from 49k metadata strings (15-25 s on the dev
+    # machine, in every worker process); the converted one is saved once, keyed by the file.
+    path = Path(folder) / gguf_file
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    saved = cache_dir() / "tokenizers" / key
+    if (saved / "tokenizer.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(saved))
+        except Exception:       # a damaged cache entry: convert again below
+            shutil.rmtree(saved, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_mkdir(saved.parent)))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, saved)      # atomic: a concurrent reader sees the whole entry or none
+    except OSError:                 # read-only home, or another process won the race: fine
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
 
 
 # --- safetensors folder ------------------------------------------------------------------

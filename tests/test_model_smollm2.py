@@ -64,3 +64,21 @@ def test_chat_template_tokenizer_and_eos(source):
     assert prompt[0] == 1                                                # <|im_start|>
     [res] = eng.generate([prompt], SamplingParams(max_tokens=12))
     assert "Paris" in res.text and res.finish_reason == "stop" and res.token_ids[-1] == 2
+
+
+def test_gguf_tokenizer_is_converted_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    from executor import weights
+    monkeypatch.setenv("CONTINUO_CACHE", str(tmp_path))
+    weights._hf_tokenizer.cache_clear()
+    path = default_gguf()
+    first = weights._hf_tokenizer(str(path.parent), path.name)
+    [entry] = (tmp_path / "tokenizers").iterdir()
+    assert (entry / "tokenizer.json").exists()
+    weights._hf_tokenizer.cache_clear()
+    second = weights._hf_tokenizer(str(path.parent), path.name)
+    weights._hf_tokenizer.cache_clear()
+    msgs = [{"role": "user", "content": "Bonjour, what's 2+2?"}]
+    assert second.encode("Ünïcode and spaces  here") == first.encode("Ünïcode and spaces  here")
+    assert second.apply_chat_template(msgs, add_generation_prompt=True) == \
+        first.apply_chat_template(msgs, add_generation_prompt=True)
+    assert second.eos_token_id == first.eos_token_id
