@@ -1,7 +1,7 @@
 """A running service seen through its admin API, usable as an Agent's executor.
 
     GET  /admin/plan          -> the live plan
-    POST /admin/reconfigure   {"plan": <PlacementPlan JSON>, "method": "live"} -> the reconfiguration figures
+    POST /admin/reconfigure   {"plan": <PlacementPlan JSON>, "method": "live", "wait": true} -> the figures
 
 The service validates the plan again on its side; this client only sends plans that passed
 `policies.approve` here.
@@ -53,6 +53,7 @@ class RemoteService:
         """Ask the service to move to a validated plan; returns its reconfiguration figures."""
         if not isinstance(validated, ValidatedPlan):
             raise TypeError("only a ValidatedPlan (from policies.approve) is sent to the service")
+        # wait: the answer is the finished reconfiguration (pause, bytes, phases), not its start
         body = self._request("POST", "/admin/reconfigure",
-                             json={"plan": validated.plan.model_dump(mode="json"), "method": method})
+                             json={"plan": validated.plan.model_dump(mode="json"), "method": method, "wait": True})
         return body.get("report", body)

@@ -151,6 +151,15 @@ class TextStream:
         return text[self.sent:] if len(text) > self.sent else ""
 
 
+class ReconfigureBody(BaseModel):
+    """POST /admin/reconfigure. At module level: with postponed annotations FastAPI resolves a
+    body model by name, and a class local to create_app would be read as a query parameter."""
+    model_config = ConfigDict(extra="forbid")
+    plan: dict[str, Any]
+    method: Literal["live", "stop_and_copy", "recompute", "restart"] = "live"
+    wait: bool = False
+
+
 # --- the app --------------------------------------------------------------------------------------
 
 def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
@@ -309,12 +318,6 @@ def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
         vp = service.plan
         return {"model": service.model_name, "plan": vp.plan.model_dump(mode="json") if vp else None,
                 "cluster_fingerprint": vp.cluster_fingerprint if vp else None, "policy": vp.policy if vp else None}
-
-    class ReconfigureBody(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        plan: dict[str, Any]
-        method: Literal["live", "stop_and_copy", "recompute", "restart"] = "live"
-        wait: bool = False
 
     @app.post("/admin/reconfigure")
     async def admin_reconfigure(body: ReconfigureBody):

@@ -120,3 +120,63 @@ def test_apply_through_the_admin_api(capsys, monkeypatch):
     failed = agent.apply("Patient letters; keep edge-a out of it.")
     assert failed.status == "failed" and "no /admin/reconfigure endpoint" in failed.message
     assert isinstance(RemoteError("x"), RuntimeError)
+
+
+def test_apply_reconfigures_a_live_service_over_http(capsys, monkeypatch):
+    """`continuo apply --yes` against a real service (worker processes, uvicorn, /admin/reconfigure):
+    the intent's plan goes live while a request streams, and the request still finishes identical."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    import uvicorn
+
+    from executor.api import create_app
+    from executor.engine import EngineConfig, SamplingParams
+    from executor.model import ModelConfig
+    from executor.runtime import free_port
+    from executor.service import Listener, Service
+    from executor.weights import RandomSource
+    from policies import approve, load_cluster, load_model_spec, load_plan, load_policy
+
+    # the local scenario's plans are for SmolLM2's 30 layers: a random model of that depth, tiny width
+    cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=30, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_position=256, eos_token_ids=())
+    local = ROOT / "scenarios/local"
+    cluster, policy = load_cluster(local / "cluster.yaml"), load_policy(local / "policy.yaml")
+    start = load_plan(local / "plan-2stage.yaml").model_copy(update={"cluster_fingerprint": cluster.fingerprint()})
+    validated = approve(start, cluster, policy, start.intent, load_model_spec("smollm2-135m"))
+    svc = Service.launch(cluster, validated, RandomSource(cfg, seed=3),
+                         EngineConfig(max_num_seqs=4, max_model_len=256, num_kv_blocks=64, block_size=16),
+                         policy=policy)
+    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=free_port(), log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        params = SamplingParams(max_tokens=200, ignore_eos=True)
+        reference = svc.generate([1, 2, 3], params).token_ids
+        done: Future = Future()
+        svc.submit([1, 2, 3], params, Listener(on_done=lambda out, err: done.set_result((out, err))))
+        url = f"http://127.0.0.1:{server.config.port}"
+        rc, out, err = run(capsys, monkeypatch, "apply", local / "intents/maintenance.md", "--yes", "--no-llm",
+                           "--json", "--server", url)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert rc == 0 and result["status"] == "applied", (result["message"], err)
+        assert result["reconfig"]["state"] == "done" and result["reconfig"]["pause_ms"] > 0
+        assert "edge-b" not in [s["node"] for s in result["plan"]["stages"]]
+        assert {n["node"]: n["layers"] for n in svc.node_states()}["edge-b"] in ([], None)
+        output, error = done.result(timeout=120)
+        assert error is None and output.token_ids == reference
+        # the service's own record of it, as an operator would read it
+        import httpx
+        history = httpx.get(f"{url}/admin/reconfigurations").json()["history"]
+        assert history[-1]["state"] == "done" and history[-1]["method"] == "live"
+        # and back with `continuo apply-plan`, which follows the phases as they happen
+        rc, out, err = run(capsys, monkeypatch, "apply-plan", local / "plan-2stage.yaml", "--json", "--server", url)
+        back = json.loads(out.strip().splitlines()[-1])
+        assert rc == 0 and back["ok"] and back["reconfiguration"]["state"] == "done", (out, err)
+        assert svc.plan.plan.placement_key() == start.placement_key()
+    finally:
+        server.should_exit = True
+        svc.close()
