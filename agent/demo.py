@@ -27,6 +27,27 @@ TOPICS = ["the sea", "bread", "trains", "winter", "bees", "the moon", "a garden"
           "a market", "rain"]
 
 
+class _ShowPhases:
+    """The service as the agent's executor, printing each reconfiguration phase as it is entered."""
+
+    def __init__(self, svc, console: Console):
+        self.svc, self.console = svc, console
+        self.window: tuple[float, float] | None = None     # when the reconfiguration ran
+
+
+    @property
+    def plan(self):
+        return self.svc.plan
+
+    def reconfigure(self, validated, method: str = "live"):
+        t0 = time.perf_counter()
+        try:
+            return self.svc.reconfigure(validated, method=method, on_event=lambda r: self.console.print(
+                f"  phase: {r.state}", highlight=False))
+        finally:
+            self.window = (t0, time.perf_counter())
+
+
 class ClientLoad:
     """`n` concurrent streaming chat clients over HTTP, each looping over prompts until stopped."""
 
@@ -95,10 +116,9 @@ def run_demo(intent_path: Path | None = None, console: Console | None = None) ->
     from executor.service import Service
     from executor.weights import open_source
 
+    from .agent import Agent, NeedsClarification
     from .intent_file import load_intent_file
-    from .intent_parser import parse_intent
-    from .planner import Infeasible, plan
-    from .render import plan_table, print_report
+    from .render import plan_table, print_outcome
 
     console = console or Console()
     intent_path = intent_path or LOCAL / "intents" / "maintenance.md"
@@ -132,38 +152,28 @@ def run_demo(intent_path: Path | None = None, console: Console | None = None) ->
         console.rule(f"[bold]3. Intent: {escape(str(intent_path.relative_to(ROOT)))}")
         f = load_intent_file(intent_path)
         console.print(escape(f.body.strip()))
-        parsed = parse_intent(f.body, cluster, policy, defaults={k: f.front[k] for k in ("service", "model")
-                                                                   if k in f.front})
-        if parsed.spec is None:
-            console.print("[red]the intent leaves questions open:[/] " + escape("; ".join(parsed.questions)))
-            return 1
-        # Front matter is explicit and wins over what the text seems to say about service and model.
-        spec_i = parsed.spec.model_copy(update={"traffic": start_plan.intent.traffic,
-                                                **{k: f.front[k] for k in ("service", "model") if k in f.front}})
-        console.print(f"IntentSpec: {escape(spec_i.model_dump_json(exclude_defaults=True))}")
-        for q in parsed.questions:
-            console.print(f"  [yellow]question:[/] {escape(q)}")
-        for d in parsed.dropped:
-            console.print(f"  [dim]dropped: {escape(str(d))}[/]")
+        # The same path as `continuo apply` and the Python API: parse (rules + the embedded LLM),
+        # plan, validate against the live plan, and apply only through the agent's one gate.
+        executor = _ShowPhases(svc, console)
+        # No operator sits at this demo: in confirm mode it answers yes, and says so.
+        agent = Agent(cluster, policy, executor=executor, model=spec, mode=f.front.get("mode", "auto"),
+                      confirm=lambda out: console.print("confirm mode: the demo confirms") or True)
+        console.rule("[bold]4. Plan, validate, apply live")
+        t_parse = time.perf_counter()       # the "before" window ends here: parsing shares the cores
         try:
-            proposal = plan(spec_i, cluster, policy, spec, current=svc.plan.plan)
-        except Infeasible as e:
-            console.print("[red]no valid plan:[/] " + escape("; ".join(e.reasons)))
+            out = agent.apply(f.body, defaults={k: f.front[k] for k in ("service", "model") if k in f.front})
+        except NeedsClarification as e:
+            console.print("[red]the intent leaves questions open:[/] " + escape("; ".join(e.parsed.questions)))
             return 1
-        new = approve(proposal.plan, cluster, policy, spec_i, spec, current=svc.plan.plan)
-        console.print(plan_table(svc.plan.plan, cluster, "Now"))
-        console.print(plan_table(new.plan, cluster, "Proposed"))
-        print_report(console, new.report)
-
-        console.rule("[bold]4. Apply live")
-        t_during = time.perf_counter()
-        rep = svc.reconfigure(new, method="live",
-                              on_event=lambda r: console.print(f"  phase: {r.state}", highlight=False))
-        t_after = time.perf_counter()
-        d = rep.as_dict()
-        console.print(f"{rep.state}: moved {escape(d['delta'])}; pause {d['pause_ms']:.1f} ms; "
-                      f"{d['rounds']} pre-copy round(s); weights {d['bytes_moved']['weights'] / 1e6:.1f} MB, "
-                      f"KV {d['bytes_moved']['kv'] / 1e6:.2f} MB")
+        print_outcome(console, out, cluster)
+        if out.reconfig:
+            d = out.reconfig
+            console.print(f"moved {escape(d['delta'])}; pause {d['pause_ms']:.1f} ms; {d['rounds']} pre-copy "
+                          f"round(s); weights {d['bytes_moved']['weights'] / 1e6:.1f} MB, "
+                          f"KV {d['bytes_moved']['kv'] / 1e6:.2f} MB")
+        if not out.applied:
+            return 1
+        t_during, t_after = executor.window
         n_after = len(load.records)
         while len(load.records) < n_after + 4 and not load.errors:
             time.sleep(0.2)
@@ -180,7 +190,7 @@ def run_demo(intent_path: Path | None = None, console: Console | None = None) ->
         table = Table(title="Client view (p50 over requests started in each window)")
         for c in ("window", "requests", "TTFT ms", "TPOT ms"):
             table.add_column(c, justify="right")
-        for name, (a, b) in {"before": (t_before, t_during), "during": (t_during, t_after),
+        for name, (a, b) in {"before": (t_before, t_parse), "during": (t_during, t_after),
                              "after": (t_after, float("inf"))}.items():
             fg = load.figures(a, b)
             table.add_row(name, str(fg["requests"]), "-" if fg["ttft_ms"] is None else f"{fg['ttft_ms']:.0f}",
@@ -196,7 +206,7 @@ def run_demo(intent_path: Path | None = None, console: Console | None = None) ->
                       f"identical to a run without reconfiguration: {identical}/{len(load.records)}")
         for e in load.errors[:3]:
             console.print(f"  [red]{escape(e)}[/]")
-        return 0 if rep.state == "done" and not load.errors else 1
+        return 0 if not load.errors else 1
     finally:
         server.should_exit = True
         svc.close()

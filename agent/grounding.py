@@ -119,10 +119,15 @@ _WORD_NUM_DURATION = re.compile(
     r"(?:[ -](fifty|twenty|thirty|forty|sixty|eighty))?\s+(milliseconds?|ms|seconds?)\b", re.I)
 
 _SIZE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?([bm])\b", re.I)
+_NAME = r"[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*"
 _SERVICE = re.compile(
-    r"\bservice\s*(?:called|named|:)?\s*[`'\"]?([a-z][a-z0-9]*(?:[-_][a-z0-9]+)*)[`'\"]?"
-    r"|[`'\"]?\b([a-z][a-z0-9]*(?:[-_][a-z0-9]+)+)[`'\"]?\s+(?:service|app|deployment|endpoint)\b"
-    r"|`([a-z][a-z0-9]*(?:[-_][a-z0-9]+)*)`", re.I)
+    # 'service called X', 'service: X', "service 'X'", 'service docs-bot' -- but not 'this service
+    # handles ...': a bare word after 'service' is a verb far more often than a name
+    rf"\bservice\s*(?:called|named|:)\s*[`'\"]?({_NAME})[`'\"]?"
+    rf"|\bservice\s+[`'\"]({_NAME})[`'\"]"
+    rf"|\bservice\s+([a-z][a-z0-9]*(?:[-_][a-z0-9]+)+)\b"
+    rf"|[`'\"]?\b([a-z][a-z0-9]*(?:[-_][a-z0-9]+)+)[`'\"]?\s+(?:service|app|deployment|endpoint)\b"
+    rf"|`({_NAME})`", re.I)
 _CONCURRENCY = re.compile(r"\b(\d+)\s+(?:concurrent|simultaneous|parallel)\s+(?:users|requests|sessions|streams|"
                           r"conversations|chats|sequences|clients)|\bconcurrency (?:of |at |to )?(\d+)", re.I)
 

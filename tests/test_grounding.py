@@ -97,6 +97,10 @@ def test_stricter_class_wins_when_words_of_two_occur(hospital):
 def test_models_and_services(hospital):
     r = read_rules("Patient bot on the 70B for the discharge-assistant service.", hospital)
     assert r.values["model"] == "llama-3-70b" and r.values["service"] == "discharge-assistant"
+    # a verb after 'service' is not a name; a quoted, called or compound name is
+    assert "service" not in read_rules("This service handles patient letters.", hospital).values
+    for text in ("the service called triage", "service 'triage'", "service: triage"):
+        assert read_rules(text, hospital).values["service"] == "triage", text
     r = read_rules("Patient bot on llama.", hospital)
     assert "model" not in r.values and any("Which model" in q for q in r.questions)
 
