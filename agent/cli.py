@@ -126,10 +126,15 @@ def apply_plan_cmd(
 
 @bench_app.command("reconfig")
 def bench_reconfig_cmd(as_json: bool = typer.Option(False, "--json"),
-                       repeats: int = typer.Option(2, min=1, help="series of reconfigurations per method")):
+                       repeats: int = typer.Option(2, min=1, help="series of reconfigurations per method"),
+                       method: Optional[list[str]] = typer.Option(
+                           None, help="only these methods (repeatable): live, stop_and_copy, recompute, restart")):
     """Downtime, TTFT/TPOT overhead, bandwidth and correctness of live migration vs the baselines."""
-    from executor.bench_reconfig import run
-    run(as_json=as_json, repeats=repeats)
+    from executor.bench_reconfig import METHODS, run
+    bad = [m for m in method or [] if m not in METHODS]
+    if bad:
+        raise typer.BadParameter(f"unknown method {bad[0]!r}; one of {', '.join(METHODS)}", param_hint="--method")
+    run(as_json=as_json, repeats=repeats, methods=method or None)
 
 
 @app.command("serve")

@@ -47,6 +47,18 @@ def _plan(stages, cluster, policy, spec, model, current=None):
     return approve(p, cluster, policy, None, spec, current=current)
 
 
+def _phase_at(report, t: float | None) -> str | None:
+    """The phase of a reconfiguration that time t fell in (phases are timed back to back)."""
+    if t is None:
+        return None
+    edge = report.started
+    for phase, secs in report.phases.items():
+        edge += secs
+        if t <= edge:
+            return phase
+    return "after"
+
+
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -161,15 +173,19 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
             load = Load(svc, prompts, lengths, concurrency)
             load.run(during=reconfigure_series)
             windows = [(r.started, r.ended or r.started) for r in reports if r.state == "done"]
-            downtimes, overlap = [], []
-            for w0, w1 in windows:
-                worst = 0.0
+            downtimes, overlap, each = [], [], []
+            for r in (r for r in reports if r.state == "done"):
+                w0, w1 = r.started, r.ended or r.started
+                worst, at = 0.0, None
                 for o in load.outs.values():
                     ts = o.token_times
                     for a, b in zip(ts, ts[1:]):
-                        if b >= w0 and a <= w1:
-                            worst = max(worst, b - a)
+                        if b >= w0 and a <= w1 and b - a > worst:
+                            worst, at = b - a, b
                 downtimes.append(worst / p50_gap)
+                each.append({"delta": r.delta, "downtime_ratio": round(worst / p50_gap, 2),
+                             "pause_ms": None if r.pause_s is None else round(1e3 * r.pause_s, 1),
+                             "worst_gap_ends_in": _phase_at(r, at)})
             for o in load.outs.values():
                 end = o.token_times[-1] if o.token_times else o.arrival
                 if any(o.arrival <= w1 and end >= w0 for w0, w1 in windows):
@@ -191,6 +207,7 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
                 "pause_ms_p50": statistics.median(1e3 * r.pause_s for r in reports if r.pause_s is not None)
                 if reports else None,
                 "steady_gap_p50_ms": 1e3 * p50_gap, "bytes_moved": moved,
+                "each": each,
             }
             console.print(f"{method}: {json.dumps(results[method])}")
     finally:
