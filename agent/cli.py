@@ -175,7 +175,7 @@ def serve_cmd(
 
 @app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker_cmd(ctx: typer.Context):
-    """A node worker: `continuo worker --join HOST:PORT --node NAME [--threads N]`."""
+    """A node worker: `continuo worker --join HOST:PORT --node NAME [--threads N] [--device auto|cpu|cuda:N]`."""
     from executor.worker import main as worker_main
     worker_main(list(ctx.args))
 

@@ -96,7 +96,9 @@ class KVCache:
         # mask [B, 1, width, S]: causal within the step, and only this row's own context
         kpos = torch.arange(S)
         mask = (kpos.view(1, 1, S) <= q_pos.unsqueeze(2)) & (kpos.view(1, 1, S) < ctx_t.view(B, 1, 1))
-        return Attention(self, gather, write_idx, rows, mask.unsqueeze(1), width)
+        dev = self.k.device     # built on the host (small, Python-shaped), used where the cache lives
+        return Attention(self, gather.to(dev), write_idx.to(dev), None if rows is None else rows.to(dev),
+                         mask.unsqueeze(1).to(dev), width)
 
     # --- migration -------------------------------------------------------------------------
 
@@ -111,21 +113,22 @@ class KVCache:
         lengths = [max(self.lens[r] - s, 0) for r, s in zip(reqs, starts)]
         slots = torch.cat([self._slots(r, s, s + n) for r, s, n in zip(reqs, starts, lengths)]
                           or [torch.zeros(0, dtype=torch.long)])
+        li, slots = li.to(self.k.device), slots.to(self.k.device)
         return {"layers": layers, "reqs": list(reqs), "starts": starts, "lengths": lengths,
                 # advanced indexing copies only the selected slots: [layers, tokens, kv_heads, d]
                 "k": self.k[li.unsqueeze(1), slots], "v": self.v[li.unsqueeze(1), slots]}
 
     def write(self, payload: dict[str, Any]) -> None:
         """Write a read() payload in (appending to or overwriting what a request holds)."""
-        li = torch.tensor([self._local(l) for l in payload["layers"]], dtype=torch.long)
+        li = torch.tensor([self._local(l) for l in payload["layers"]], dtype=torch.long, device=self.k.device)
         offset = 0
         for r, s, n in zip(payload["reqs"], payload["starts"], payload["lengths"]):
             if s > self.lens.get(r, 0):
                 raise ValueError(f"request {r!r}: write at {s} would leave a hole after {self.lens.get(r, 0)}")
             self.allocate(r, s + n)
-            slots = self._slots(r, s, s + n)
-            self.k[li.unsqueeze(1), slots] = payload["k"][:, offset:offset + n].to(self.k.dtype)
-            self.v[li.unsqueeze(1), slots] = payload["v"][:, offset:offset + n].to(self.v.dtype)
+            slots = self._slots(r, s, s + n).to(self.k.device)
+            self.k[li.unsqueeze(1), slots] = payload["k"][:, offset:offset + n].to(self.k.device, self.k.dtype)
+            self.v[li.unsqueeze(1), slots] = payload["v"][:, offset:offset + n].to(self.v.device, self.v.dtype)
             self.lens[r] = max(self.lens[r], s + n)
             offset += n
 

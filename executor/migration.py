@@ -51,6 +51,7 @@ class Prepare:
     dtype: str
     num_kv_blocks: int
     block_size: int
+    cfg: Any = None         # the model's shape, so a node that never served need not parse a checkpoint
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,12 @@ class Migrator:
 
     # the background thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        # Serving comes first: on cores shared with the step loop this thread yields the CPU
+        # (a nicer OS priority, Linux: per thread), so a transfer slows steps rather than stalls them.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             msg = self.tasks.get()
             # Tasks of an aborted reconfiguration still run, so that the peer waiting on this
@@ -285,8 +292,8 @@ class Migrator:
             self._prepare(m, msg)
         elif isinstance(msg, SendWeights):
             parts = weight_parts(w.cfg, w.stage.model, msg.start, msg.end)
-            for t in _tensors(parts):
-                self.sends.append(dist.isend(t.detach().contiguous(), msg.dst, group=self.group, tag=msg.rid))
+            for t in _tensors(parts):     # through host memory: the bulk group is gloo
+                self.sends.append(dist.isend(t.detach().cpu().contiguous(), msg.dst, group=self.group, tag=msg.rid))
                 m.bytes_out += t.numel() * t.element_size()
         elif isinstance(msg, SendKV):
             payload = self._read(w.stage.cache, msg.layers, msg.since)
@@ -325,10 +332,14 @@ class Migrator:
                 tmp = StageModel(w.cfg, a, b, _empty_parts(w.cfg, a, b, dtype))
                 tmp.load_hf_state(src.load(hf_names(w.cfg, a, b), dtype))
                 parts.update(stage_parts(tmp))
+        # received and loaded parts arrive on the host; kept ones are already where they compute
+        parts = {k: p.to(w.device) for k, p in parts.items()}
         model = compose(w.cfg, msg.start, msg.end, parts)
+        if w.device.type == "cuda":
+            model.rotary.to(w.device)
         prepack(model)          # here in the background, not on the first step after the switch
         cache = KVCache(range(msg.start, msg.end), msg.num_kv_blocks, msg.block_size, w.cfg.num_kv_heads,
-                        w.cfg.head_dim, dtype)
+                        w.cfg.head_dim, dtype, w.device)
         m.pending = LocalStage(model, cache)
 
     def _read(self, cache: KVCache, layers: tuple[int, int], since: dict) -> dict:
@@ -353,7 +364,9 @@ class Migrator:
 
 def _send_payload(p: dict, dst: int, group, tag: int) -> list:
     meta = {k: p[k] for k in ("layers", "reqs", "starts", "lengths")}
-    return send_obj(meta, dst, group, tag) + send_tensor(p["k"], dst, group, tag) + send_tensor(p["v"], dst, group, tag)
+    # bulk data goes over gloo through host memory (a GPU cache's rows are copied out first)
+    return send_obj(meta, dst, group, tag) + send_tensor(p["k"].cpu(), dst, group, tag) + \
+        send_tensor(p["v"].cpu(), dst, group, tag)
 
 
 def _recv_payload(src: int, group, tag: int) -> dict:

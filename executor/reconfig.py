@@ -210,7 +210,7 @@ class Reconfiguration:
                 else:
                     loads.append((mv.start, mv.end))
             per[node].append(Prepare(self.rid, start, end, tuple(pulls), tuple(loads), self.source, self.dtype,
-                                     self.blocks, self.block_size))
+                                     self.blocks, self.block_size, getattr(self.rt, "model_cfg", None)))
         self.round = 0
         self._issue(per)
 
@@ -277,6 +277,10 @@ class Reconfiguration:
                 self._kv_round(final=False)
             return
         if self.state == "cleaning":
+            # a step after the switch, not inside it: the first token on the new plan does not wait
+            if self.method != "restart":
+                for node in self.delta.changed:
+                    self.rt.call(node, Cleanup(self.rid))
             self._enter("done")
 
     def _switch(self) -> None:
@@ -301,9 +305,6 @@ class Reconfiguration:
                 self.engine.recompute_all()
         self.report.pause_s = time.perf_counter() - t0
         self._enter("cleaning")
-        if self.method != "restart":
-            for node in self.delta.changed:
-                self.rt.call(node, Cleanup(self.rid))
 
     def _restart(self) -> None:
         """Stop the world: every node drops its layers, loads the new ones, requests re-prefill."""

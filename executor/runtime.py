@@ -60,6 +60,7 @@ class NodeRuntime:
         self.store, self.ranks = serve_rendezvous(host, port, self.nodes, timeout)
         self.node_of = {r: n for n, r in self.ranks.items()}
         self.dead: dict[str, str] = {}
+        self.devices: dict[str, str] = {}
         self.placement: list[StagePlacement] = []
         self.lock = threading.RLock()      # one conversation with the workers at a time
 
@@ -129,8 +130,15 @@ class NodeRuntime:
         self.layer_bytes = params * dtype_bytes
         self.kv_bytes_per_token_layer = 2 * kv * dtype_bytes
 
+    def device(self, node: str) -> str:
+        """The device a node's worker computes on (it says so in the store when it starts)."""
+        if node not in self.devices:
+            self.devices[node] = self.store.get(f"device/{node}").decode()
+        return self.devices[node]
+
     def route(self) -> tuple[Hop, ...]:
-        return tuple(Hop(self.ranks[p.node], p.start, p.end) for p in self.placement)
+        return tuple(Hop(self.ranks[p.node], p.start, p.end, self.device(p.node).startswith("cuda"))
+                     for p in self.placement)
 
     def stats(self) -> list[WorkerInfo]:
         out = []

@@ -54,11 +54,11 @@ class LocalStage:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, x: torch.Tensor | None) -> torch.Tensor:
-        B, width = len(batch.req_ids), batch.width
-        positions = torch.tensor(batch.starts).unsqueeze(1) + torch.arange(width)   # [B, width]
+        B, width, dev = len(batch.req_ids), batch.width, self.cache.k.device
+        positions = (torch.tensor(batch.starts).unsqueeze(1) + torch.arange(width)).to(dev)   # [B, width]
         attend = self.cache.prepare(batch.req_ids, batch.starts, batch.num_new, width)
-        num_new = torch.tensor(batch.num_new)
-        inp = batch.tokens if self.model.is_first else x            # [B, width] ids or [B, width, hidden]
+        num_new = torch.tensor(batch.num_new, device=dev)
+        inp = batch.tokens.to(dev) if self.model.is_first else x    # [B, width] ids or [B, width, hidden]
         rows = attend.rows                                           # flat index of real tokens, or None
         if rows is not None:
             # Rows of different lengths are padded to `width`; the dense layers (most of the work)
@@ -67,7 +67,7 @@ class LocalStage:
             positions = positions.flatten()[rows].unsqueeze(0)
             last = num_new.cumsum(0) - 1                            # each row's last token in the packing
         else:
-            last = torch.arange(B) * width + num_new - 1             # ... in the flattened [B * width]
+            last = torch.arange(B, device=dev) * width + num_new - 1  # ... in the flattened [B * width]
         out = self.model(inp, positions, attend, last if self.model.is_last else None)
         if self.model.is_last or rows is None:
             return out

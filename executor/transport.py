@@ -24,10 +24,12 @@ DRIVER = 0
 
 @dataclass(frozen=True)
 class Hop:
-    """One stage of a route: the worker rank that runs layers [start, end)."""
+    """One stage of a route: the worker rank that runs layers [start, end); gpu: its stage is on a
+    GPU (activations between two GPU hops travel over NCCL, device to device)."""
     rank: int
     start: int
     end: int
+    gpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class WorkerInfo:
     kv_bytes: int = 0
     step_ms_p50: float | None = None
     steps: int = 0
+    device: str = "cpu"
 
 
 # --- sending objects and tensors -------------------------------------------------------------
@@ -122,11 +125,14 @@ def send_tensor(t: torch.Tensor, dst: int, group=None, tag: int = 0) -> list:
     return [dist.isend(size, dst, group=group, tag=tag), dist.isend(header, dst, group=group, tag=tag), dist.isend(t, dst, group=group, tag=tag)]
 
 
-def recv_tensor(src: int, group=None, tag: int = 0, timeout: float | None = None) -> torch.Tensor:
+def recv_tensor(src: int, group=None, tag: int = 0, timeout: float | None = None,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """The header always comes over gloo (CPU); the data lands on `device`: a CUDA device when the
+    sender sent from one too, so that NCCL carries it."""
     size = recv_into(torch.empty(1, dtype=torch.int64), src, group, tag, timeout)
     header = recv_into(torch.empty(int(size.item()), dtype=torch.int64), src, group, tag, timeout)
     dtype, ndim = _DTYPES[int(header[0])], int(header[1])
-    out = torch.empty(tuple(int(s) for s in header[2:2 + ndim]), dtype=dtype)
+    out = torch.empty(tuple(int(s) for s in header[2:2 + ndim]), dtype=dtype, device=device)
     return recv_into(out, src, group, tag, timeout)
 
 
@@ -193,14 +199,19 @@ def join(host: str, port: int, node: str, timeout: float = 120.0) -> tuple[int, 
     return rank, world, store
 
 
+def backend() -> str:
+    """gloo for CPU tensors (control messages, CPU activations); where CUDA is present, NCCL for CUDA
+    tensors on the same group, so GPU-to-GPU activations never stage through host memory."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def _init_group(store, rank: int, world: int, timeout: float) -> None:
-    # gloo carries control messages and, on CPU, activations. (GPU nodes would add an NCCL group
-    # for activations and KV; not wired yet.)
     global BULK
-    dist.init_process_group("gloo", store=dist.PrefixStore("continuo", store), rank=rank, world_size=world,
+    dist.init_process_group(backend(), store=dist.PrefixStore("continuo", store), rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout))
     # A second group for bulk transfers (weights, KV) that run in a background thread while the
-    # default group carries steps: separate gloo pairs, so neither waits behind the other.
+    # default group carries steps: separate gloo pairs, so neither waits behind the other. Bulk
+    # data is staged through host memory (gloo), also between GPU nodes.
     BULK = dist.new_group(backend="gloo")
 
 
