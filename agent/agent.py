@@ -297,10 +297,16 @@ class Agent:
         done: dict[str, str] = {}        # calls made this turn -> their answers (small models repeat themselves)
         for _ in range(self.max_steps):
             reply = self._ask(llm, messages, emit)
-            messages.append(reply)
             if not reply.tool_calls:
+                if _echoes_a_tool_call(reply.content):
+                    # Small models often "answer" with the JSON of a tool call instead of words: say
+                    # plainly what the tools did rather than show the operator raw JSON.
+                    reply = AIMessage(content=_plain_summary(messages))
+                    emit("token", reply.content)
+                messages.append(reply)
                 emit("reply", reply.content)
                 return messages
+            messages.append(reply)
             repeated = 0
             for call in reply.tool_calls:
                 emit("tool_call", call)
@@ -346,12 +352,43 @@ class Agent:
 
     @staticmethod
     def _ask(llm, messages: list[BaseMessage], emit) -> AIMessage:
-        """Stream one model reply, passing text on as it comes; tool calls arrive whole at the end."""
-        full = None
+        """Stream one model reply, passing text on as it comes; tool calls arrive whole at the end.
+        Text that opens like JSON is held back until it is known not to be an echoed tool call."""
+        full, held = None, []
         for chunk in llm.stream(messages):
             if isinstance(chunk.content, str) and chunk.content:
-                emit("token", chunk.content)
+                so_far = (full.content if full is not None and isinstance(full.content, str) else "") + chunk.content
+                if held or so_far.lstrip()[:1] in ("{", "["):
+                    held.append(chunk.content)
+                else:
+                    emit("token", chunk.content)
             full = chunk if full is None else full + chunk
         if full is None:
             return AIMessage(content="")
+        if held and not _echoes_a_tool_call(full.content):
+            emit("token", "".join(held))
         return AIMessage(content=full.content, tool_calls=list(full.tool_calls or []), id=full.id)
+
+
+def _echoes_a_tool_call(content: Any) -> bool:
+    """True for a reply that is empty or a JSON object/list (a tool call written out instead of words)."""
+    text = content.strip() if isinstance(content, str) else ""
+    if not text:
+        return True
+    if text[0] not in "{[":
+        return False
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return '"name"' in text or '"arguments"' in text
+
+
+def _plain_summary(messages: list[BaseMessage]) -> str:
+    """What this turn's tools answered, as the reply (the last human message starts the turn)."""
+    start = max((i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=0)
+    results = [m for m in messages[start:] if isinstance(m, ToolMessage)]
+    if not results:
+        return ("I could not turn that into an action. Say what should change: which nodes to use or avoid, "
+                "what data the service handles, and any latency limits.")
+    return "\n".join(f"{m.name}: {m.content}" for m in results[-2:])

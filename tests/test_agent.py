@@ -212,3 +212,19 @@ def test_the_live_placement_again_moves_nothing(local, executor):
     a = agent_for(local, executor, mode="auto")
     out = a.gate(executor.plan.plan, None)
     assert out.status == "unchanged" and out.ok and {r.action for r in out.diff} == {"="} and executor.calls == []
+
+
+def test_a_reply_that_echoes_tool_json_becomes_a_plain_summary(local):
+    """Small models often write a tool call out as JSON instead of answering: the operator sees what
+    the tools said, never the raw JSON."""
+    echo = AIMessage(content='{"name": "propose_plan", "arguments": {"intent": {}}}')
+    events = []
+    agent = agent_for(local, llm=scripted(call("inspect_cluster"), echo))
+    history = agent.chat("What do we have?", on_event=lambda kind, data: events.append((kind, data)))
+    shown = "".join(d for k, d in events if k == "token")
+    assert "{" not in shown and shown.startswith("inspect_cluster: ")
+    assert history[-1].content == shown and "edge-a" in shown
+    words = AIMessage(content="[edge-a] is fine.")          # text that merely starts like JSON still shows
+    events.clear()
+    agent_for(local, llm=scripted(words)).chat("How is edge-a?", on_event=lambda k, d: events.append((k, d)))
+    assert "".join(d for k, d in events if k == "token") == "[edge-a] is fine."
