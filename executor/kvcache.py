@@ -96,6 +96,8 @@ class KVCache:
         # mask [B, 1, width, S]: causal within the step, and only this row's own context
         kpos = torch.arange(S)
         mask = (kpos.view(1, 1, S) <= q_pos.unsqueeze(2)) & (kpos.view(1, 1, S) < ctx_t.view(B, 1, 1))
+        # additive form, made once per step: SDPA would convert a boolean mask in each layer
+        mask = torch.zeros(mask.shape, dtype=self.k.dtype).masked_fill_(~mask, float("-inf"))
         dev = self.k.device     # built on the host (small, Python-shaped), used where the cache lives
         return Attention(self, gather.to(dev), write_idx.to(dev), None if rows is None else rows.to(dev),
                          mask.unsqueeze(1).to(dev), width)
