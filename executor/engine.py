@@ -54,10 +54,15 @@ class EngineConfig:
     max_waiting: int = 64               # bound of the waiting queue
     max_model_len: int = 2048           # context window: prompt + max_tokens
     max_prefill_tokens: int = 512       # prompt tokens per prefill step (longer prompts go in chunks)
+    # ... and per step while other requests are decoding: a newcomer's prompt is spread over a few
+    # steps, each a little longer, instead of one step that stalls every stream (stall-free batching)
+    max_prefill_tokens_decoding: int = 32
     num_kv_blocks: int = 2048
     block_size: int = 16
 
     def __post_init__(self):
+        if self.max_prefill_tokens < 1 or self.max_prefill_tokens_decoding < 1:
+            raise ValueError("max_prefill_tokens and max_prefill_tokens_decoding must be at least 1")
         if self.max_model_len > self.num_kv_blocks * self.block_size:
             raise ValueError("the KV cache cannot hold one request of max_model_len tokens")
 
@@ -175,8 +180,10 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def schedule(self) -> tuple[list[Request], StepBatch] | None:
-        """Prefill chunks first (admitting waiting requests FIFO while seats and KV allow),
-        otherwise one decode token for every running request."""
+        """One decode token for every running request that has its prompt in the cache, plus prompt
+        chunks (up to max_prefill_tokens) of those that do not, admitting waiting requests FIFO while
+        seats and KV allow. Mixing them means a newcomer's prefill never stalls the others' streams
+        for a whole step; the stage packs the ragged rows, so short decode rows cost no padding."""
         with self.lock:
             while (self.waiting and len(self.running) < self.cfg.max_num_seqs
                    and self.blocks(self.waiting[0]) <= self.free_blocks):
@@ -184,15 +191,17 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 self.free_blocks -= self.blocks(seq)
                 self.running.append(seq)
-        budget, rows = self.cfg.max_prefill_tokens, []
+        decoding = any(not seq.prefilling for seq in self.running)
+        budget = self.cfg.max_prefill_tokens_decoding if decoding else self.cfg.max_prefill_tokens
+        rows = []
         for seq in self.running:
-            if seq.prefilling and budget > 0:
-                n = min(seq.prefill_target - seq.num_computed, budget)
+            if not seq.prefilling:
+                rows.append((seq, seq.output_ids[-1:]))                   # decode
+            elif budget > 0:
+                n = min(seq.prefill_target - seq.num_computed, budget)   # (a chunk of) prefill
                 ids = seq.prompt_ids + seq.output_ids if seq.output_ids else seq.prompt_ids
                 rows.append((seq, ids[seq.num_computed:seq.num_computed + n]))
                 budget -= n
-        if not rows:
-            rows = [(seq, seq.output_ids[-1:]) for seq in self.running]
         if not rows:
             return None
         seqs = [s for s, _ in rows]

@@ -132,3 +132,22 @@ def test_eos_ends_a_request(stages):
                  eos_token_ids=[full.token_ids[2]])
     [res] = eng.generate([PROMPTS[4]], SamplingParams(max_tokens=10))
     assert res.finish_reason == "stop" and res.token_ids == full.token_ids[:full.token_ids.index(full.token_ids[2]) + 1]
+
+
+def test_a_newcomer_prefill_never_stalls_running_streams(stages):
+    """While requests decode, a new prompt is prefilled in small chunks in the same steps: the running
+    request gets a token every step, and outputs stay what they are alone."""
+    eng = engine(stages, max_prefill_tokens_decoding=8)
+    a = eng.add_request([1, 2, 3], GREEDY)
+    eng.step()                                          # a: prefill, first token
+    b = eng.add_request(list(range(20, 45)), GREEDY)    # 25 prompt tokens: 4 chunks of <= 8
+    for i in range(4):
+        eng.step()
+        assert len(eng.seqs[a].output_ids) == 2 + i     # a decoded in every one of these steps
+        assert len(eng.seqs[b].output_ids) == (1 if i == 3 else 0)
+    done = {}
+    while eng.has_unfinished():
+        done.update((o.req_id, o.token_ids) for o in eng.step())
+    assert [done[a], done[b]] == alone(stages, [[1, 2, 3], list(range(20, 45))], GREEDY)
+    with pytest.raises(ValueError, match="at least 1"):
+        EngineConfig(max_prefill_tokens_decoding=0)
