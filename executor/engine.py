@@ -55,8 +55,11 @@ class EngineConfig:
     max_model_len: int = 2048           # context window: prompt + max_tokens
     max_prefill_tokens: int = 512       # prompt tokens per prefill step (longer prompts go in chunks)
     # ... and per step while other requests are decoding: a newcomer's prompt is spread over a few
-    # steps, each a little longer, instead of one step that stalls every stream (stall-free batching)
-    max_prefill_tokens_decoding: int = 32
+    # steps, each a little longer, instead of one step that stalls every stream (stall-free batching).
+    # On the CPU dev machine a prompt token costs about as much as a whole decode row of 8: with 32
+    # tokens per step a newcomer made the others' token gaps 2.5-3x the usual, with 8 about 1.5x.
+    # A GPU, where a step is bound by weight reads rather than FLOPs, affords far more (e.g. 512).
+    max_prefill_tokens_decoding: int = 8
     num_kv_blocks: int = 2048
     block_size: int = 16
 
