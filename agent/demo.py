@@ -34,7 +34,6 @@ class _ShowPhases:
         self.svc, self.console = svc, console
         self.window: tuple[float, float] | None = None     # when the reconfiguration ran
 
-
     @property
     def plan(self):
         return self.svc.plan
