@@ -30,6 +30,7 @@ class KVCache:
         # empty, not zeros: untouched pages of a large pool cost no memory on CPU
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        self._zero_block(0)                   # block 0 pads short rows of a step (masked, but must be finite)
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.block_tables: dict[Any, list[int]] = {}
         self.lens: dict[Any, int] = {}        # tokens written per request
@@ -47,7 +48,16 @@ class KVCache:
         need = -(-num_tokens // self.block_size) - len(table)
         if need > len(self.free_blocks):
             raise KVCacheFull(f"request {req!r} needs {need} blocks, {len(self.free_blocks)} free")
-        table.extend(self.free_blocks.popleft() for _ in range(max(need, 0)))
+        for _ in range(max(need, 0)):
+            table.append(self.free_blocks.popleft())
+            self._zero_block(table[-1])
+
+    def _zero_block(self, block: int) -> None:
+        # Attention reads whole blocks and masks the unwritten tail; garbage there could be NaN,
+        # and NaN survives a mask (NaN - inf, 0 * NaN), so a block is zeroed when it is handed out.
+        slots = slice(block * self.block_size, (block + 1) * self.block_size)
+        self.k[:, slots].zero_()
+        self.v[:, slots].zero_()
 
     def free(self, reqs: Iterable[Any]) -> None:
         for r in reqs:
@@ -83,15 +93,19 @@ class KVCache:
             self.allocate(r, s + n)
             self.lens[r] = s + n
         ctx = [s + n for s, n in zip(starts, num_new)]
-        S = max(ctx)
-        # gather index [B, S]: the slots of each row's whole context, padded with slot 0 (masked)
-        gather = torch.zeros(B, S, dtype=torch.long)
+        # Attention reads whole blocks: the block table of each row's context [B, nb], padded with
+        # block 0 (masked). One index per block_size tokens is far cheaper than one per token.
+        nb = -(-max(ctx) // self.block_size)
+        S = nb * self.block_size
+        blocks = torch.zeros(B, nb, dtype=torch.long)
         for b, r in enumerate(reqs):
-            gather[b, :ctx[b]] = self._slots(r, 0, ctx[b])
+            used = -(-ctx[b] // self.block_size)
+            blocks[b, :used] = torch.tensor(self.block_tables[r][:used])
+        # the slot of each real token of this step, in row order (how the stage packs them)
+        write_idx = torch.cat([self._slots(r, s, s + n) for r, s, n in zip(reqs, starts, num_new)])
         starts_t, ctx_t = torch.tensor(starts), torch.tensor(ctx)
         q_pos = starts_t.unsqueeze(1) + torch.arange(width).unsqueeze(0)          # [B, width]
         valid = torch.arange(width).unsqueeze(0) < torch.tensor(num_new).unsqueeze(1)   # [B, width]
-        write_idx = gather.gather(1, q_pos.clamp(max=S - 1))[valid]               # [tokens]
         rows = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)   # real tokens of B*width
         # mask [B, 1, width, S]: causal within the step, and only this row's own context
         kpos = torch.arange(S)
@@ -99,7 +113,7 @@ class KVCache:
         # additive form, made once per step: SDPA would convert a boolean mask in each layer
         mask = torch.zeros(mask.shape, dtype=self.k.dtype).masked_fill_(~mask, float("-inf"))
         dev = self.k.device     # built on the host (small, Python-shaped), used where the cache lives
-        return Attention(self, gather.to(dev), write_idx.to(dev), None if rows is None else rows.to(dev),
+        return Attention(self, blocks.to(dev), write_idx.to(dev), None if rows is None else rows.to(dev),
                          mask.unsqueeze(1).to(dev), width)
 
     # --- migration -------------------------------------------------------------------------
@@ -146,8 +160,8 @@ class Attention:
     With `rows` set, the stage runs packed: q, k, v hold only the N real tokens ([1, N, ...], the
     padding of a ragged prefill removed); they are unpacked to [B, width] for attention here."""
 
-    def __init__(self, cache: KVCache, gather, write_idx, rows, mask, width: int):
-        self.cache, self.gather, self.mask = cache, gather, mask
+    def __init__(self, cache: KVCache, blocks, write_idx, rows, mask, width: int):
+        self.cache, self.blocks, self.mask = cache, blocks, mask
         self.write_idx, self.rows, self.width = write_idx, rows, width
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -156,16 +170,17 @@ class Attention:
         kc, vc = self.cache.k[i], self.cache.v[i]  # [slots, kv_heads, d]
         kc[self.write_idx] = k.flatten(0, 1)       # write_idx: the slot of each real token, in order
         vc[self.write_idx] = v.flatten(0, 1)
-        B = self.gather.shape[0]
+        B, nb = self.blocks.shape
         if self.rows is not None:                  # unpack: [1, N, heads, d] -> [B, width, heads, d]
             packed = q
             q = q.new_zeros(B * self.width, *q.shape[2:])
             q[self.rows] = packed[0]
             q = q.view(B, self.width, *q.shape[1:])
-        # index_select on the flat slot list is about 2x faster on CPU than kc[gather]
-        flat, shape = self.gather.view(-1), (*self.gather.shape, *kc.shape[1:])
-        keys = kc.index_select(0, flat).view(shape).transpose(1, 2)    # [B, kv_heads, S, d]
-        vals = vc.index_select(0, flat).view(shape).transpose(1, 2)
+        # whole blocks of each row's context, gathered on the flat block list: [B, nb * block, kv_heads, d]
+        bs, flat = self.cache.block_size, self.blocks.view(-1)
+        shape = (B, nb * bs, *kc.shape[1:])
+        keys = kc.view(-1, bs, *kc.shape[1:]).index_select(0, flat).view(shape).transpose(1, 2)  # [B, kvh, S, d]
+        vals = vc.view(-1, bs, *vc.shape[1:]).index_select(0, flat).view(shape).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=self.mask,
                                            enable_gqa=True).transpose(1, 2)   # [B, width, heads, d]
         if self.rows is not None:                  # pack again: [1, N, heads, d]

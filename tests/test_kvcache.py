@@ -81,3 +81,23 @@ def test_write_refuses_a_hole():
                "k": torch.zeros(1, 2, 2, 8), "v": torch.zeros(1, 2, 2, 8)}
     with pytest.raises(ValueError):
         c.write(payload)
+
+
+def test_garbage_in_unwritten_slots_never_reaches_attention():
+    """Attention reads whole blocks and masks their unwritten tail. A recycled or never-used pool
+    may hold anything, NaN included, and NaN survives a mask: blocks are zeroed when handed out."""
+    ids = list(range(1, 7))                                   # 6 tokens: the second block half written
+    [clean] = build_stages(RandomSource(CFG), [0, 4], num_kv_blocks=8, block_size=4)
+    [dirty] = build_stages(RandomSource(CFG), [0, 4], num_kv_blocks=8, block_size=4)
+    dirty.cache.k.fill_(float("nan"))
+    dirty.cache.v.fill_(float("nan"))
+    dirty.cache.k[:, :4].zero_()                              # block 0 pads short rows; make it clean too
+    dirty.cache.v[:, :4].zero_()
+    # two rows of different lengths: the short one is padded with block 0 up to the long one's blocks
+    for stage in (clean, dirty):
+        batch = StepBatch(["a", "b"], [0, 0], [6, 2], torch.tensor([ids, ids[:2] + [0] * 4]))
+        stage.out = stage.forward(batch, None)
+        stage.out2 = run([stage], "a", [9], 6)                # decode over a half-written block
+    assert torch.isfinite(dirty.out).all() and torch.isfinite(dirty.out2).all()
+    torch.testing.assert_close(dirty.out, clean.out)
+    torch.testing.assert_close(dirty.out2, clean.out2)
