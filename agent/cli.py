@@ -104,8 +104,8 @@ def bench_plan_cmd(as_json: bool = typer.Option(False, "--json"), repeats: int =
 
 @bench_app.command("engine")
 def bench_engine_cmd(as_json: bool = typer.Option(False, "--json"),
-                     threads: Optional[int] = typer.Option(None, help="torch threads for both sides (on a "
-                                                                      "shared 2-core VM, 1 is often faster)"),
+                     threads: Optional[int] = typer.Option(None, help="torch threads for both sides (default: "
+                                                                      "torch's, one per core)"),
                      max_tokens: int = typer.Option(128, min=1)):
     """Our engine vs transformers generate(), batching gains, TTFT/TPOT, 2-stage pipeline vs 1 stage."""
     from executor.bench import run_engine_bench

@@ -61,7 +61,7 @@ def _hf_run(model, prompts, max_tokens: int, pad_id: int) -> float:
 
 def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int = 2,
                      threads: int | None = None, pipeline: bool = True) -> dict:
-    if threads:     # both sides run under the same setting; on an oversubscribed VM, 1 is often faster
+    if threads:     # both sides run under the same setting
         torch.set_num_threads(threads)
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging

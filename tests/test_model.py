@@ -126,3 +126,19 @@ def test_packed_linear_matches_plain_and_follows_weight_updates():
         lin.weight.mul_(2)                          # an in-place load must not leave a stale packed copy
     torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
     assert "_packed" not in lin.state_dict() and (lin._packed is not None) == ONEDNN
+
+
+def test_cpu_weights_are_column_major_after_prepack_with_the_same_values():
+    """A 1-row step is a GEMV: on CPU the weight [out, in] is stored as [in, out] (a transposed
+    view), which BLAS streams faster. Values, state-dict shapes and results stay the same."""
+    from executor.model import Linear, prepack
+    lin = Linear(48, 80, bias=False)
+    before = lin.weight.detach().clone()
+    x = torch.randn(1, 1, 48)
+    ref = torch.nn.functional.linear(x, before)
+    prepack(lin)
+    assert lin.weight.shape == (80, 48) and lin.weight.stride() == (1, 80)
+    assert torch.equal(lin.weight, before) and torch.equal(lin.state_dict()["weight"], before)
+    torch.testing.assert_close(lin(x), ref)                       # 1 row: BLAS on the transposed view
+    y = torch.randn(3, 48)
+    torch.testing.assert_close(lin(y), y @ before.T, atol=1e-5, rtol=1e-5)   # 3 rows: the packed path
