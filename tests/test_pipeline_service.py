@@ -5,47 +5,27 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import Future
 
 import pytest
+from tiny_service import CFG, CLUSTER, reference_tokens, submit_all, validated
 
-from executor.engine import Engine, EngineConfig, SamplingParams
-from executor.model import ModelConfig
+from executor.engine import EngineConfig, SamplingParams
 from executor.runtime import free_port
 from executor.service import Listener, Service, ServiceUnavailable
-from executor.stage import build_stages
 from executor.weights import RandomSource
-from policies import ModelSpec, PlacementPlan, Stage, approve, load_cluster, load_policy
 
-CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=7, num_heads=4, num_kv_heads=2,
-                  head_dim=16, max_position=512, eos_token_ids=())
 SRC = RandomSource(CFG, seed=3)
-CLUSTER = load_cluster("scenarios/local/cluster.yaml")
-POLICY = load_policy("scenarios/local/policy.yaml")
-SPEC = ModelSpec.from_hf_config(CFG.to_hf(), name="tiny", dtype="fp32")
 EC = EngineConfig(max_num_seqs=8, max_model_len=256, num_kv_blocks=128, block_size=16)
 PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 40)), [100] * 17, [5, 6], [42, 43, 44, 45]]
 
 
-def validated(stages, data_class="public"):
-    plan = PlacementPlan(model="tiny", data_class=data_class, cluster_fingerprint=CLUSTER.fingerprint(),
-                         stages=tuple(Stage(node=n, first_layer=a, last_layer=b) for n, a, b in stages))
-    return approve(plan, CLUSTER, POLICY, None, SPEC)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    eng = Engine(build_stages(SRC, [0, CFG.num_layers], EC.num_kv_blocks, EC.block_size), EC)
-    return [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))]
+    return reference_tokens(SRC, EC, PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
 
 
 def run_all(service, prompts, params):
-    futs = []
-    for p in prompts:
-        f: Future = Future()
-        service.submit(p, params, Listener(on_done=lambda out, err, f=f: f.set_result((out, err))))
-        futs.append(f)
-    return [f.result(120) for f in futs]
+    return [f.result(120) for f in submit_all(service, prompts, params)]
 
 
 @pytest.mark.parametrize("stages", [
@@ -103,12 +83,7 @@ def test_workers_join_over_tcp_rendezvous(reference):
 def test_killed_worker_fails_requests_not_hangs():
     svc = Service.launch(CLUSTER, validated([("edge-a", 0, 3), ("edge-b", 4, 6)]), SRC, EC)
     try:
-        futs = []
-        for p in PROMPTS[:3]:
-            f: Future = Future()
-            svc.submit(p, SamplingParams(max_tokens=200, ignore_eos=True),
-                       Listener(on_done=lambda out, err, f=f: f.set_result((out, err))))
-            futs.append(f)
+        futs = submit_all(svc, PROMPTS[:3], SamplingParams(max_tokens=200, ignore_eos=True))
         time.sleep(0.5)
         os.kill(svc.runtime.procs["edge-b"].pid, signal.SIGKILL)
         results = [f.result(30) for f in futs]
