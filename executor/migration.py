@@ -143,15 +143,26 @@ def _empty_parts(cfg: ModelConfig, a: int, b: int, dtype: torch.dtype) -> dict[A
         if b == cfg.num_layers:
             parts["norm"] = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             parts["head"] = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-    return {k: m.to_empty(device="cpu").to(dtype) for k, m in parts.items()}
+    parts = {k: m.to_empty(device="cpu").to(dtype) for k, m in parts.items()}
+    for m in parts.values():
+        for lin in m.modules():
+            if isinstance(lin, Linear):
+                lin.relayout(copy=False)      # received straight into the serving layout
+    return parts
 
 
 def _tensors(parts: dict[Any, nn.Module]) -> list[torch.Tensor]:
-    """A deterministic flat list of every tensor of `parts` (sender and receiver agree on it)."""
+    """A deterministic flat list of every tensor of `parts` (sender and receiver agree on it).
+
+    Linear weights are listed as their [in, out] transpose, the layout CPU stages keep them in
+    (see model.Linear): a CPU sender sends its storage as it is and a CPU receiver receives into
+    its own, with no layout copy on either side."""
     out = []
     for key in sorted(parts, key=str):
-        sd = parts[key].state_dict()
-        out += [sd[k] for k in sorted(sd)]
+        mod = parts[key]
+        linear = {f"{name}.weight".lstrip(".") for name, m in mod.named_modules() if isinstance(m, Linear)}
+        sd = mod.state_dict()
+        out += [sd[k].t() if k in linear else sd[k] for k in sorted(sd)]
     return out
 
 
@@ -293,7 +304,7 @@ class Migrator:
         elif isinstance(msg, SendWeights):
             parts = weight_parts(w.cfg, w.stage.model, msg.start, msg.end)
             for t in _tensors(parts):     # through host memory: the bulk group is gloo
-                self.sends.append(dist.isend(t.detach().cpu().contiguous(), msg.dst, group=self.group, tag=msg.rid))
+                self.sends.append(dist.isend(t.detach().contiguous().cpu(), msg.dst, group=self.group, tag=msg.rid))
                 m.bytes_out += t.numel() * t.element_size()
         elif isinstance(msg, SendKV):
             payload = self._read(w.stage.cache, msg.layers, msg.since)

@@ -166,10 +166,15 @@ class Linear(nn.Linear):
 
     _packed: tuple | None = None
 
-    def relayout(self) -> None:
+    def relayout(self, copy: bool = True) -> None:
+        """Store the CPU weight column-major ([in, out] in memory), copying its values unless
+        `copy` is False (an empty weight about to be received in that layout)."""
         w = self.weight
         if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and w.shape[0] > 1:
-            self.weight.data = w.data.t().contiguous().t()      # same values, [in, out] in memory
+            t = torch.empty(w.shape[1], w.shape[0], dtype=w.dtype)
+            if copy:
+                t.copy_(w.data.t())
+            self.weight.data = t.t()
 
     def pack(self) -> torch.Tensor | None:
         w = self.weight

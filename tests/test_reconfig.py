@@ -3,50 +3,30 @@ token-identical, baselines too, and failures before the switch leave the old pla
 import os
 import signal
 import time
-from concurrent.futures import Future
 
 import pytest
+from tiny_service import CFG, CLUSTER, reference_tokens, submit_all, validated
 
-from executor.engine import Engine, EngineConfig, SamplingParams
-from executor.model import ModelConfig
+from executor.engine import EngineConfig, SamplingParams
 from executor.reconfig import PlanDelta, ReconfigurationError
 from executor.runtime import StagePlacement
-from executor.service import Listener, Service
-from executor.stage import build_stages
+from executor.service import Service
 from executor.weights import RandomSource
-from policies import ModelSpec, PlacementPlan, Stage, approve, load_cluster, load_policy
 
-CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=7, num_heads=4, num_kv_heads=2,
-                  head_dim=16, max_position=512, eos_token_ids=())
 SRC = RandomSource(CFG, seed=5)
-CLUSTER = load_cluster("scenarios/local/cluster.yaml")
-POLICY = load_policy("scenarios/local/policy.yaml")
-SPEC = ModelSpec.from_hf_config(CFG.to_hf(), name="tiny", dtype="fp32")
 EC = EngineConfig(max_num_seqs=8, max_model_len=300, num_kv_blocks=160, block_size=16)
 PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 40)), [100] * 17, [5, 6], [42, 43, 44, 45], [7] * 3, [8, 9]]
 N = 150
 START = [("edge-a", 0, 2), ("edge-b", 3, 6)]
 
 
-def validated(stages, current=None):
-    plan = PlacementPlan(model="tiny", data_class="public", cluster_fingerprint=CLUSTER.fingerprint(),
-                         stages=tuple(Stage(node=n, first_layer=a, last_layer=b) for n, a, b in stages))
-    return approve(plan, CLUSTER, POLICY, None, SPEC, current=current)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    eng = Engine(build_stages(SRC, [0, CFG.num_layers], EC.num_kv_blocks, EC.block_size), EC)
-    return [o.token_ids for o in eng.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))]
+    return reference_tokens(SRC, EC, PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
 
 
 def start_load(svc):
-    futs = []
-    for p in PROMPTS:
-        f: Future = Future()
-        svc.submit(p, SamplingParams(max_tokens=N, ignore_eos=True),
-                   Listener(on_done=lambda out, err, f=f: f.set_result((out, err))))
-        futs.append(f)
+    futs = submit_all(svc, PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True))
     time.sleep(0.2)
     return futs
 
@@ -172,3 +152,27 @@ def test_only_validated_fresh_transitions_are_applied():
             svc.reconfigure(stale)
     finally:
         svc.close()
+
+
+def test_weights_travel_in_the_serving_layout_without_copies():
+    """What a weight transfer sends and receives: every tensor is contiguous on both sides as it is
+    stored (no layout copy), and a stage composed of the received parts holds exactly the owner's weights."""
+    import torch
+
+    from executor.migration import _empty_parts, _tensors, compose, weight_parts
+    from executor.model import Linear, prepack
+    from executor.stage import build_stages
+    [owner] = build_stages(SRC, [0, CFG.num_layers], EC.num_kv_blocks, EC.block_size)
+    sent = _tensors(weight_parts(CFG, owner.model, 0, CFG.num_layers))
+    got = _empty_parts(CFG, 0, CFG.num_layers, torch.float32)
+    received = _tensors(got)
+    assert len(sent) == len(received)
+    for s, r in zip(sent, received):
+        assert s.is_contiguous() and r.is_contiguous() and s.shape == r.shape
+        r.copy_(s)                                   # what isend / recv_into do, byte for byte
+    model = compose(CFG, 0, CFG.num_layers, got)
+    ptrs = {m: m.weight.data_ptr() for m in model.modules() if isinstance(m, Linear)}
+    prepack(model)
+    assert all(m.weight.data_ptr() == p for m, p in ptrs.items())     # already in the serving layout
+    for a, b in zip(owner.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
