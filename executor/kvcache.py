@@ -101,11 +101,12 @@ class KVCache:
         for b, r in enumerate(reqs):
             used = -(-ctx[b] // self.block_size)
             blocks[b, :used] = torch.tensor(self.block_tables[r][:used])
-        # the slot of each real token of this step, in row order (how the stage packs them)
-        write_idx = torch.cat([self._slots(r, s, s + n) for r, s, n in zip(reqs, starts, num_new)])
         starts_t, ctx_t = torch.tensor(starts), torch.tensor(ctx)
         q_pos = starts_t.unsqueeze(1) + torch.arange(width).unsqueeze(0)          # [B, width]
         valid = torch.arange(width).unsqueeze(0) < torch.tensor(num_new).unsqueeze(1)   # [B, width]
+        # the slot of each real token of this step, in row order (how the stage packs them)
+        in_block = blocks.gather(1, (q_pos // self.block_size).clamp(max=nb - 1))
+        write_idx = (in_block * self.block_size + q_pos % self.block_size)[valid]  # [tokens]
         rows = None if bool(valid.all()) else valid.flatten().nonzero().squeeze(1)   # real tokens of B*width
         # mask [B, 1, width, S]: causal within the step, and only this row's own context
         kpos = torch.arange(S)
