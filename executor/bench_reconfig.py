@@ -7,7 +7,8 @@ kind (move a boundary by one layer, add an idle node, remove a node, change the 
 Figures, all ratios to the steady run of the same method:
   downtime_ratio  longest token gap of any request in flight during a reconfiguration / steady p50 gap
   ttft_ratio, tpot_ratio   p50 of requests that overlap a reconfiguration / steady p50
-  bandwidth_vs_copy        bytes moved / moving time, over a plain copy of as many bytes between two workers
+  bandwidth_vs_copy        bytes moved / moving time (the longest any receiving worker spent in its
+                           receives), over a plain copy of as many bytes between two workers
   identical        every request's greedy tokens equal the steady run's
 """
 from __future__ import annotations
@@ -191,7 +192,7 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
                 if any(o.arrival <= w1 and end >= w0 for w0, w1 in windows):
                     overlap.append(o)
             moved = sum(sum(r.bytes_moved.values()) for r in reports)
-            moving = sum(sum(r.phases.get(k, 0) for k in ("preparing", "pre-copying", "switching")) for r in reports)
+            moving = sum(r.transfer_s or 0.0 for r in reports)
             bw = moved / moving / 1e9 if moving else None
             plain = _plain_copy_gbs(svc, max(1, moved // max(1, len(reports)))) if moved else None
             results[method] = {

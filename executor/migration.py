@@ -187,6 +187,7 @@ class Migration:
     empty: bool = False                         # the node holds no layers after the switch
     bytes_in: int = 0
     bytes_out: int = 0
+    recv_s: float = 0.0                         # time spent receiving weights and KV (bandwidth figure)
     error: str | None = None
     aborted: bool = False
 
@@ -220,7 +221,7 @@ class Migrator:
                 raise RuntimeError(f"cannot commit on {self.node}: {m.error or 'nothing prepared'}")
             m.retired, self.worker.stage = self.worker.stage, m.pending
             layers = None if m.pending is None else (m.pending.start, m.pending.end)
-            return {"layers": layers, "bytes_in": m.bytes_in, "bytes_out": m.bytes_out}
+            return {"layers": layers, "bytes_in": m.bytes_in, "bytes_out": m.bytes_out, "recv_s": m.recv_s}
         if isinstance(msg, Abort):
             # Do not wait: a transfer may be stuck on a dead peer. Queued tasks see the error and
             # skip; the tags of this reconfiguration keep stray messages out of later ones.
@@ -311,7 +312,9 @@ class Migrator:
             self.sends += _send_payload(payload, msg.dst, self.group, msg.rid)
             m.bytes_out += payload["k"].numel() * payload["k"].element_size() * 2
         elif isinstance(msg, RecvKV):
+            t0 = time.perf_counter()
             payload = _recv_payload(msg.src, self.group, msg.rid)
+            m.recv_s += time.perf_counter() - t0
             m.bytes_in += payload["k"].numel() * payload["k"].element_size() * 2
             self._write(m, payload)
         elif isinstance(msg, BenchCopy):
@@ -332,9 +335,11 @@ class Migrator:
         parts = stage_parts(w.stage.model) if w.stage is not None else {}
         for a, b, owner in msg.pulls:
             got = _empty_parts(w.cfg, a, b, dtype)
+            t0 = time.perf_counter()
             for t in _tensors(got):
                 recv_into(t, owner, self.group, msg.rid, TRANSFER_TIMEOUT_S)
                 m.bytes_in += t.numel() * t.element_size()
+            m.recv_s += time.perf_counter() - t0
             parts.update(got)
         if msg.loads:
             from .weights import open_source

@@ -92,21 +92,23 @@ class ReconfigReport:
     rounds: int = 0
     kv_tokens_copied: int = 0
     bytes_moved: dict[str, int] = field(default_factory=lambda: {"weights": 0, "kv": 0})
+    # moving time: the longest any receiving node spent in receives of weights and KV (nodes
+    # receive in parallel), as the workers report it at the switch; not stage building or packing
+    transfer_s: float | None = None
     error: str | None = None
     started: float = field(default_factory=time.perf_counter)
     ended: float | None = None
 
     @property
     def bandwidth_gbs(self) -> float | None:
-        moving = sum(self.phases.get(k, 0) for k in ("preparing", "pre-copying", "switching"))
         total = sum(self.bytes_moved.values())
-        return total / moving / 1e9 if moving and total else None
+        return total / self.transfer_s / 1e9 if self.transfer_s and total else None
 
     def as_dict(self) -> dict[str, Any]:
         return {"rid": self.rid, "method": self.method, "state": self.state, "delta": self.delta,
                 "phases_s": self.phases, "pause_ms": None if self.pause_s is None else 1e3 * self.pause_s,
                 "rounds": self.rounds, "kv_tokens_copied": self.kv_tokens_copied, "bytes_moved": self.bytes_moved,
-                "bandwidth_gbs": self.bandwidth_gbs, "error": self.error}
+                "transfer_s": self.transfer_s, "bandwidth_gbs": self.bandwidth_gbs, "error": self.error}
 
 
 class Reconfiguration:
@@ -185,7 +187,8 @@ class Reconfiguration:
                 for n, b in batches.items():
                     works += self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))
                 if commit:
-                    self.rt.collect(nodes)
+                    replies = self.rt.collect(nodes)
+                    self.report.transfer_s = max((r.get("recv_s", 0.0) for r in replies if r), default=0.0)
             finally:
                 # Sends already under way must finish even if a later one failed: a dropped send
                 # leaves its receiver holding half a message and the channel out of step.
