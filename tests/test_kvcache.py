@@ -93,11 +93,11 @@ def test_garbage_in_unwritten_slots_never_reaches_attention():
     dirty.cache.v.fill_(float("nan"))
     dirty.cache.k[:, :4].zero_()                              # block 0 pads short rows; make it clean too
     dirty.cache.v[:, :4].zero_()
-    # two rows of different lengths: the short one is padded with block 0 up to the long one's blocks
-    for stage in (clean, dirty):
+    def steps(stage):
+        # two rows of different lengths: the short one is padded with block 0 up to the long one's
+        # blocks; then a decode over a half-written block
         batch = StepBatch(["a", "b"], [0, 0], [6, 2], torch.tensor([ids, ids[:2] + [0] * 4]))
-        stage.out = stage.forward(batch, None)
-        stage.out2 = run([stage], "a", [9], 6)                # decode over a half-written block
-    assert torch.isfinite(dirty.out).all() and torch.isfinite(dirty.out2).all()
-    torch.testing.assert_close(dirty.out, clean.out)
-    torch.testing.assert_close(dirty.out2, clean.out2)
+        return stage.forward(batch, None), run([stage], "a", [9], 6)
+    for got, want in zip(steps(dirty), steps(clean)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
