@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .stage import Stage, StepBatch, build_stages, even_bounds
+from .structured import GrammarError, Guidance, Guide, mask_logits
 from .weights import WeightSource, open_source
 
 
@@ -32,6 +33,17 @@ class ContextTooLong(ValueError):
     """prompt + max_tokens exceeds the context window; refused rather than truncated."""
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a sampled token under the model (before any grammar mask or
+    temperature, as vLLM reports by default) and the top alternatives, best first."""
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
@@ -41,10 +53,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()          # stop strings (not included in the text)
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    grammar: str | None = None          # structured output (executor/structured.py): only tokens it allows
+    logprobs: int | None = None         # None: none; k >= 0: the sampled token's logprob and the top k
 
     def __post_init__(self):
         if self.max_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"bad sampling params {self}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, not {self.logprobs}")
         object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
 
 
@@ -81,9 +97,10 @@ class RequestOutput:
     prompt_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str                  # "stop" | "length" | "cancelled"
+    finish_reason: str                  # "stop" | "length" | "cancelled" | "error" (text says what)
     arrival: float                      # time.perf_counter() at add_request
     token_times: list[float]
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def ttft(self) -> float | None:
@@ -117,8 +134,12 @@ class Request:
     text: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
+    guide: Guide | None = None          # where the request stands in its grammar
+    logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self):
+        if self.params.logprobs is not None:
+            self.logprobs = []
         if self.params.temperature > 0:
             self.generator = torch.Generator()
             if self.params.seed is None:
@@ -131,18 +152,26 @@ class Request:
         return len(self.prompt_ids) + self.params.max_tokens
 
     @property
-    def prefill_target(self) -> int:
-        """Tokens whose KV must be computed before the next decode step: the prompt, plus every
-        output token but the last after a recompute (when the KV was dropped mid-request)."""
-        return len(self.prompt_ids) + max(len(self.output_ids) - 1, 0)
+    def pending(self) -> int:
+        """Known tokens whose KV is not in the cache yet: the prompt (or what is left of it); then one
+        per step while decoding; more after a recompute (the KV was dropped mid-request) or when a
+        grammar forced several tokens at once."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
 
     @property
     def prefilling(self) -> bool:
-        return self.num_computed < self.prefill_target
+        return self.pending > 1 or not self.output_ids
+
+    def known(self, start: int, n: int) -> list[int]:
+        """Known tokens start..start+n (prompt, then output)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:start - p + n]
+        return self.prompt_ids[start:start + n] + self.output_ids[:max(0, start + n - p)]
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.req_id, self.prompt_ids, self.output_ids, self.text,
-                             self.finish_reason, self.arrival, self.token_times)
+                             self.finish_reason, self.arrival, self.token_times, self.logprobs)
 
 
 class Scheduler:
@@ -201,9 +230,8 @@ class Scheduler:
             if not seq.prefilling:
                 rows.append((seq, seq.output_ids[-1:]))                   # decode
             elif budget > 0:
-                n = min(seq.prefill_target - seq.num_computed, budget)   # (a chunk of) prefill
-                ids = seq.prompt_ids + seq.output_ids if seq.output_ids else seq.prompt_ids
-                rows.append((seq, ids[seq.num_computed:seq.num_computed + n]))
+                n = min(seq.pending, budget)                             # (a chunk of) prefill
+                rows.append((seq, seq.known(seq.num_computed, n)))
                 budget -= n
         if not rows:
             return None
@@ -212,6 +240,15 @@ class Scheduler:
         tokens = torch.tensor([t + [0] * (width - len(t)) for _, t in rows])     # [B, width]
         return seqs, StepBatch([s.req_id for s in seqs], [s.num_computed for s in seqs],
                                [len(t) for _, t in rows], tokens)
+
+
+def _logprob(lp: torch.Tensor, tok: int, k: int) -> TokenLogprob:
+    """lp: [vocab] log-probabilities of one row."""
+    top = ()
+    if k:
+        vals, idx = lp.topk(k)
+        top = tuple(zip(idx.tolist(), vals.tolist()))
+    return TokenLogprob(float(lp[tok]), top)
 
 
 def sample(logits: torch.Tensor, seqs: Sequence[Request]) -> list[int]:
@@ -234,22 +271,35 @@ def sample(logits: torch.Tensor, seqs: Sequence[Request]) -> list[int]:
 
 class Engine:
     def __init__(self, stages: Sequence[Stage], config: EngineConfig = EngineConfig(),
-                 tokenizer: Any = None, eos_token_ids: Iterable[int] = ()):
+                 tokenizer: Any = None, eos_token_ids: Iterable[int] = (), vocab_size: int | None = None):
         self.stages, self.config, self.tokenizer = list(stages), config, tokenizer
+        self.vocab_size = vocab_size        # rows of the LM head (may exceed the tokenizer's vocabulary)
         self.eos_token_ids = set(eos_token_ids)
         self.scheduler = Scheduler(config)
         self.seqs: dict[int, Request] = {}
+        self._guidance: Guidance | None = None
+
+    @property
+    def guidance(self) -> Guidance:
+        """The tokenizer in llguidance's form, built on the first constrained request."""
+        if self._guidance is None:
+            vocab = self.vocab_size or len(self.tokenizer)
+            self._guidance = Guidance(self.tokenizer, vocab, sorted(self.eos_token_ids))
+        return self._guidance
 
     # --- requests --------------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
                     on_token: Callable[[Request, int], None] | None = None) -> int:
         """Queue a prompt (text or token ids); returns the request id. Raises QueueFull or
-        ContextTooLong. on_token(seq, token_id) is called for every token as it is made."""
+        ContextTooLong, or GrammarError for a grammar that does not compile. on_token(seq, token_id)
+        is called for every token as it is made."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("empty prompt")
         seq = Request(ids, params, on_token)
+        if params.grammar is not None:
+            seq.guide = self.guidance.guide(params.grammar)
         self.scheduler.add(seq)
         self.seqs[seq.req_id] = seq
         return seq.req_id
@@ -299,27 +349,66 @@ class Engine:
     def postprocess(self, seqs: list[Request], batch: StepBatch, logits: torch.Tensor) -> list[Request]:
         for seq, n in zip(seqs, batch.num_new):
             seq.num_computed += n
-        # only rows whose every known token is now computed sample: not those in the middle of a
-        # prompt (chunked prefill), nor a recompute that caught up (its next token is known)
+        # only rows whose every known token is now computed sample, not those in the middle of a
+        # prompt or of forced tokens (chunked)
         ready = [b for b, s in enumerate(seqs) if s.num_computed == len(s.prompt_ids) + len(s.output_ids)]
-        tokens = sample(logits[ready], [seqs[b] for b in ready]) if ready else []
+        if not ready:
+            return []
+        rows = [seqs[b] for b in ready]
+        logits = logits[ready]                              # [R, vocab], a copy: masking stays local
+        raw = logits.log_softmax(-1) if any(s.logprobs is not None for s in rows) else None
+        self.apply_grammars(logits, rows)
+        tokens = sample(logits, rows)
         now, done = time.perf_counter(), []
-        for b, tok in zip(ready, tokens):
-            seq = seqs[b]
-            seq.output_ids.append(tok)
-            seq.token_times.append(now)
-            if seq.on_token is not None:
-                seq.on_token(seq, tok)
-            reason = self.stop_reason(seq, tok)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                done.append(seq)
+        for r, (seq, tok) in enumerate(zip(rows, tokens)):
+            if seq.logprobs is not None:
+                seq.logprobs.append(_logprob(raw[r], tok, seq.params.logprobs))
+            new = [tok]
+            if seq.guide is not None:
+                try:
+                    seq.guide.advance(tok)
+                except GrammarError as e:       # cannot happen under the mask; if it does, end this request only
+                    seq.text = f"grammar error: {e}"
+                    self.scheduler.finish(seq, "error")
+                    done.append(seq)
+                    continue
+                # tokens the grammar forces next join the output now; their KV is computed in the next
+                # step as one chunk, like a prompt, with no sampling step each (not with logprobs: the
+                # model's logprob of a forced token is never computed)
+                if seq.logprobs is None:
+                    new += seq.guide.forced()
+            for i, t in enumerate(new):
+                if i:
+                    seq.guide.advance(t)
+                seq.output_ids.append(t)
+                seq.token_times.append(now)
+                if seq.on_token is not None:
+                    seq.on_token(seq, t)
+                reason = self.stop_reason(seq, t)
+                if reason:
+                    self.scheduler.finish(seq, reason)
+                    done.append(seq)
+                    break
         return done
+
+    def apply_grammars(self, logits: torch.Tensor, rows: Sequence[Request]) -> None:
+        """logits: [R, vocab]; rows with a grammar keep only the tokens it allows next."""
+        guided = [r for r, s in enumerate(rows) if s.guide is not None]
+        if not guided:
+            return
+        bitmask = self.guidance.bitmask(len(guided))
+        for i, r in enumerate(guided):
+            rows[r].guide.fill(bitmask, i)
+        sub = logits[guided]
+        mask_logits(sub, bitmask)
+        logits[guided] = sub
 
     def stop_reason(self, seq: Request, tok: int) -> str | None:
         p = seq.params
         if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             return "stop"
+        if seq.guide is not None and seq.guide.done:
+            return "stop"       # the grammar is complete: nothing but the end could follow
         if p.stop and self.tokenizer is not None:
             # a stop string ends within the last few tokens: decode only a tail, not the whole text
             tail = self.tokenizer.decode(seq.output_ids[-max(map(len, p.stop)) - 1:], skip_special_tokens=True)
@@ -353,7 +442,7 @@ class Engine:
         config = config or EngineConfig(max_model_len=min(cfg.max_position, EngineConfig.max_model_len))
         stages = build_stages(src, bounds or even_bounds(cfg.num_layers, num_stages),
                               config.num_kv_blocks, config.block_size, dtype)
-        return cls(stages, config, src.tokenizer(), cfg.eos_token_ids)
+        return cls(stages, config, src.tokenizer(), cfg.eos_token_ids, cfg.vocab_size)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat, with the model's chat template and the assistant turn opened."""

@@ -32,7 +32,7 @@ class ServiceUnavailable(RuntimeError):
 @dataclass
 class Listener:
     """Callbacks for one request, called from the engine thread."""
-    on_token: Callable[[int], None] | None = None
+    on_token: Callable[[int, Any], None] | None = None     # (token id, TokenLogprob or None)
     on_done: Callable[[RequestOutput | None, str | None], None] | None = None   # (output, error)
 
 
@@ -159,7 +159,8 @@ class Service:
             stages = [(s.node, s.first_layer, s.last_layer + 1) for s in validated.plan.stages]
             rt.load(stages, _portable(src), dtype, config.num_kv_blocks, config.block_size)
             rt.set_model(cfg, torch.tensor([], dtype=getattr(torch, dtype)).element_size())
-            engine = Engine([rt.pipeline(cfg.num_layers)], config, tokenizer or src.tokenizer(), cfg.eos_token_ids)
+            engine = Engine([rt.pipeline(cfg.num_layers)], config, tokenizer or src.tokenizer(), cfg.eos_token_ids,
+                            cfg.vocab_size)
         except BaseException:
             rt.shutdown()
             raise
@@ -171,7 +172,8 @@ class Service:
         """Queue a request; raises QueueFull, ContextTooLong, ValueError or ServiceUnavailable."""
         if self.loop.broken is not None:
             raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
-        on_token = (lambda seq, tok: listener.on_token(tok)) if listener.on_token else None
+        on_token = (lambda seq, tok: listener.on_token(tok, seq.logprobs[-1] if seq.logprobs else None)) \
+            if listener.on_token else None
 
         def add() -> int:
             req_id = self.engine.add_request(prompt, params, on_token)
