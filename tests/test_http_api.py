@@ -146,3 +146,190 @@ def test_queue_full_is_429(server):
         [t.start() for t in threads]
         [t.join(120) for t in threads]
     assert 429 in statuses and 200 in statuses
+
+
+# --- structured outputs, tools and logprobs through real clients -------------------------------------
+
+NODE_SCHEMA = {"type": "object", "properties": {"node": {"enum": ["edge-a", "edge-b", "cloud-1"]},
+                                                "gpus": {"type": "integer", "minimum": 0, "maximum": 8},
+                                                "trusted": {"type": "boolean"}},
+               "required": ["node", "gpus", "trusted"]}
+TOOLS = [{"type": "function", "function": {"name": "inspect_node", "description": "Show one node.",
+                                           "parameters": {"type": "object", "properties": {
+                                               "node": {"enum": ["edge-a", "edge-b", "cloud-1"]}},
+                                               "required": ["node"]}}},
+         {"type": "function", "function": {"name": "drain", "description": "Drain a node.",
+                                           "parameters": {"type": "object", "properties": {
+                                               "node": {"type": "string", "maxLength": 10},
+                                               "minutes": {"type": "integer", "minimum": 1, "maximum": 60}},
+                                               "required": ["node", "minutes"]}}}]
+
+
+def _reference_text(tokenizer, messages, grammar, max_tokens=120):
+    """What one in-process stage answers to the same chat under the same grammar."""
+    from executor import chat_format
+    eng = Engine(build_stages(SRC, [0, CFG.num_layers], EC.num_kv_blocks, EC.block_size), EC, tokenizer,
+                 CFG.eos_token_ids, CFG.vocab_size)
+    ids = eng.chat_prompt(chat_format.render(messages, None, None))
+    return eng.generate([ids], SamplingParams(max_tokens=max_tokens, grammar=grammar))[0].text
+
+
+def test_json_schema_response_format(client, tokenizer):
+    import jsonschema
+    from executor import structured
+    msgs = [{"role": "user", "content": "Describe node edge-a."}]
+    r = client.chat.completions.create(model="tiny-smol", messages=msgs, max_tokens=120, temperature=0,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "node", "schema": NODE_SCHEMA, "strict": True}})
+    data = json.loads(r.choices[0].message.content)
+    jsonschema.validate(data, NODE_SCHEMA)
+    # the 2-worker pipeline masks where the driver samples: the same text as one in-process stage
+    assert r.choices[0].message.content == _reference_text(tokenizer, msgs, structured.json_schema(NODE_SCHEMA))
+    sampled = client.chat.completions.create(model="tiny-smol", messages=msgs, max_tokens=120, temperature=1.0,
+                                             seed=4, response_format={"type": "json_object"})
+    assert isinstance(json.loads(sampled.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "drain"}}])
+def test_tool_calls_required_and_named(client, choice):
+    import jsonschema
+    r = client.chat.completions.create(model="tiny-smol", max_tokens=120, temperature=0, tools=TOOLS,
+                                       tool_choice=choice, messages=[{"role": "user", "content": "Drain edge-b."}])
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    if isinstance(choice, dict):
+        assert call.function.name == "drain"
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def test_streamed_tool_call_deltas_reassemble(client):
+    kw = dict(model="tiny-smol", max_tokens=120, temperature=0, tools=TOOLS, tool_choice="required",
+              messages=[{"role": "user", "content": "Look at cloud-1."}])
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    parts = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(parts) > 2 and parts[0].id and parts[0].function.name == whole.function.name
+    assert "".join(p.function.arguments or "" for p in parts) == whole.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(ch.choices[0].delta.content for ch in chunks)
+
+
+def test_tool_results_go_back_through_the_chat_template(client):
+    msgs = [{"role": "user", "content": "Look at edge-a."},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": "inspect_node", "arguments": "{\"node\": \"edge-a\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "edge-a: 1 L4, trusted, eu-west"}]
+    r = client.chat.completions.create(model="tiny-smol", messages=msgs, tools=TOOLS, tool_choice="none",
+                                       max_tokens=6, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.usage.prompt_tokens > 40
+    auto = client.chat.completions.create(model="tiny-smol", messages=msgs, tools=TOOLS, max_tokens=60, temperature=0)
+    m = auto.choices[0].message
+    assert (m.tool_calls is None) != (m.content is None)       # words or a call, never both or neither
+
+
+def test_logprobs_on_chat_and_completions(client):
+    r = client.chat.completions.create(model="tiny-smol", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == r.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in lp)
+    assert all(e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in lp)     # greedy: the best token
+    assert "".join(e.token for e in lp) == r.choices[0].message.content or r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="tiny-smol", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=0, logprobs=True, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in lp])
+    c = client.completions.create(model="tiny-smol", prompt="The weather", max_tokens=4, temperature=0, logprobs=2)
+    assert len(c.choices[0].logprobs.token_logprobs) == 4 and len(c.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_langchain_chat_openai_tools_and_structured_output(server):
+    from typing import Literal
+
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    # bounded fields: a random model fills an unbounded string until max_tokens
+    class NodeFacts(BaseModel):
+        node: Literal["edge-a", "edge-b"]
+        gpus: int = Field(ge=0, le=8)
+
+    @tool
+    def inspect_node(node: Literal["edge-a", "edge-b", "cloud-1"]) -> str:
+        """Show one node of the cluster."""
+        return node
+
+    llm = ChatOpenAI(model="tiny-smol", base_url=server[1] + "/v1", api_key="unused", temperature=0, max_tokens=80,
+                     max_retries=0)
+    msg = llm.bind_tools([inspect_node], tool_choice="inspect_node").invoke("Show edge-a.")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "inspect_node"
+    assert msg.tool_calls[0]["args"]["node"] in ("edge-a", "edge-b", "cloud-1")
+    facts = llm.with_structured_output(NodeFacts).invoke("edge-a has 2 GPUs.")
+    assert isinstance(facts, NodeFacts) and 0 <= facts.gpus <= 8
+    facts = llm.with_structured_output(NodeFacts, method="function_calling").invoke("edge-a has 2 GPUs.")
+    assert isinstance(facts, NodeFacts)
+
+
+@pytest.mark.parametrize("route, extra, param", [
+    ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat", {"presence_penalty": 1}, "presence_penalty"),
+    ("chat", {"logit_bias": {"50": 10}}, "logit_bias"),
+    ("chat", {"top_k": 5}, "top_k"),
+    ("chat", {"audio": {"voice": "x"}}, "audio"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "reboot"}}}, "tool_choice"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": "low"}}}}}}, "response_format"),
+    ("chat", {"response_format": {"type": "yaml"}}, "response_format"),
+    ("chat", {"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
+    ("completions", {"echo": True}, "echo"),
+    ("completions", {"best_of": 3}, "best_of"),
+    ("completions", {"logprobs": 50}, "logprobs"),
+])
+def test_an_unserved_parameter_is_refused_naming_it(server, route, extra, param):
+    body = ({"model": "tiny-smol", "messages": [{"role": "user", "content": "hi"}]} if route == "chat"
+            else {"model": "tiny-smol", "prompt": "hi"})
+    r = httpx.post(f"{server[1]}/v1/{'chat/completions' if route == 'chat' else 'completions'}",
+                   json=body | extra | {"max_tokens": 4}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert param in err["message"] and (err["param"] or "").startswith(param), err
+
+
+def test_structured_outputs_extension_regex_and_choice(server):
+    import re
+    url = server[1] + "/v1/completions"
+    r = httpx.post(url, json={"model": "tiny-smol", "prompt": "Node:", "max_tokens": 20,
+                              "structured_outputs": {"regex": "(edge|cloud)-[0-9]"}}, timeout=60).json()
+    assert re.fullmatch("(edge|cloud)-[0-9]", r["choices"][0]["text"])
+    r = httpx.post(server[1] + "/v1/chat/completions", json={
+        "model": "tiny-smol", "max_tokens": 20, "messages": [{"role": "user", "content": "Pick a tier."}],
+        "structured_outputs": {"choice": ["edge", "cloud"]}}, timeout=60).json()
+    assert r["choices"][0]["message"]["content"] in ("edge", "cloud")
+
+
+def test_openapi_documents_errors_and_types_bodies(server):
+    spec = httpx.get(server[1] + "/openapi.json").json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    assert {"200", "400", "404", "429", "503"} <= set(chat["responses"])
+    props = spec["components"]["schemas"]["ChatRequest"]["properties"]
+    assert {"response_format", "tools", "tool_choice", "logprobs", "top_logprobs"} <= set(props)
+    assert spec["components"]["schemas"]["ChatRequest"].get("additionalProperties") is False
+
+
+def test_a_running_service_is_usable_as_the_agents_llm(server, monkeypatch):
+    """CONTINUO_LLM_BASE_URL pointed at `continuo serve`: the parser's schema-constrained call goes through."""
+    from agent.intent_parser import parse_intent
+    from agent.llm import get_llm
+    monkeypatch.setenv("CONTINUO_LLM_BASE_URL", server[1] + "/v1")
+    monkeypatch.setenv("CONTINUO_LLM_MODEL", "tiny-smol")
+    cluster, policy = load_cluster("scenarios/local/cluster.yaml"), load_policy("scenarios/local/policy.yaml")
+    p = parse_intent("Public FAQ bot; edge-b goes into maintenance.", cluster, policy, llm=get_llm())
+    assert p.llm_values is not None            # the random model's JSON parsed and was grounded
+    assert p.spec.data_class in policy.data_classes
