@@ -72,7 +72,8 @@ def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int
     cfg = gguf.config
     source = StateDictSource(cfg, gguf.load(hf_names(cfg, 0, cfg.num_layers)))
     engine = Engine(build_stages(source, [0, cfg.num_layers], num_kv_blocks=256, block_size=16),
-                    EngineConfig(max_num_seqs=8, num_kv_blocks=256, max_model_len=1024))
+                    EngineConfig(max_num_seqs=8, num_kv_blocks=256, max_model_len=1024), gguf.tokenizer(),
+                    cfg.eos_token_ids, cfg.vocab_size)
     hf = LlamaForCausalLM(LlamaConfig(**cfg.to_hf())).eval()
     hf.load_state_dict(source.load(list(hf.state_dict())), strict=False)
     hf.tie_weights()

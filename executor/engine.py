@@ -283,7 +283,7 @@ class Engine:
     def guidance(self) -> Guidance:
         """The tokenizer in llguidance's form, built on the first constrained request."""
         if self._guidance is None:
-            vocab = self.vocab_size or len(self.tokenizer)
+            vocab = self.vocab_size or (len(self.tokenizer) if self.tokenizer is not None else 0)
             self._guidance = Guidance(self.tokenizer, vocab, sorted(self.eos_token_ids))
         return self._guidance
 
