@@ -1,28 +1,43 @@
 """The OpenAI-compatible HTTP API, metrics, health and the admin API, over a `Service`.
 
     /v1/models  /v1/completions  /v1/chat/completions  (stream=true: server-sent events)
-    /metrics (Prometheus)  /health  /admin/plan  /admin/nodes
+    /metrics (Prometheus)  /health  /admin/plan  /admin/nodes  /admin/reconfigure  /admin/reconfigurations
+
+With credentials (create_app(..., api_keys=, admin_tokens=)), /v1 takes an API key and /admin an
+admin token, both as `Authorization: Bearer <token>`; see "authentication" below.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import json
+import logging
+import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+import jinja2
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import chat_format
 from .engine import MAX_TOP_LOGPROBS, ContextTooLong, QueueFull, RequestOutput, SamplingParams, TokenLogprob
 from .structured import GrammarError
 from .reconfig import ReconfigurationError
+from .runtime import WorkerDied
 from .service import Listener, Service, ServiceUnavailable
+
+log = logging.getLogger("continuo.api")
 
 
 # --- request bodies ------------------------------------------------------------------------------
@@ -61,7 +76,7 @@ class _Common(_Strict):
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="what torch's generator takes")
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="an end-user id; accepted, and kept nowhere")
     frequency_penalty: float = Field(0, ge=0, le=0, description="not served: only 0")
@@ -76,7 +91,7 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: str | list[int] = Field(min_length=1, description="text, or token ids")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="the sampled token's logprob and this many alternatives")
     echo: Literal[False] = Field(False, description="not served: only false")
@@ -190,8 +205,12 @@ class ChatRequest(_Common):
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
 
 
 class ErrorDetail(BaseModel):
@@ -206,17 +225,180 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class PlanRejectedBody(ErrorBody):
+    """422 from /admin/reconfigure: the error, and the validator's report (violations with hints)."""
+    report: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    nodes: dict[str, str] = Field(description="per node: 'ok', or 'dead: ' and why")
+    error: str | None = None
+
+
+_BUG = {"model": ErrorBody, "description": "a bug in Continuo (the server logs it with its traceback)"}
 RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "a parameter is malformed or not served (error.param names it)"},
     404: {"model": ErrorBody, "description": "the model is not served here"},
     429: {"model": ErrorBody, "description": "the waiting queue is full; retry later"},
-    500: {"model": ErrorBody, "description": "generation failed inside the engine (the message says how)"},
+    500: {"model": ErrorBody, "description": "generation failed inside the engine (the message says how), or a bug "
+                                             "in Continuo (the server logs it with its traceback)"},
+    503: {"model": ErrorBody, "description": "the service cannot take requests (a worker died)"},
+}
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {500: _BUG}
+RECONFIGURE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body or the plan in it is malformed (error.param names it)"},
+    409: {"model": ErrorBody, "description": "the service cannot reconfigure now, or at all (the message says why)"},
+    422: {"model": PlanRejectedBody, "description": "the validator refused the plan against the live state"},
+    500: _BUG,
     503: {"model": ErrorBody, "description": "the service cannot take requests (a worker died)"},
 }
 
 
 def _err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, type_, param, code).body, status_code=status)
+    return APIError(status, message, type_, param, code).response()
+
+
+# --- authentication ------------------------------------------------------------------------------
+# Two kinds of credential, both sent the way OpenAI clients send theirs (`Authorization: Bearer
+# <token>`): API keys for /v1, and admin tokens for /admin, which moves the model's layers between
+# nodes. An API key never opens /admin. With no credentials at all the app is open, as on a
+# developer's loopback; `continuo serve` refuses that on any other address (see is_loopback).
+#
+# _AuthGate enforces it, as ASGI middleware that decides by path before anything else runs:
+# FastAPI reads and parses a request's body before it runs the route's dependencies, so checking
+# in a dependency would let anyone make the server read a body of any size, and would answer
+# broken JSON with a 400 instead of a 401. The gate denies by default: a path that is neither
+# under /v1 nor named open needs the admin token, so a route added later cannot be left open by
+# forgetting to protect it. The routes also declare the HTTPBearer schemes below as dependencies
+# (auto_error=False: they never refuse anything themselves), so that /openapi.json documents
+# which credential each route takes, and its 401 and 403.
+
+API_KEY = HTTPBearer(scheme_name="APIKey", auto_error=False,
+                     description="an API key of this server (`continuo serve --api-key`); opens /v1")
+ADMIN_TOKEN = HTTPBearer(scheme_name="AdminToken", auto_error=False,
+                         description="the admin token of this server (`continuo serve --admin-token`); opens /admin "
+                                     "(and /metrics, /health under --protect-metrics)")
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "no credentials, or an Authorization header that is not "
+                                             "'Bearer <token>'",
+          "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}},
+    403: {"model": ErrorBody, "description": "a token this route does not take: a wrong one, or an API key on /admin"},
+}
+# Always open: the API's own description and docs pages (they hold no secrets).
+DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+_TOKEN = re.compile(r"[\x21-\x7e]+")          # visible ASCII, no spaces: what fits a Bearer header
+
+
+class Credentials:
+    """The tokens one kind of credential accepts, compared in constant time."""
+
+    def __init__(self, tokens: Iterable[str] | None, what: str):
+        tokens = [t for t in (tokens or ()) if t]
+        for t in tokens:
+            if not _TOKEN.fullmatch(t):
+                raise ValueError(f"{what}: a token must be visible ASCII characters without spaces")
+        # Kept as SHA-256 digests: every comparison is then 32 bytes against 32, whatever the length
+        # of what a client sends, and the tokens themselves are not kept in memory.
+        self._digests = tuple(hashlib.sha256(t.encode()).digest() for t in tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def accepts(self, token: str) -> bool:
+        given = hashlib.sha256(token.encode()).digest()
+        ok = False
+        for d in self._digests:                  # all of them, so timing does not tell which matched
+            ok |= hmac.compare_digest(given, d)
+        return ok
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches: 127.0.0.0/8, ::1 and the name localhost.
+    Anything else (0.0.0.0, ::, a LAN address, another name) counts as reachable from outside."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _unauthenticated(message: str, code: str) -> APIError:
+    return APIError(401, message, "authentication_error", code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _forbidden(message: str, code: str) -> APIError:
+    return APIError(403, message, "permission_error", code=code)
+
+
+class _AuthGate:
+    """ASGI middleware: each HTTP request is let through, or answered 401/403, by its path alone."""
+
+    def __init__(self, app, api_keys: Credentials, admin_tokens: Credentials, protect_metrics: bool):
+        self.app, self.api_keys, self.admin_tokens = app, api_keys, admin_tokens
+        self.open = DOC_PATHS if protect_metrics else DOC_PATHS | {"/health", "/metrics"}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":          # not lifespan; no websocket routes are served
+            refused = self.check(_route_path(scope), _header(scope, b"authorization"))
+            if refused is not None:
+                await refused.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, path: str, authorization: str | None) -> APIError | None:
+        """None to let the request through, else the error to answer it with."""
+        if path in self.open:
+            return None
+        v1 = path == "/v1" or path.startswith("/v1/")
+        if v1 and not self.api_keys:
+            return None                      # /v1 is open unless API keys are configured
+        what = "an API key" if v1 else "the admin token"
+        how = ("the OpenAI clients send their api_key this way" if v1 else
+               "continuo apply / apply-plan / chat: --admin-token or $CONTINUO_ADMIN_TOKEN")
+        if authorization is None:
+            return _unauthenticated(f"this route needs {what}: send 'Authorization: Bearer <token>' ({how})",
+                                    "missing_credentials")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return _unauthenticated(f"malformed Authorization header: expected 'Bearer <token>' carrying {what}",
+                                    "malformed_credentials")
+        if v1:
+            if self.api_keys.accepts(token):
+                return None
+            return _forbidden("the API key is not valid for this server", "invalid_api_key")
+        if self.admin_tokens.accepts(token):
+            return None
+        if self.api_keys.accepts(token):
+            return _forbidden("an API key does not open /admin: send the admin token", "api_key_not_admin")
+        if not self.admin_tokens:
+            return _forbidden("this server has no admin token, so /admin is closed: start it with --admin-token "
+                              "(or $CONTINUO_ADMIN_TOKEN)", "admin_closed")
+        return _forbidden("the admin token is not valid for this server", "invalid_admin_token")
+
+
+def _route_path(scope) -> str:
+    """The path the router matches, without the root path a proxy may mount the app under."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        return path[len(root):]
+    return path
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return None
+
+
+def _protected(scheme: HTTPBearer | None, responses: dict[int | str, dict[str, Any]]) -> dict[str, Any]:
+    """A route's decorator arguments: its error responses, and (when protected) the scheme it takes."""
+    if scheme is None:
+        return {"responses": responses}
+    return {"responses": {**responses, **AUTH_RESPONSES}, "dependencies": [Security(scheme)]}
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -318,10 +500,23 @@ class ReconfigureBody(BaseModel):
 
 # --- the app --------------------------------------------------------------------------------------
 
-def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
+def create_app(service: Service, default_max_tokens: int = 256, *, api_keys: Iterable[str] | None = None,
+               admin_tokens: Iterable[str] | None = None, protect_metrics: bool = False) -> FastAPI:
+    """The app over a service. api_keys open /v1 and admin_tokens open /admin (none: that door is
+    open, except that /admin closes as soon as API keys are set: an API key never opens it).
+    protect_metrics: /metrics and /health take the admin token too."""
+    keys, tokens = Credentials(api_keys, "api_keys"), Credentials(admin_tokens, "admin_tokens")
+    if protect_metrics and not tokens:
+        raise ValueError("protect_metrics needs an admin token to open /metrics and /health with")
     app = FastAPI(title="Continuo", version="0.1")
     metrics = Metrics(service)
     app.state.service, app.state.metrics = service, metrics
+    if keys or tokens:
+        app.add_middleware(_AuthGate, api_keys=keys, admin_tokens=tokens, protect_metrics=protect_metrics)
+    # What each family of routes declares in /openapi.json (the gate enforces the same by path).
+    v1 = API_KEY if keys else None
+    admin = ADMIN_TOKEN if (keys or tokens) else None
+    ops = ADMIN_TOKEN if protect_metrics else None
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError):
@@ -345,7 +540,22 @@ def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body, status_code=exc.status)
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # the router's own answers (404 no such route, 405 wrong method), in the same shape as ours
+        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
+                        headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        # Anything that reaches here is a bug of ours, not the client's: it surfaces as a 500 in
+        # OpenAI's shape, and is logged with its traceback (Starlette re-raises it after this
+        # answer, so the server logs it too, and a test client raises it).
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _err(500, f"internal error ({type(exc).__name__}); the server's log has the details",
+                    "server_error", code="internal_error")
 
     def check_model(name: str) -> None:
         if name != service.model_name:
@@ -524,23 +734,30 @@ def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
             return None
         return chat_format.grammar_for(None, None, None, body.structured_outputs.model_dump(by_alias=True))
 
-    @app.get("/v1/models", responses=RESPONSES)
+    @app.get("/v1/models", **_protected(v1, RESPONSES))
     async def models():
         return {"object": "list", "data": [{"id": service.model_name, "object": "model",
                                             "created": int(service.started), "owned_by": "continuo"}]}
 
-    @app.post("/v1/completions", responses=RESPONSES)
+    @app.post("/v1/completions", **_protected(v1, RESPONSES))
     async def completions(body: CompletionRequest):
         check_model(body.model)
         if isinstance(body.prompt, str) and service.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send the prompt as a list of token ids", param="prompt")
+        if isinstance(body.prompt, list):
+            # an id outside the embedding's rows would fail inside a step, on the engine's thread
+            vocab = service.engine.vocab_size or (len(service.tokenizer) if service.tokenizer is not None else None)
+            bad = [t for t in body.prompt if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary"
+                                    + (f" (ids 0 to {vocab - 1})" if vocab is not None else ""), param="prompt")
         try:
             grammar = structured_grammar(body)
         except chat_format.ParamError as e:
             raise APIError(400, str(e), param=e.param) from None
         return await respond(body.prompt, body, False, grammar, "structured_outputs", body.logprobs, [])
 
-    @app.post("/v1/chat/completions", responses=RESPONSES)
+    @app.post("/v1/chat/completions", **_protected(v1, RESPONSES))
     async def chat(body: ChatRequest):
         check_model(body.model)
         if service.tokenizer is None:
@@ -559,19 +776,24 @@ def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
             raise APIError(400, str(e), param=e.param) from None
         try:
             ids = service.engine.chat_prompt(turns)
-        except Exception as e:  # a template that rejects the conversation (e.g. roles out of order)
+        except (jinja2.TemplateError, ValueError) as e:
+            # The template's raise_exception (e.g. roles out of order) raises TemplateError;
+            # transformers raises ValueError for a conversation it cannot render.
             raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
         grammar_param = ("structured_outputs" if body.structured_outputs else
                          "tools" if callable_ else "response_format")
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await respond(list(ids), body, True, grammar, grammar_param, top, chat_format.tool_names(callable_))
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, **_protected(ops, {
+        503: {"model": Health, "description": "degraded: a worker died, or the engine loop stopped"}, 500: _BUG}))
     async def health():
         h = service.health()
         return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, **_protected(ops, {
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text"},
+        500: _BUG}))
     async def prom():
         for n in await asyncio.to_thread(_safe_nodes, service):
             metrics.alive.labels(n["node"]).set(1 if n["state"] == "ok" else 0)
@@ -579,13 +801,13 @@ def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
                 metrics.stage.labels(n["node"]).set(n["step_ms_p50"] / 1e3)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/admin/plan")
+    @app.get("/admin/plan", **_protected(admin, ADMIN_RESPONSES))
     async def admin_plan():
         vp = service.plan
         return {"model": service.model_name, "plan": vp.plan.model_dump(mode="json") if vp else None,
                 "cluster_fingerprint": vp.cluster_fingerprint if vp else None, "policy": vp.policy if vp else None}
 
-    @app.post("/admin/reconfigure")
+    @app.post("/admin/reconfigure", **_protected(admin, RECONFIGURE_RESPONSES))
     async def admin_reconfigure(body: ReconfigureBody):
         """Validate the plan against the live state (policy, transition, freshness), then apply it."""
         from policies import InputError, PlanRejected
@@ -597,25 +819,46 @@ def create_app(service: Service, default_max_tokens: int = 256) -> FastAPI:
             return JSONResponse({"error": {"message": "the validator refused the plan", "type": "plan_rejected",
                                            "param": "plan", "code": "violations"},
                                  "report": e.report.model_dump(mode="json")}, status_code=422)
-        except (ReconfigurationError, TypeError) as e:
+        except ReconfigurationError as e:
             raise APIError(409, str(e), code="reconfiguration_refused") from None
+        except ServiceUnavailable as e:
+            raise APIError(503, str(e), "server_error", code="service_unavailable") from None
         return rep.as_dict()
 
-    @app.get("/admin/reconfigurations")
+    @app.get("/admin/reconfigurations", **_protected(admin, ADMIN_RESPONSES))
     async def admin_reconfigurations():
         cur = service.loop.reconfig
         return {"current": cur.report.as_dict() if cur is not None else None,
                 "history": [r.as_dict() for r in service.history]}
 
-    @app.get("/admin/nodes")
+    @app.get("/admin/nodes", **_protected(admin, ADMIN_RESPONSES))
     async def admin_nodes():
         return {"nodes": await asyncio.to_thread(_safe_nodes, service), "health": service.health()}
 
+    _honest_openapi(app)
     return app
 
 
+def _honest_openapi(app: FastAPI) -> None:
+    """FastAPI documents a 422 'Validation Error' on every route with a body or parameters; this
+    app answers those with a 400 in OpenAI's shape (RESPONSES says so), so the 422 entries go,
+    except where a route documents its own 422 (/admin/reconfigure's plan rejection)."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)            # builds and caches app.openapi_schema
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    if op.get("responses", {}).get("422", {}).get("description") == "Validation Error":
+                        del op["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+    app.openapi = openapi
+
+
 def _safe_nodes(service: Service) -> list[dict]:
+    """Per-node state, or only what health knows when the workers cannot be asked."""
     try:
         return service.node_states()
-    except Exception:   # a dead worker must not take /metrics down with it
+    except (WorkerDied, TimeoutError):   # a dead worker or a stuck engine loop must not take /metrics down
         return [{"node": n, "state": s} for n, s in service.health()["nodes"].items()]

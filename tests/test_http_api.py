@@ -333,3 +333,68 @@ def test_a_running_service_is_usable_as_the_agents_llm(server, monkeypatch):
     p = parse_intent("Public FAQ bot; edge-b goes into maintenance.", cluster, policy, llm=get_llm())
     assert p.llm_values is not None            # the random model's JSON parsed and was grounded
     assert p.spec.data_class in policy.data_classes
+
+
+# --- errors: the client's are 4xx, ours surface as a logged 500 ---------------------------------------
+
+@pytest.fixture(scope="module")
+def local_app(tokenizer):
+    """A one-process service (no workers) behind the app, called in-process; server errors come back
+    as responses instead of being raised into the test."""
+    from starlette.testclient import TestClient
+    eng = Engine(build_stages(SRC, [0, CFG.num_layers], EC.num_kv_blocks, EC.block_size), EC, tokenizer,
+                 CFG.eos_token_ids, CFG.vocab_size)
+    svc = Service(eng, "tiny-smol")
+    yield svc, TestClient(create_app(svc), raise_server_exceptions=False)
+    svc.close()
+
+
+def _boom(exc):
+    def f(*a, **k):
+        raise exc
+    return f
+
+
+def test_a_bug_is_a_logged_500_in_openai_shape(local_app, monkeypatch, caplog):
+    svc, c = local_app
+    monkeypatch.setattr(svc, "health", _boom(KeyError("status")))
+    with caplog.at_level("ERROR", logger="continuo.api"):
+        r = c.get("/health")
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "internal error (KeyError); the server's log has the details",
+                                 "type": "server_error", "param": None, "code": "internal_error"}
+    rec = next(r for r in caplog.records if r.name == "continuo.api")
+    assert "GET /health failed" in rec.getMessage() and rec.exc_info[0] is KeyError
+
+
+def test_chat_template_refusal_is_400_and_its_bug_is_500(local_app, monkeypatch):
+    import jinja2
+    svc, c = local_app
+    body = {"model": "tiny-smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    monkeypatch.setattr(svc.engine, "chat_prompt", _boom(jinja2.TemplateError("roles must alternate")))
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "roles must alternate" in r.json()["error"]["message"]
+    monkeypatch.setattr(svc.engine, "chat_prompt", _boom(AttributeError("'NoneType' object has no attribute 'x'")))
+    assert c.post("/v1/chat/completions", json=body).status_code == 500
+
+
+def test_metrics_outlive_a_stuck_worker_call_but_not_a_bug(local_app, monkeypatch):
+    svc, c = local_app
+    monkeypatch.setattr(svc, "node_states", _boom(TimeoutError()))
+    assert c.get("/metrics").status_code == 200 and c.get("/admin/nodes").json()["nodes"] == []
+    monkeypatch.setattr(svc, "node_states", _boom(ZeroDivisionError()))
+    assert c.get("/metrics").status_code == 500
+
+
+def test_out_of_vocabulary_token_ids_are_refused(local_app):
+    svc, c = local_app
+    for prompt in ([1, CFG.vocab_size], [-1]):
+        r = c.post("/v1/completions", json={"model": "tiny-smol", "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert c.post("/v1/completions", json={"model": "tiny-smol", "prompt": [1, 2], "max_tokens": 2}).status_code == 200
+
+
+def test_an_unknown_route_answers_in_openai_shape(local_app):
+    r = local_app[1].get("/v2/models")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
