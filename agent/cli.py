@@ -1,4 +1,5 @@
-"""The `continuo` command line. Exit codes: 0 ok, 1 violations / no valid plan, 2 bad input."""
+"""The `continuo` command line. Exit codes: 0 ok, 1 violations / no valid plan / refused, 2 bad input
+(including credentials a service refuses: a missing or wrong admin token)."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,14 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The admin token clients send to /admin (`continuo serve --admin-token` sets the one it takes).
+ADMIN_TOKEN_HELP = "admin token of the service (sent as 'Authorization: Bearer'; default $CONTINUO_ADMIN_TOKEN)"
+
+
+def _admin_token_option():
+    return typer.Option(None, "--admin-token", envvar="CONTINUO_ADMIN_TOKEN", show_envvar=False,
+                        help=ADMIN_TOKEN_HELP)
 
 
 def _model_for(name: str | None, override: str | None):
@@ -118,10 +127,12 @@ def apply_plan_cmd(
     server: str = typer.Option("http://127.0.0.1:8000", help="the service's base URL"),
     method: str = typer.Option("live", help="live | stop_and_copy | recompute | restart"),
     as_json: bool = typer.Option(False, "--json"),
+    admin_token: Optional[str] = _admin_token_option(),
 ):
-    """Apply a plan to a running service as a live reconfiguration (validated there first)."""
+    """Apply a plan to a running service as a live reconfiguration (validated there first).
+    Exit 0 applied, 1 refused or aborted, 2 bad input (unreachable, or the admin token missing or wrong)."""
     from .apply_plan import apply_plan
-    raise typer.Exit(apply_plan(load_plan(plan_file), server, method, as_json, console))
+    raise typer.Exit(apply_plan(load_plan(plan_file), server, method, as_json, console, admin_token=admin_token))
 
 
 @bench_app.command("reconfig")
@@ -143,19 +154,40 @@ def serve_cmd(
     policy: Path = typer.Option(..., "--policy", "-p"),
     plan_file: Path = typer.Option(..., "--plan", help="the placement plan to serve (validated first)"),
     weights: Optional[str] = typer.Option(None, help="GGUF file or safetensors folder (default: embedded SmolLM2)"),
-    host: str = typer.Option("127.0.0.1"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; any but loopback needs --api-key and "
+                                               "--admin-token (or --insecure)"),
     port: int = typer.Option(8000),
     join: Optional[str] = typer.Option(None, help="HOST:PORT: wait for workers to join here instead of "
                                                   "starting them on this machine"),
+    api_key: Optional[list[str]] = typer.Option(
+        None, "--api-key", envvar="CONTINUO_API_KEY", show_envvar=False,
+        help="a key that opens /v1 (repeatable; default $CONTINUO_API_KEY, several separated by spaces)"),
+    admin_token: Optional[list[str]] = typer.Option(
+        None, "--admin-token", envvar="CONTINUO_ADMIN_TOKEN", show_envvar=False,
+        help="a token that opens /admin (repeatable; default $CONTINUO_ADMIN_TOKEN); an API key never does"),
+    protect_metrics: bool = typer.Option(False, "--protect-metrics",
+                                         help="/metrics and /health take the admin token too (default: open)"),
+    insecure: bool = typer.Option(False, "--insecure", help="serve on a non-loopback address without credentials: "
+                                                            "anyone who reaches the port may reconfigure"),
 ):
     """Serve the model over node workers with an OpenAI-compatible API (validated plan only)."""
     import uvicorn
 
-    from executor.api import create_app
+    from executor.api import Credentials, create_app
     from executor.service import Service
     from executor.weights import open_source
     from policies import ModelSpec, approve
 
+    # All of it checked before anything starts: a refused configuration should cost nothing.
+    for flag, tokens in (("--api-key", api_key), ("--admin-token", admin_token)):
+        try:
+            Credentials(tokens, flag)
+        except ValueError:
+            raise InputError("a token must be visible ASCII characters, without spaces", field=flag) from None
+    if protect_metrics and not admin_token:
+        raise InputError("--protect-metrics needs --admin-token (or $CONTINUO_ADMIN_TOKEN) to open them with",
+                         field="--protect-metrics")
+    _check_exposure(host, api_key, admin_token, insecure)
     c, p, pl = load_cluster(cluster), load_policy(policy), load_plan(plan_file)
     src = open_source(weights)
     spec = ModelSpec.from_hf_config(src.config.to_hf(), name=pl.model, dtype="fp32")
@@ -167,17 +199,40 @@ def serve_cmd(
         console.print(f"waiting for nodes {', '.join(n.name for n in c.nodes if n.state != 'down')} to join at {join}")
     service = Service.launch(c, validated, weights, join_at=join_at, policy=p)
     console.print(f"serving {pl.model}: {pl.summary()} on http://{host}:{port}/v1")
+    console.print(f"  /v1: {'API key' if api_key else 'open'}; /admin: "
+                  f"{'admin token' if admin_token else 'closed (no admin token)' if api_key else 'open'}; "
+                  f"/metrics, /health: {'admin token' if protect_metrics else 'open'}")
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(service, api_keys=api_key, admin_tokens=admin_token, protect_metrics=protect_metrics),
+                    host=host, port=port, log_level="warning")
     finally:
         service.close()
+
+
+def _check_exposure(host: str, api_keys, admin_tokens, insecure: bool) -> None:
+    """Refuse to serve where other machines reach the port unless both doors are locked: without
+    an admin token anyone there could move the model's layers, without an API key use the model."""
+    from executor.api import is_loopback
+    missing = [what for what, given in (("an API key (--api-key or $CONTINUO_API_KEY)", api_keys),
+                                        ("an admin token (--admin-token or $CONTINUO_ADMIN_TOKEN)", admin_tokens))
+               if not given]
+    if is_loopback(host) or not missing:
+        return
+    if insecure:
+        err.print(f"[bold yellow]warning:[/] serving on {escape(host)} without {' and '.join(missing)} "
+                  "(--insecure): anyone who reaches the port can use the model or reconfigure the service",
+                  highlight=False)
+        return
+    raise InputError(f"refusing to serve on {host}, which other machines can reach, without {' and '.join(missing)}: "
+                     "anyone who reaches the port could use the model and reconfigure the service. Give what is "
+                     "missing, serve on 127.0.0.1, or pass --insecure to do it anyway", field="--host")
 
 
 @app.command("worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker_cmd(ctx: typer.Context):
     """A node worker: `continuo worker --join HOST:PORT --node NAME [--threads N] [--device auto|cpu|cuda:N]`."""
     from executor.worker import main as worker_main
-    worker_main(list(ctx.args))
+    raise typer.Exit(worker_main(list(ctx.args)) or 0)
 
 
 @app.command("demo")
@@ -252,10 +307,12 @@ def apply_cmd(
     server: str = typer.Option("http://127.0.0.1:8000", help="the running service's base URL"),
     use_llm: bool = typer.Option(True, "--llm/--no-llm", help="ask the LLM too, or read with the rules alone"),
     as_json: bool = typer.Option(False, "--json", help="print the outcome (spec, plan, report, diff) as JSON"),
+    admin_token: Optional[str] = _admin_token_option(),
 ):
-    """Parse, plan, validate, show the diff and (as the mode allows) apply live; exit 1 unless ok."""
+    """Parse, plan, validate, show the diff and (as the mode allows) apply live; exit 1 unless ok
+    (2 for bad input, such as an admin token the service refuses)."""
     from .agent import Agent, NeedsClarification
-    from .remote import RemoteError, RemoteService
+    from .remote import AuthError, RemoteError, RemoteService
     if dry_run and yes:
         raise InputError("--dry-run and --yes contradict each other: pick one", field="--yes")
     f, c, p = _intent_inputs(intent_file, cluster, policy)
@@ -265,7 +322,8 @@ def apply_cmd(
     if dry_run and mode in ("confirm", "auto"):
         mode = "auto"   # nothing serves, so the gate stops at "dry-run" before asking
     model = load_model_spec(f.front["model"]) if f.front.get("model") else None
-    agent = Agent(c, p, executor=None if dry_run else RemoteService(server), model=model, mode=mode,
+    executor = None if dry_run else RemoteService(server, admin_token=admin_token)
+    agent = Agent(c, p, executor=executor, model=model, mode=mode,
                   confirm=lambda out: _confirm(out, c, as_json), use_llm=use_llm)
     try:
         out = agent.apply(f.body, defaults=_front_defaults(f))
@@ -273,11 +331,13 @@ def apply_cmd(
         _print_questions(e, as_json)
         raise typer.Exit(1)
     except RemoteError as e:
+        # credentials the service refuses are the caller's input to fix: 2, like any bad input
+        status = "unauthorized" if isinstance(e, AuthError) else "unreachable"
         if as_json:
-            print(json.dumps({"ok": False, "status": "unreachable", "message": str(e)}))
+            print(json.dumps({"ok": False, "status": status, "message": str(e)}))
         else:
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(2 if isinstance(e, AuthError) else 1)
     if as_json:
         print(json.dumps(out.as_dict()))
     else:
@@ -308,17 +368,29 @@ def chat_cmd(
     server: Optional[str] = typer.Option(None, help="the running service's base URL (default: nothing serving, "
                                                     "plans are only shown)"),
     mode: str = typer.Option("confirm", help="read-only | suggest | confirm | auto"),
+    admin_token: Optional[str] = _admin_token_option(),
 ):
     """A conversation with the placement agent: tool calls, plan diffs and confirmation as they happen."""
     from rich.prompt import Confirm, Prompt
 
     from .agent import Agent, AgentError
     from .intent_file import MODES
-    from .remote import RemoteService
+    from .remote import AuthError, RemoteError, RemoteService
     from .render import diff_table, plan_table
     if mode not in MODES:
         raise InputError(f"mode '{mode}' is not one of {', '.join(MODES)}", field="--mode")
     c, p = load_cluster(cluster), load_policy(policy)
+    remote = RemoteService(server, admin_token=admin_token) if server else None
+    if remote is not None:
+        # Ask once before the conversation starts: a refused token is said now (exit 2), not mid-chat.
+        try:
+            _ = remote.plan
+        except AuthError as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            raise typer.Exit(2)
+        except RemoteError as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            raise typer.Exit(1)
 
     def confirm(out) -> bool:
         console.print(diff_table(out.diff))
@@ -342,7 +414,7 @@ def chat_cmd(
         elif kind == "diff":
             console.print(diff_table(data))
 
-    agent = Agent(c, p, executor=RemoteService(server) if server else None, mode=mode, confirm=confirm)
+    agent = Agent(c, p, executor=remote, mode=mode, confirm=confirm)
     console.print(f"[bold]Continuo chat[/] on {c.name}, policy {p.name}, mode {mode}. Empty line or 'exit' ends.")
     history = None
     while True:

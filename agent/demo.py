@@ -6,9 +6,15 @@
   3. read an intent file, parse it (rules + the embedded LLM), plan, validate against the live plan;
   4. apply the plan live and print what happened: the spec, the plan diff, the validator report,
      the measured pause, TTFT/TPOT before/during/after, requests completed and identical.
+
+It runs authenticated end to end, as a served deployment should: the service takes an API key
+on /v1 and an admin token on /admin, both made fresh for this run; the client load sends the
+key, and the agent reaches the service only through the admin API with the token.
 """
 from __future__ import annotations
 
+import json
+import secrets
 import statistics
 import threading
 import time
@@ -21,6 +27,8 @@ from rich.table import Table
 
 from policies import approve, load_cluster, load_plan, load_policy
 
+from .remote import RemoteService, bearer
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL = ROOT / "scenarios" / "local"
 TOPICS = ["the sea", "bread", "trains", "winter", "bees", "the moon", "a garden", "chess", "owls", "snow",
@@ -28,21 +36,29 @@ TOPICS = ["the sea", "bread", "trains", "winter", "bees", "the moon", "a garden"
 
 
 class _ShowPhases:
-    """The service as the agent's executor, printing each reconfiguration phase as it is entered."""
+    """The service's admin API (a RemoteService) as the agent's executor, printing each
+    reconfiguration phase as it completes."""
 
-    def __init__(self, svc, console: Console):
-        self.svc, self.console = svc, console
+    def __init__(self, remote, console: Console):
+        self.remote, self.console = remote, console
         self.window: tuple[float, float] | None = None     # when the reconfiguration ran
+        self.shown: set[str] = set()
 
     @property
     def plan(self):
-        return self.svc.plan
+        return self.remote.plan
+
+    def _show(self, rep: dict) -> None:
+        for phase, secs in rep["phases_s"].items():
+            if phase not in self.shown:
+                self.shown.add(phase)
+                self.console.print(f"  phase: {phase:<12} {1e3 * secs:8.1f} ms", highlight=False)
 
     def reconfigure(self, validated, method: str = "live"):
         t0 = time.perf_counter()
+        self.shown.clear()
         try:
-            return self.svc.reconfigure(validated, method=method, on_event=lambda r: self.console.print(
-                f"  phase: {r.state}", highlight=False))
+            return self.remote.reconfigure(validated, method=method, on_update=self._show)
         finally:
             self.window = (t0, time.perf_counter())
 
@@ -50,8 +66,9 @@ class _ShowPhases:
 class ClientLoad:
     """`n` concurrent streaming chat clients over HTTP, each looping over prompts until stopped."""
 
-    def __init__(self, url: str, model: str, n: int = 4, max_tokens: int = 24):
+    def __init__(self, url: str, model: str, n: int = 4, max_tokens: int = 24, api_key: str | None = None):
         self.url, self.model, self.n, self.max_tokens = url, model, n, max_tokens
+        self.headers = bearer(api_key)
         self.records: list[dict] = []      # per request: start, token times, text, prompt
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -59,7 +76,7 @@ class ClientLoad:
 
     def _client(self, i: int) -> None:
         k = i
-        with httpx.Client(timeout=300) as h:
+        with httpx.Client(timeout=300, headers=self.headers) as h:
             while not self.stop.is_set():
                 prompt = f"Write two sentences about {TOPICS[k % len(TOPICS)]}."
                 k += self.n
@@ -74,7 +91,6 @@ class ClientLoad:
                         for line in r.iter_lines():
                             if not line.startswith("data: ") or line == "data: [DONE]":
                                 continue
-                            import json
                             d = json.loads(line[6:])
                             if "error" in d:
                                 self.errors.append(d["error"]["message"])
@@ -134,13 +150,20 @@ def run_demo(intent_path: Path | None = None, console: Console | None = None) ->
                                                                  num_kv_blocks=256), threads_per_worker=1,
                          policy=policy)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port, log_level="warning"))
+    # Credentials for this run only: /v1 takes the API key, /admin the admin token (never the key).
+    api_key, admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    app = create_app(svc, api_keys=[api_key], admin_tokens=[admin_token])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
     url = f"http://127.0.0.1:{port}"
     console.print(f"workers up and model loaded in {time.perf_counter() - t:.1f} s; OpenAI API at {url}/v1")
-    load = ClientLoad(url, "smollm2-135m")
+    anonymous = httpx.get(f"{url}/admin/plan", timeout=30).status_code
+    with_key = httpx.get(f"{url}/admin/plan", headers=bearer(api_key), timeout=30).status_code
+    console.print(f"authenticated: /v1 takes this run's API key, /admin its admin token "
+                  f"(GET /admin/plan without a token: HTTP {anonymous}; with the API key: HTTP {with_key})")
+    load = ClientLoad(url, "smollm2-135m", api_key=api_key)
     try:
         console.rule("[bold]2. Client load: 4 concurrent streaming chat requests")
         load.start()
@@ -151,9 +174,9 @@ def run_demo(intent_path: Path | None = None, console: Console | None = None) ->
         console.rule(f"[bold]3. Intent: {escape(str(intent_path.relative_to(ROOT)))}")
         f = load_intent_file(intent_path)
         console.print(escape(f.body.strip()))
-        # The same path as `continuo apply` and the Python API: parse (rules + the embedded LLM),
-        # plan, validate against the live plan, and apply only through the agent's one gate.
-        executor = _ShowPhases(svc, console)
+        # The same path as `continuo apply`: parse (rules + the embedded LLM), plan, validate against
+        # the live plan, and apply only through the agent's one gate, over the admin API with the token.
+        executor = _ShowPhases(RemoteService(url, admin_token=admin_token), console)
         # No operator sits at this demo: in confirm mode it answers yes, and says so.
         agent = Agent(cluster, policy, executor=executor, model=spec, mode=f.front.get("mode", "auto"),
                       confirm=lambda out: console.print("confirm mode: the demo confirms") or True)
