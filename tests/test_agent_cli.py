@@ -122,7 +122,7 @@ def test_apply_through_the_admin_api(capsys, monkeypatch):
     assert isinstance(RemoteError("x"), RuntimeError)
 
 
-def test_apply_reconfigures_a_live_service_over_http(capsys, monkeypatch):
+def test_apply_reconfigures_a_live_service_over_http(capsys, monkeypatch, tmp_path):
     """`continuo apply --yes` against a real service (worker processes, uvicorn, /admin/reconfigure):
     the intent's plan goes live while a request streams, and the request still finishes identical."""
     import threading
@@ -172,8 +172,11 @@ def test_apply_reconfigures_a_live_service_over_http(capsys, monkeypatch):
         import httpx
         history = httpx.get(f"{url}/admin/reconfigurations").json()["history"]
         assert history[-1]["state"] == "done" and history[-1]["method"] == "live"
-        # and back with `continuo apply-plan`, which follows the phases as they happen
-        rc, out, err = run(capsys, monkeypatch, "apply-plan", local / "plan-2stage.yaml", "--json", "--server", url)
+        # and back with `continuo apply-plan`, which follows the phases as they happen (the plan
+        # carries the fingerprint of the cluster state it was made from, as the freshness rule asks)
+        back_file = tmp_path / "back.json"
+        back_file.write_text(start.model_dump_json())
+        rc, out, err = run(capsys, monkeypatch, "apply-plan", back_file, "--json", "--server", url)
         back = json.loads(out.strip().splitlines()[-1])
         assert rc == 0 and back["ok"] and back["reconfiguration"]["state"] == "done", (out, err)
         assert svc.plan.plan.placement_key() == start.placement_key()
