@@ -185,7 +185,9 @@ class Migration:
     freed: set = field(default_factory=set)     # requests finished meanwhile: their KV is not written
     lock: threading.Lock = field(default_factory=threading.Lock)
     empty: bool = False                         # the node holds no layers after the switch
-    bytes_in: int = 0
+    bytes_in: int = 0                           # every tensor received (weights and KV), counted here
+    weight_bytes_in: int = 0
+    kv_bytes_in: int = 0
     bytes_out: int = 0
     recv_s: float = 0.0                         # time spent receiving weights and KV (bandwidth figure)
     error: str | None = None
@@ -221,7 +223,8 @@ class Migrator:
                 raise RuntimeError(f"cannot commit on {self.node}: {m.error or 'nothing prepared'}")
             m.retired, self.worker.stage = self.worker.stage, m.pending
             layers = None if m.pending is None else (m.pending.start, m.pending.end)
-            return {"layers": layers, "bytes_in": m.bytes_in, "bytes_out": m.bytes_out, "recv_s": m.recv_s}
+            return {"layers": layers, "bytes_in": m.bytes_in, "bytes_out": m.bytes_out, "recv_s": m.recv_s,
+                    "weight_bytes_in": m.weight_bytes_in, "kv_bytes_in": m.kv_bytes_in}
         if isinstance(msg, Abort):
             # Do not wait: a transfer may be stuck on a dead peer. Queued tasks see the error and
             # skip; the tags of this reconfiguration keep stray messages out of later ones.
@@ -241,6 +244,13 @@ class Migrator:
             return {"freed_bytes": freed}
         self.tasks.put(msg)
         return None
+
+    def fail(self, rid: int, error: str) -> None:
+        """Mark reconfiguration rid failed (its RoundEnd / Commit reports the error)."""
+        m = self.by_rid.get(rid)
+        if m is None:
+            m = self.m = self.by_rid[rid] = Migration(rid)
+        m.error = m.error or error
 
     def _join(self) -> None:
         """Wait for the background tasks, boundedly: a stuck transfer must not stall serving."""
@@ -277,9 +287,12 @@ class Migrator:
                         print(f"[{self.node}] {type(msg).__name__} {1e3 * (time.perf_counter() - t0):.1f} ms",
                               file=sys.stderr, flush=True)
             except Exception as e:
+                traceback.print_exc()
                 if m is not None:
-                    m.error = f"{type(e).__name__}: {e}"
-                    traceback.print_exc()
+                    m.error = m.error or f"{self.node}: {type(e).__name__}: {e}"
+                else:       # its reconfiguration is gone (aborted and drained): nobody waits for it
+                    print(f"[{self.node}] error in a task of finished reconfiguration {msg.rid}: {e}",
+                          file=sys.stderr, flush=True)
             finally:
                 if isinstance(msg, RoundEnd):
                     err = None if m is None else m.error
@@ -315,7 +328,9 @@ class Migrator:
             t0 = time.perf_counter()
             payload = _recv_payload(msg.src, self.group, msg.rid)
             m.recv_s += time.perf_counter() - t0
-            m.bytes_in += payload["k"].numel() * payload["k"].element_size() * 2
+            got = sum(v.numel() * v.element_size() for v in payload.values() if isinstance(v, torch.Tensor))
+            m.kv_bytes_in += got
+            m.bytes_in += got
             self._write(m, payload)
         elif isinstance(msg, BenchCopy):
             buf = torch.empty(msg.nbytes, dtype=torch.uint8)
@@ -338,6 +353,7 @@ class Migrator:
             t0 = time.perf_counter()
             for t in _tensors(got):
                 recv_into(t, owner, self.group, msg.rid, TRANSFER_TIMEOUT_S)
+                m.weight_bytes_in += t.numel() * t.element_size()
                 m.bytes_in += t.numel() * t.element_size()
             m.recv_s += time.perf_counter() - t0
             parts.update(got)

@@ -10,6 +10,7 @@ while the second stage works on micro-batch 1 the first already runs micro-batch
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .stage import StepBatch
-from .transport import (Free, Hop, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, recv_obj, recv_tensor,
-                        send_obj, serve_rendezvous, settle, wait_all)
+from .transport import (JOIN_TOKEN_ENV, Free, Hop, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, recv_obj,
+                        recv_tensor, send_obj, serve_rendezvous, settle, wait_all)
 
 
 class WorkerDied(RuntimeError):
@@ -54,10 +55,16 @@ class NodeRuntime:
     """Worker processes for the nodes of a cluster, driven from rank 0 (this process)."""
 
     def __init__(self, nodes: Sequence[str], host: str, port: int, procs: dict[str, subprocess.Popen] | None = None,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, join_token: str | None = None):
+        """Wait for every node to join at host:port, proving the join token (default: $CONTINUO_JOIN_TOKEN)."""
         self.nodes = list(nodes)
         self.procs = procs or {}
-        self.store, self.ranks = serve_rendezvous(host, port, self.nodes, timeout)
+        token = join_token or os.environ.get(JOIN_TOKEN_ENV)
+        if not token:
+            raise ValueError(f"workers on other hosts join with a token: set ${JOIN_TOKEN_ENV} to the same secret "
+                             "on the driver and every worker (e.g. python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))')")
+        self.store, self.ranks = serve_rendezvous(host, port, self.nodes, token, timeout)
         self.node_of = {r: n for n, r in self.ranks.items()}
         self.dead: dict[str, str] = {}
         self.devices: dict[str, str] = {}
@@ -70,12 +77,13 @@ class NodeRuntime:
         """Start one worker process per node on this machine, splitting the cores between them."""
         port = free_port()
         threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, len(nodes)))
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        token = secrets.token_urlsafe(32)      # this run's join token, handed down in the environment (not argv)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), JOIN_TOKEN_ENV: token}
         procs = {n: subprocess.Popen([sys.executable, "-m", "executor.worker", "--join", f"{host}:{port}",
                                       "--node", n, "--threads", str(threads), "--timeout", str(timeout)], env=env)
                  for n in nodes}
         try:
-            return cls(nodes, host, port, procs, timeout)
+            return cls(nodes, host, port, procs, timeout, join_token=token)
         except BaseException:
             for p in procs.values():
                 p.kill()
@@ -91,8 +99,17 @@ class NodeRuntime:
         except RuntimeError as e:
             if isinstance(e, (WorkerDied, WorkerError)):
                 raise
-            self.dead[node] = str(e).splitlines()[0][:200]
+            self.dead[node] = self.last_words(node) or str(e).splitlines()[0][:200]
             raise WorkerDied(node, self.dead[node]) from None
+
+    def last_words(self, node: str) -> str | None:
+        """What a worker posted before it exited on a failed step (see Worker.die), if anything."""
+        try:
+            if self.store.check([f"error/{node}"]):
+                return self.store.get(f"error/{node}").decode()
+        except RuntimeError:        # the store went with the driver's own shutdown
+            pass
+        return None
 
     def call(self, node: str, msg) -> object:
         """Send a command to a node's worker and wait for its reply value."""
@@ -155,7 +172,7 @@ class NodeRuntime:
         """'ok' or why not, per node."""
         for n, p in self.procs.items():
             if n not in self.dead and p.poll() is not None:
-                self.dead[n] = f"process exited with code {p.returncode}"
+                self.dead[n] = self.last_words(n) or f"process exited with code {p.returncode}"
         return {n: ("dead: " + self.dead[n]) if n in self.dead else "ok" for n in self.nodes}
 
     def pipeline(self, num_layers: int) -> "DistributedPipeline":

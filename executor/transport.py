@@ -7,8 +7,11 @@ a TCPStore rendezvous (`join`), which is what lets the same worker start on anot
 """
 from __future__ import annotations
 
-import os
+import hashlib
+import hmac
 import pickle
+import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -157,32 +160,80 @@ def settle(works: list) -> RuntimeError | None:
 
 
 # --- rendezvous --------------------------------------------------------------------------------
+# Node join is authenticated with a join token that the driver and every worker hold (never sent):
+#   driver: publishes a random session id
+#   worker: picks a nonce, posts proof = HMAC(token, session|node|nonce), then hello = nonce
+#   driver: checks the proof (constant time); on a match admits the node under a key whose name is
+#           itself an HMAC (only a token holder can find it), else posts a refusal the worker reads
+# Everything after admission (rank, device, migration results, the process groups' own rendezvous)
+# lives under a key prefix derived from the token and the session, so a process that reaches the
+# store port without the token can neither read nor forge it. The store itself is plain TCP and the
+# gloo/NCCL traffic is not encrypted (see the README's security section).
+
+JOIN_TOKEN_ENV = "CONTINUO_JOIN_TOKEN"
+
+
+class JoinRefused(RuntimeError):
+    """A worker's proof of the join token did not match the driver's."""
+
+
+def _mac(token: str, *parts: str) -> str:
+    return hmac.new(token.encode(), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
 
 def _store(host: str, port: int, master: bool, timeout: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=master, timeout=timedelta(seconds=timeout),
                          wait_for_workers=False)
 
 
-def serve_rendezvous(host: str, port: int, nodes: list[str], timeout: float = 120.0) -> tuple[dist.Store, dict[str, int]]:
-    """Driver side: open the store, wait until every node has joined, hand out ranks, init the group."""
+def _private(store, token: str, session: str) -> dist.PrefixStore:
+    return dist.PrefixStore("continuo/" + _mac(token, "private", session)[:32], store)
+
+
+def serve_rendezvous(host: str, port: int, nodes: list[str], token: str, timeout: float = 120.0,
+                     ) -> tuple[dist.Store, dict[str, int]]:
+    """Driver side: open the store, admit every node that proves the join token, hand out ranks,
+    init the group. Returns the private store (see above) and the ranks."""
+    if not token:
+        raise ValueError(f"no join token: set ${JOIN_TOKEN_ENV} (the same on the driver and every worker)")
     store = _store(host, port, True, timeout)
+    session = secrets.token_hex(16)
+    store.set("session", session)
     deadline = time.monotonic() + timeout
-    missing = list(nodes)
-    while missing:
-        missing = [n for n in missing if not store.check([f"join/{n}"])]
-        if missing and time.monotonic() > deadline:
-            raise TimeoutError(f"nodes never joined {host}:{port}: {', '.join(missing)}")
+    admitted: dict[str, str] = {}
+    refused: list[str] = []
+    while len(admitted) < len(nodes):
+        for n in nodes:
+            if n in admitted or not store.check([f"hello/{n}"]):
+                continue
+            nonce = store.get(f"hello/{n}").decode()
+            proof = store.get(f"proof/{n}").decode() if store.check([f"proof/{n}"]) else ""
+            store.delete_key(f"hello/{n}")          # consumed: a retry posts a new one
+            if hmac.compare_digest(proof, _mac(token, "join", session, n, nonce)):
+                admitted[n] = nonce
+            else:
+                store.set(f"refused/{n}/{nonce}", "the join token does not match the driver's")
+                refused.append(n)
+                print(f"continuo: refused a worker joining as node {n}: wrong join token", file=sys.stderr, flush=True)
+        if len(admitted) < len(nodes) and time.monotonic() > deadline:
+            missing = [n for n in nodes if n not in admitted]
+            why = f"; refused (wrong join token): {', '.join(sorted(set(refused)))}" if refused else ""
+            raise TimeoutError(f"nodes never joined {host}:{port}: {', '.join(missing)}{why}")
         time.sleep(0.05)
     ranks = {n: i + 1 for i, n in enumerate(nodes)}
-    store.set("world_size", str(len(nodes) + 1))
+    world = len(nodes) + 1
     for n, r in ranks.items():
-        store.set(f"rank/{n}", str(r))
-    _init_group(store, 0, len(nodes) + 1, timeout)
-    return store, ranks
+        store.set(f"admit/{_mac(token, 'admit', session, n, admitted[n])}", f"{r} {world}")
+    private = _private(store, token, session)
+    _init_group(private, 0, world, timeout)
+    return private, ranks
 
 
-def join(host: str, port: int, node: str, timeout: float = 120.0) -> tuple[int, int, dist.Store]:
-    """Worker side: register `node` at the driver's store, learn the rank, init the group."""
+def join(host: str, port: int, node: str, token: str, timeout: float = 120.0) -> tuple[int, int, dist.Store]:
+    """Worker side: prove the join token at the driver's store, learn the rank, init the group.
+    Raises JoinRefused when the driver refuses the proof, TimeoutError when nobody admits it."""
+    if not token:
+        raise JoinRefused(f"no join token: set ${JOIN_TOKEN_ENV} (the driver's) before starting the worker")
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -192,11 +243,22 @@ def join(host: str, port: int, node: str, timeout: float = 120.0) -> tuple[int, 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    store.set(f"join/{node}", str(os.getpid()))
-    rank = int(store.get(f"rank/{node}"))
-    world = int(store.get("world_size"))
-    _init_group(store, rank, world, timeout)
-    return rank, world, store
+    session = store.get("session").decode()
+    nonce = secrets.token_hex(16)
+    store.set(f"proof/{node}", _mac(token, "join", session, node, nonce))
+    store.set(f"hello/{node}", nonce)
+    admit, refusal = f"admit/{_mac(token, 'admit', session, node, nonce)}", f"refused/{node}/{nonce}"
+    while not store.check([admit]):
+        if store.check([refusal]):
+            raise JoinRefused(f"the driver at {host}:{port} refused node {node}: {store.get(refusal).decode()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"node {node} was not admitted by {host}:{port} within {timeout:g} s (is the node "
+                               "already served, or not in the driver's cluster file?)")
+        time.sleep(0.05)
+    rank, world = map(int, store.get(admit).decode().split())
+    private = _private(store, token, session)
+    _init_group(private, rank, world, timeout)
+    return rank, world, private
 
 
 def backend() -> str:
@@ -207,7 +269,7 @@ def backend() -> str:
 
 def _init_group(store, rank: int, world: int, timeout: float) -> None:
     global BULK
-    dist.init_process_group(backend(), store=dist.PrefixStore("continuo", store), rank=rank, world_size=world,
+    dist.init_process_group(backend(), store=dist.PrefixStore("group", store), rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout))
     # A second group for bulk transfers (weights, KV) that run in a background thread while the
     # default group carries steps: separate gloo pairs, so neither waits behind the other. Bulk

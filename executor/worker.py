@@ -1,6 +1,6 @@
 """A node worker: one process per node, holding its stages' weights and KV cache.
 
-    continuo worker --join HOST:PORT --node NAME [--threads N]
+    CONTINUO_JOIN_TOKEN=... continuo worker --join HOST:PORT --node NAME [--threads N]
 
 The loop reads driver messages in order: LoadStage builds a stage, Step runs a micro-batch
 through this worker's hops (activations in from the previous hop, out to the next hop or,
@@ -17,13 +17,14 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import transport
 from .migration import Abort, BenchCopy, Cleanup, Commit, CopyKV, Migrator, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
-from .transport import (DRIVER, DropStage, Free, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, join, recv_obj,
+from .transport import (DRIVER, JOIN_TOKEN_ENV, DropStage, JoinRefused, Free, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, join, recv_obj,
                         recv_tensor, send_obj, send_tensor, wait_all)
 
 MIGRATION_MESSAGES = (BenchCopy, Prepare, SendWeights, SendKV, RecvKV, CopyKV, RoundEnd, Commit, Cleanup, Abort)
@@ -89,14 +90,19 @@ class Worker:
         return self.migrator.handle(m)
 
     def queue_migration(self, batch: tuple) -> None:
-        """Hand a round to the background thread; a failure here is posted where the driver looks."""
-        try:
-            for m in batch:
+        """Hand a round to the background thread. A message that fails here (before the thread sees it)
+        marks its reconfiguration failed, and the round's RoundEnd still goes through, so the driver
+        reads the error where it waits for the round."""
+        for i, m in enumerate(batch):
+            try:
                 self.migration(m)
-        except Exception as e:
-            end = batch[-1]
-            if isinstance(end, RoundEnd):
-                self.migrator.store.set(f"mig/{end.rid}/{end.round}/{self.node}", f"{type(e).__name__}: {e}")
+            except Exception as e:
+                self.migrator.fail(m.rid, f"{self.node}: {type(e).__name__}: {e}")
+                traceback.print_exc()
+                for end in batch[i + 1:]:
+                    if isinstance(end, RoundEnd):
+                        self.migrator.handle(end)
+                return
 
     @property
     def gpu(self) -> bool:
@@ -113,43 +119,66 @@ class Worker:
                           _rss_bytes(), wb, kvb, statistics.median(self.step_ms) if self.step_ms else None,
                           len(self.step_ms), str(self.device))
 
+    # --- one dispatch, one error path ---------------------------------------------------------------
+    # Each message type names the method that handles it (METHODS); every message, alone or in a
+    # batch, goes through serve() -> that method, and every failure takes the one path its kind
+    # allows: a command the driver waits for gets a failed Reply carrying this node's name and the
+    # error; a background migration round records it on the migration, which reports it at its
+    # RoundEnd / Commit; a failed Step or Free leaves this worker's state unknown, so it posts the
+    # error to the store (the driver reads it when the connection drops) and exits.
+
+    def stats(self, msg: Stats) -> Reply:
+        return Reply(True, self.info())
+
+    def drop_stage(self, msg: DropStage) -> Reply:
+        self.stage = None
+        return Reply(True, self.info())
+
+    def free(self, msg: Free) -> None:
+        if self.stage is not None:
+            self.stage.free(msg.req_ids)
+        self.migrator.free(msg.req_ids)
+
+    def migrate(self, msg) -> Reply:
+        return Reply(True, self.migration(msg))
+
     def serve(self) -> None:
         while True:
             msg = recv_obj(DRIVER)
-            if isinstance(msg, Step):
-                self.step(msg)
-                continue
-            if isinstance(msg, Free):
-                if self.stage is not None:
-                    self.stage.free(msg.req_ids)
-                self.migrator.free(msg.req_ids)
-                continue
-            if isinstance(msg, Shutdown):
+            batch = msg if isinstance(msg, tuple) else (msg,)   # a node's whole migration round in one send
+            if isinstance(batch[0], Shutdown):
                 wait_all(self.pending)
                 return
+            if isinstance(batch[0], MIGRATION_MESSAGES) and not isinstance(batch[-1], REPLIED):
+                self.queue_migration(batch)       # background work: its outcome is posted to the store
+                continue
             try:
-                if isinstance(msg, LoadStage):
-                    reply = self.load(msg)
-                elif isinstance(msg, Stats):
-                    reply = Reply(True, self.info())
-                elif isinstance(msg, DropStage):
-                    self.stage = None
-                    reply = Reply(True, self.info())
-                elif isinstance(msg, (tuple, *MIGRATION_MESSAGES)):
-                    # A reconfiguration's messages, alone or batched (a node's whole round in one send).
-                    batch = msg if isinstance(msg, tuple) else (msg,)
-                    if not isinstance(batch[-1], REPLIED):
-                        self.queue_migration(batch)           # background work: completion goes to the store
-                        continue
-                    value = None
-                    for m in batch:
-                        value = self.migration(m)
-                    reply = Reply(True, value)
-                else:
-                    reply = Reply(False, error=f"unknown message {type(msg).__name__}")
-            except Exception as e:  # our bug or bad input: report it, keep serving
-                reply = Reply(False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
-            wait_all(send_obj(reply, DRIVER))
+                reply = None
+                for m in batch:
+                    method = METHODS.get(type(m))
+                    if method is None:
+                        raise TypeError(f"unknown message {type(m).__name__}")
+                    reply = getattr(self, method)(m)
+            except Exception as e:  # our bug or bad input
+                err = f"{self.node}: {type(e).__name__}: {e}"
+                if not isinstance(batch[-1], REPLIED_TYPES):
+                    self.die(err)
+                reply = Reply(False, error=f"{err}\n{traceback.format_exc(limit=3)}")
+            if reply is not None:
+                wait_all(send_obj(reply, DRIVER))
+
+    def die(self, err: str) -> None:
+        """A step or free failed: say why where the driver will look, then stop."""
+        traceback.print_exc()
+        try:
+            self.migrator.store.set(f"error/{self.node}", err)
+        finally:
+            os._exit(4)
+
+
+METHODS = {LoadStage: "load", Stats: "stats", DropStage: "drop_stage", Step: "step", Free: "free",
+           **{m: "migrate" for m in MIGRATION_MESSAGES}}
+REPLIED_TYPES = (LoadStage, Stats, DropStage, *REPLIED)   # the driver waits for a Reply to these
 
 
 def pick_device(want: str, rank: int) -> str:
@@ -179,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--node", required=True, help="this node's name in the cluster file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--join-token-file", metavar="PATH",
+                    help=f"file holding the join token (default: ${JOIN_TOKEN_ENV}; never on the command line)")
     ap.add_argument("--device", default=os.environ.get("CONTINUO_DEVICE", "auto"),
                     help="cpu, cuda, cuda:N, or auto (default; $CONTINUO_DEVICE): a GPU when torch sees one")
     a = ap.parse_args(argv)
@@ -191,11 +222,22 @@ def main(argv: list[str] | None = None) -> None:
     sys.setswitchinterval(0.0005)
     if a.threads > 0:
         torch.set_num_threads(a.threads)   # workers on one machine must not fight over cores
-    rank, _, store = join(host, int(port), a.node, a.timeout)
+    token = os.environ.get(JOIN_TOKEN_ENV)
+    if a.join_token_file:
+        try:
+            token = Path(a.join_token_file).read_text().strip()
+        except OSError as e:
+            ap.error(f"--join-token-file {a.join_token_file}: {e.strerror}")
+    try:
+        rank, _, store = join(host, int(port), a.node, token, a.timeout)
+    except (JoinRefused, TimeoutError) as e:
+        print(f"continuo worker {a.node}: {e}", file=sys.stderr, flush=True)
+        return 3
     try:
         Worker(a.node, rank, torch.get_num_threads(), store, pick_device(a.device, rank)).serve()
     finally:
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -59,25 +60,60 @@ def test_only_validated_plans_are_served():
         Service.launch(stale, validated([("edge-a", 0, 6)]), SRC, EC)
 
 
-def test_workers_join_over_tcp_rendezvous(reference):
-    """The path a remote host takes: `continuo worker --join HOST:PORT --node NAME`."""
+def _worker(port, node, token, timeout=60):
+    env = {k: v for k, v in os.environ.items() if k != "CONTINUO_JOIN_TOKEN"}
+    if token is not None:
+        env["CONTINUO_JOIN_TOKEN"] = token
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "worker", "--join", f"127.0.0.1:{port}",
+                             "--node", node, "--threads", "1", "--timeout", str(timeout)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_workers_join_over_tcp_rendezvous_with_the_join_token(reference, monkeypatch):
+    """The path a remote host takes: `continuo worker --join HOST:PORT --node NAME`, proving the join
+    token; a worker with a wrong token is refused (it says so, and so does the driver) and the nodes
+    that prove it make the service."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "agent.cli", "worker", "--join", f"127.0.0.1:{port}",
-                               "--node", n, "--threads", "1"]) for n in ("edge-a", "edge-b", "cloud-1")]
+    monkeypatch.setenv("CONTINUO_JOIN_TOKEN", "right-token")
+    rogue = _worker(port, "edge-a", "wrong-token")
+    procs = [_worker(port, n, "right-token") for n in ("edge-b", "cloud-1")]
     try:
-        svc = Service.launch(CLUSTER, validated([("edge-b", 0, 3), ("cloud-1", 4, 6)]), SRC, EC,
-                             join_at=("127.0.0.1", port), timeout=60)
+        launched = {}
+        th = threading.Thread(target=lambda: launched.setdefault("svc", Service.launch(
+            CLUSTER, validated([("edge-b", 0, 3), ("cloud-1", 4, 6)]), SRC, EC, join_at=("127.0.0.1", port),
+            timeout=60)))
+        th.start()
+        assert rogue.wait(timeout=60) == 3
+        said = rogue.stderr.read()
+        assert "refused node edge-a" in said and "join token does not match" in said, said
+        procs.append(_worker(port, "edge-a", "right-token"))
+        th.join(90)
+        svc = launched["svc"]
         try:
             results = run_all(svc, PROMPTS[:3], SamplingParams(max_tokens=12, ignore_eos=True))
             assert [out.token_ids for out, _ in results] == reference[:3]
+            # a process that reaches the store port later, without the token, is never admitted, and
+            # the service keeps serving
+            late = _worker(port, "edge-a", "guessed", timeout=3)
+            assert late.wait(timeout=30) == 3 and "not admitted" in late.stderr.read()
+            results = run_all(svc, PROMPTS[:2], SamplingParams(max_tokens=12, ignore_eos=True))
+            assert [out.token_ids for out, _ in results] == reference[:2]
         finally:
             svc.close()
         for p in procs:
             assert p.wait(timeout=20) == 0
     finally:
-        for p in procs:
+        for p in procs + [rogue]:
             if p.poll() is None:
                 p.kill()
+
+
+def test_no_join_token_no_remote_workers(monkeypatch):
+    monkeypatch.delenv("CONTINUO_JOIN_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="CONTINUO_JOIN_TOKEN"):
+        Service.launch(CLUSTER, validated([("edge-a", 0, 6)]), SRC, EC, join_at=("127.0.0.1", free_port()), timeout=5)
+    worker = _worker(free_port(), "edge-a", None, timeout=5)
+    assert worker.wait(timeout=30) == 3 and "no join token" in worker.stderr.read()
 
 
 def test_killed_worker_fails_requests_not_hangs():
@@ -92,5 +128,21 @@ def test_killed_worker_fails_requests_not_hangs():
         assert h["status"] == "degraded" and h["nodes"]["edge-b"].startswith("dead")
         with pytest.raises(ServiceUnavailable, match="edge-b"):
             svc.submit([1, 2], SamplingParams(max_tokens=2), Listener())
+    finally:
+        svc.close()
+
+
+def test_a_worker_error_in_a_step_reaches_the_driver_with_its_words():
+    """A step the worker cannot run (here: a route naming layers it does not hold) ends the worker,
+    and the requests fail with that worker's name and its error, not a bare connection reset."""
+    svc = Service.launch(CLUSTER, validated([("edge-a", 0, 3), ("edge-b", 4, 6)]), SRC, EC)
+    try:
+        svc.loop.call(lambda: setattr(svc.runtime.placement[1], "start", 5))   # the driver's routing is now wrong
+        futs = submit_all(svc, PROMPTS[:1], SamplingParams(max_tokens=5, ignore_eos=True))
+        out, err = futs[0].result(60)
+        assert out is None and "edge-b" in err and "asked for layers [5, 7)" in err, err
+        assert "asked for layers [5, 7)" in svc.health()["nodes"]["edge-b"]
+        with pytest.raises(ServiceUnavailable, match="edge-b"):
+            svc.submit(PROMPTS[1], SamplingParams(max_tokens=2), Listener())
     finally:
         svc.close()
