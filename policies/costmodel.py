@@ -5,7 +5,9 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
   memory(stage)   = weights + KV reservation + activation workspace
     weights       = layers * bytes_per_layer (+ embedding if it owns layer 0)
                     (+ final norm and LM head if it owns the last layer)
-    KV            = layers * kv_bytes_per_token_per_layer * concurrency * context_tokens
+    KV            = layers * kv_bytes_per_token_per_layer * kv_tokens
+                    kv_tokens = concurrency * context_tokens rounded up to whole blocks of
+                    KV_BLOCK_TOKENS (Traffic.kv_tokens): exactly what the executor allocates
     workspace     = STEP_TOKENS * (4*hidden + 2*intermediate) * dtype_bytes     (hidden states, MLP)
                     (+ concurrency * vocab * 4 bytes of fp32 logits on the LM-head stage)
   capacity(node)  = 0.9 * memory_gb * gpus - reserved_gb                         (see Node)
@@ -59,20 +61,24 @@ def _max(a, b):
 
 
 def weight_bytes(model: ModelSpec, s: StageShape) -> float:
+    """Weights a stage holds: its layers, plus the embedding and the LM head when it owns the ends."""
     return s.layers * model.bytes_per_layer + (model.embedding_bytes if s.embed else 0) \
         + (model.head_bytes if s.head else 0)
 
 
 def kv_bytes(model: ModelSpec, s: StageShape, traffic: Traffic) -> float:
-    return s.layers * model.kv_bytes_per_token_per_layer * traffic.concurrency * traffic.context_tokens
+    """The KV reservation of a stage: the executor allocates traffic.kv_blocks blocks for each of its layers."""
+    return s.layers * model.kv_bytes_per_token_per_layer * traffic.kv_tokens
 
 
 def workspace_bytes(model: ModelSpec, s: StageShape, traffic: Traffic) -> float:
+    """Activation workspace of one step (and fp32 logits on the LM-head stage)."""
     ws = STEP_TOKENS * (4 * model.hidden_size + 2 * model.intermediate_size) * model.dtype_bytes
     return ws + (traffic.concurrency * model.vocab_size * 4 if s.head else 0)
 
 
 def memory_bytes(model: ModelSpec, s: StageShape, traffic: Traffic) -> float:
+    """What the capacity rule charges a stage: weights + KV reservation + workspace."""
     return weight_bytes(model, s) + kv_bytes(model, s, traffic) + workspace_bytes(model, s, traffic)
 
 
@@ -83,6 +89,7 @@ def _speed(node: Node) -> tuple[float, float]:
 
 
 def prefill_ms(model: ModelSpec, s: StageShape, node: Node, prompt_tokens: int) -> float:
+    """Time for a stage to prefill one prompt on a node (compute-bound, at least one weight read)."""
     bw, flops = _speed(node)
     per_tok = s.layers * (model.flops_per_token_per_layer
                           + model.attention_flops_per_token_per_layer(prompt_tokens // 2))
@@ -91,6 +98,7 @@ def prefill_ms(model: ModelSpec, s: StageShape, node: Node, prompt_tokens: int) 
 
 
 def decode_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, traffic: Traffic) -> float:
+    """Time for a stage to decode one token for `batch` sequences on a node (bandwidth-bound)."""
     bw, flops = _speed(node)
     ctx = traffic.prompt_tokens + traffic.output_tokens // 2
     read = weight_bytes(model, s) - (model.embedding_bytes if s.embed else 0)
@@ -101,10 +109,12 @@ def decode_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, traffic: 
 
 
 def hop_ms(model: ModelSpec, link: Link, tokens: int) -> float:
+    """Time to send the activations of `tokens` tokens over a link."""
     return link.latency_ms + 1e3 * tokens * model.hidden_size * model.dtype_bytes * 8 / (link.bandwidth_gbps * 1e9)
 
 
 def node_price(node: Node, prices: dict[str, float] | None = None) -> float:
+    """Hourly price of a node (its own override, the price table's, or its GPU kind's list price)."""
     if node.price_per_hour is None and prices and node.gpu in prices:
         return prices[node.gpu] * node.gpus
     return node.hourly_price
@@ -118,7 +128,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     stages, ttft, tpot, slowest = [], 0.0, 0.0, 0.0
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
-        shape = StageShape(st.last_layer - st.first_layer + 1, st.first_layer == 0, st.last_layer == L - 1)
+        shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
         pre, dec = prefill_ms(model, shape, node, traffic.prompt_tokens), decode_ms(model, shape, node, B, traffic)
         hop_p = hop_d = hop_m = 0.0
         if i + 1 < k:

@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .cluster import Trust
 from .loading import load_file
 
+# The executor's paged KV cache hands out whole blocks of this many tokens, so a reservation is
+# rounded up to whole blocks here, where the capacity rule checks it, not only where it is allocated.
+KV_BLOCK_TOKENS = 16
+
 
 class Traffic(BaseModel):
     """Expected load, used to reserve KV cache and to estimate latency."""
@@ -17,6 +21,16 @@ class Traffic(BaseModel):
     prompt_tokens: int = Field(512, ge=1)
     output_tokens: int = Field(256, ge=1)
     context_tokens: int = Field(4096, ge=1, description="KV reserved per sequence")
+
+    @property
+    def kv_blocks(self) -> int:
+        """KV blocks every stage reserves for its layers: concurrency x context_tokens, in whole blocks."""
+        return -(-self.concurrency * self.context_tokens // KV_BLOCK_TOKENS)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of KV every stage reserves per layer (kv_blocks whole blocks)."""
+        return self.kv_blocks * KV_BLOCK_TOKENS
 
 
 class IntentSpec(BaseModel):

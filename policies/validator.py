@@ -1,21 +1,27 @@
 """The validator: `validate(plan, cluster, policy, intent, model, current=None) -> Report`.
 
-A pure function: no I/O, no clock. Every rule has a stable id (RULES). `approve` is the only
-way to obtain a ValidatedPlan, the one thing the executor accepts.
+A pure function: no I/O, no clock. Every rule has a stable id (RULES). `review` and `approve`
+(which validate once and seal) are the only ways to obtain a ValidatedPlan, the one thing the
+executor accepts. The report carries what the executor then relies on: the KV reservation the
+capacity rule checked and the PlanDelta the transition rule checked.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
+from . import seal
 from .cluster import Cluster, Node
-from .costmodel import StageShape, estimate, memory_bytes
-from .intent import IntentSpec
+from .costmodel import StageShape, estimate, kv_bytes, memory_bytes, weight_bytes, workspace_bytes
+from .delta import PlanDelta
+from .errors import Refused
+from .intent import KV_BLOCK_TOKENS, IntentSpec, Traffic
 from .modelspec import ModelSpec
-from .plan import PlacementPlan, Report, ValidatedPlan, Violation
+from .plan import KVReservation, PlacementPlan, Report, ValidatedPlan, Violation
 from .policy import Effective, Policy, UnknownDataClass, effective_rules
 
 RULES = {
     "coverage": "every layer on exactly one stage; stages contiguous and in order; consecutive stages linked",
+    "one-stage-per-node": "a node serves at most one stage (one contiguous range of layers), as the executor runs it",
     "capacity": "weights + KV reservation + activation workspace fit each node's usable memory",
     "residency": "every node that sees the data class is in a jurisdiction the class (and intent) allows",
     "min-trust": "every node that sees the data class is trusted at least as the class requires",
@@ -31,8 +37,6 @@ RULES = {
     "freshness": "the plan was made from the cluster state that holds now",
 }
 SLO_UNCERTAINTY = 0.25  # the cost model's documented error band
-
-_SEAL = object()
 
 
 def _gb(b: float) -> str:
@@ -116,6 +120,21 @@ class _Checker:
                          "pick consecutive nodes that the cluster file links, or add a link", stage=i, node=b)
         return ok
 
+    def one_stage_per_node(self, eff: Effective):
+        # The executor runs one worker per node holding one stage, and keys placement by node name:
+        # a second stage on a node would be refused at load, or collapse into the first mid-reconfiguration.
+        seen: dict[str, list[int]] = defaultdict(list)
+        for i, st in enumerate(self.plan.stages):
+            seen[st.node].append(i)
+        for name, idx in seen.items():
+            if len(idx) < 2:
+                continue
+            ranges = " and ".join(self.plan.stages[i].label().removesuffix(f" on {name}") for i in idx)
+            self.bad("one-stage-per-node", f"{name} holds stages {', '.join(map(str, idx))} ({ranges}); a node "
+                     "serves one contiguous range of layers", f"merge them into one stage on {name} (the layers "
+                     f"between go with them), or move all but one to other nodes, "
+                     f"{_suggest(self.cluster, eff.may_see, set(seen))}", stage=idx[1], node=name)
+
     # --- per-node rules --------------------------------------------------------
     def placement(self, eff: Effective):
         prefix = eff.prefix_layers
@@ -182,7 +201,7 @@ class _Checker:
             n, need = self.cluster.node(name), sum(b for _, b in items)
             if need > n.usable_memory_bytes:
                 per_layer = self.model.bytes_per_layer + self.model.kv_bytes_per_token_per_layer * \
-                    self._traffic.concurrency * self._traffic.context_tokens
+                    self._traffic.kv_tokens
                 excess = int((need - n.usable_memory_bytes) // per_layer) + 1
                 stages = ", ".join(str(i) for i, _ in items)
                 self.bad("capacity", f"{name} needs {_gb(need)} for stage(s) {stages} (weights, KV for "
@@ -206,51 +225,58 @@ class _Checker:
                 self.warn("slo", f"estimated {what} {value:.1f} ms is within the cost model's "
                           f"{SLO_UNCERTAINTY:.0%} error band of the {bound:g} ms bound; measure before relying on it")
 
-    def transition(self, eff: Effective, cur_eff: Effective | None):
+    def transition(self, eff: Effective, cur_eff: Effective | None, delta: PlanDelta, cur_traffic: Traffic):
+        """Check the move itself, as the executor makes it: the runs of `delta`, nothing else."""
         cur = self.current
         if cur.model != self.plan.model:
             self.bad("transition", f"the current plan serves model {cur.model}, this one {self.plan.model}; a live "
                      "reconfiguration keeps the model", "deploy a new model as a new service")
             return
-        old, new = cur.layer_owner(), self.plan.layer_owner()
-        moves: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for layer, dst in new.items():
-            src = old.get(layer)
-            if src is not None and src != dst:
-                moves[(src, dst)].append(layer)
-        for (src, dst), layers in moves.items():
+        moves: dict[tuple[str, str], list] = defaultdict(list)
+        for run in delta.moves:
+            moves[(run.src, run.dst)].append(run)
+        for (src, dst), runs in moves.items():
             if not (self.cluster.has_node(src) and self.cluster.has_node(dst)):
                 continue
-            s, d = self.cluster.node(src), self.cluster.node(dst)
+            s, d, layers = self.cluster.node(src), self.cluster.node(dst), _labels(runs)
             for e in filter(None, (eff, cur_eff)):
                 if not e.may_store_kv(d):
-                    self.bad("transition", f"moving layers {_ranges(layers)} {src} -> {dst} would copy the KV cache "
+                    self.bad("transition", f"moving layers {layers} {src} -> {dst} would copy the KV cache "
                              f"of in-flight {e.data_class} requests to {_describe(d)}, which may not hold it",
                              "drain those requests first or pick a destination allowed to hold their KV", node=dst)
             if s.state == "down":
-                self.warn("transition", f"{src} is down: KV of layers {_ranges(layers)} cannot be copied; "
+                self.warn("transition", f"{src} is down: KV of layers {layers} cannot be copied; "
                           "in-flight requests will re-prefill them", node=src)
                 continue
             link = self.cluster.link(src, dst)
             if link is None:
-                self.bad("transition", f"layers {_ranges(layers)} move {src} -> {dst} but there is no link between "
+                self.bad("transition", f"layers {layers} move {src} -> {dst} but there is no link between "
                          "them to carry weights and KV", "add the link or choose another destination", node=dst)
             elif eff.encrypt_cross_boundary and not link.encrypted and _crosses_boundary(s, d):
-                self.bad("transition", f"KV of layers {_ranges(layers)} would cross a trust/jurisdiction boundary "
+                self.bad("transition", f"KV of layers {layers} would cross a trust/jurisdiction boundary "
                          f"{src} -> {dst} over an unencrypted link", "use an encrypted link", node=dst)
-        # Mid-way a node holds what it had plus what it gains (cleanup comes last).
-        for name in set(new.values()):
+        # Mid-way a rebuilt node holds its old stage (weights and KV pool) beside the new one until
+        # cleanup: weights of kept layers are shared, but the new stage gets a fresh KV pool for all
+        # its layers while the old pool still holds the in-flight requests' KV.
+        for name in delta.rebuilt:
             if not self.cluster.has_node(name):
                 continue
-            layers = sorted({lay for lay, o in old.items() if o == name} | {lay for lay, o in new.items() if o == name})
-            if not layers:
-                continue
-            need = sum(memory_bytes(self.model, StageShape(len(r), r[0] == 0, r[-1] == self.L - 1), self._traffic)
-                       for r in _runs(layers))
+            had = sorted({lay for r in delta.runs if r.src == name for lay in range(r.start, r.stop) if lay < self.L})
+            gets = sorted({lay for r in delta.runs if r.dst == name for lay in range(r.start, r.stop) if lay < self.L})
+            if not gets:
+                continue                         # it only gives layers away: it holds no more than now
+            held = sorted(set(had) | set(gets))
+            need = sum(weight_bytes(self.model, StageShape(len(r), r[0] == 0, r[-1] == self.L - 1))
+                       for r in _runs(held))
+            need += kv_bytes(self.model, StageShape(len(had), False, False), cur_traffic)
+            need += kv_bytes(self.model, StageShape(len(gets), False, False), self._traffic)
+            need += workspace_bytes(self.model, StageShape(len(gets), gets[0] == 0, gets[-1] == self.L - 1),
+                                    self._traffic)
             n = self.cluster.node(name)
             if need > n.usable_memory_bytes:
-                self.bad("transition", f"mid-way {name} would hold layers {_ranges(layers)} of the old and new plan "
-                         f"({_gb(need)}) but has {_gb(n.usable_memory_bytes)} usable",
+                pools = " (and a KV pool of each size)" if delta.pool_changes else ""
+                self.bad("transition", f"mid-way {name} would hold layers {_ranges(held)} of the old and new plan"
+                         f"{pools} ({_gb(need)}) but has {_gb(n.usable_memory_bytes)} usable",
                          "reconfigure in two steps, or move fewer layers onto it at once", node=name)
 
     def freshness(self):
@@ -268,6 +294,7 @@ class _Checker:
         return self.intent.traffic
 
     def run(self) -> Report:
+        """Every rule, in order; the report carries the KV reservation and the delta it checked."""
         if self.intent.data_class != self.plan.data_class:
             self.bad("data-class", f"the plan is for data class '{self.plan.data_class}' but the intent says "
                      f"'{self.intent.data_class}'", "plan again for the intent's data class")
@@ -279,25 +306,35 @@ class _Checker:
         for note in eff.notes:
             self.warn("residency", note)
         structure_ok = self.coverage()
+        self.one_stage_per_node(eff)
         self.placement(eff)
         self.capacity()
         est = None
         if structure_ok:
             est = estimate(self.plan, self.cluster, self.model, self._traffic, self.prices)
             self.slo(est)
+        cur_traffic = None
+        if self.current is not None:
+            cur_intent = self.current.intent or IntentSpec(data_class=self.current.data_class)
+            cur_traffic = cur_intent.traffic
+        # Computed once, here: the transition rule checks it, the diff shows it, the executor runs it.
+        delta = PlanDelta.between(self.current, self.plan, self.model,
+                                  old_kv_blocks=cur_traffic.kv_blocks if cur_traffic else None,
+                                  kv_blocks=self._traffic.kv_blocks)
         if self.current is not None:
             try:
-                cur_eff = effective_rules(self.policy, self.current.intent or IntentSpec(
-                    data_class=self.current.data_class))
+                cur_eff = effective_rules(self.policy, cur_intent)
             except UnknownDataClass:
                 cur_eff = None
-            self.transition(eff, cur_eff)
+            self.transition(eff, cur_eff, delta, cur_traffic)
         self.freshness()
-        return Report(violations=tuple(self.violations), warnings=tuple(self.warnings), estimates=est)
+        kv = KVReservation(blocks=self._traffic.kv_blocks, block_size=KV_BLOCK_TOKENS)
+        return Report(violations=tuple(self.violations), warnings=tuple(self.warnings), estimates=est, kv=kv,
+                      delta=delta)
 
 
 def _shape(st, L: int) -> StageShape:
-    return StageShape(st.last_layer - st.first_layer + 1, st.first_layer == 0, st.last_layer == L - 1)
+    return StageShape(st.stop - st.start, st.start == 0, st.stop == L)
 
 
 def _runs(layers: list[int]) -> list[list[int]]:
@@ -308,6 +345,11 @@ def _runs(layers: list[int]) -> list[list[int]]:
         else:
             out.append([layer])
     return out
+
+
+def _labels(runs) -> str:
+    """Layer runs as people read them: '9-19, 25' (last layers included)."""
+    return ", ".join(f"{r.first_layer}-{r.last_layer}" if r.stop - r.start > 1 else str(r.start) for r in runs)
 
 
 def _ranges(layers: list[int]) -> str:
@@ -322,7 +364,7 @@ def validate(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: Inte
     return _Checker(plan, cluster, policy, intent, model, current, prices).run()
 
 
-class PlanRejected(Exception):
+class PlanRejected(Refused):
     """The validator found violations; `report` says which."""
 
     def __init__(self, report: Report):
@@ -330,14 +372,29 @@ class PlanRejected(Exception):
         super().__init__(report.text())
 
 
+def review(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: IntentSpec | None,
+           model: ModelSpec, current: PlacementPlan | None = None,
+           prices: dict[str, float] | None = None) -> tuple[Report, ValidatedPlan | None]:
+    """Validate once: the report, and the sealed plan for the executor when there is no violation."""
+    intent = intent or plan.intent or IntentSpec(data_class=plan.data_class)
+    report = validate(plan, cluster, policy, intent, model, current, prices)
+    if not report.ok:
+        return report, None
+    # The sealed plan names what it was checked with: the cluster state (a plan without a fingerprint
+    # was checked against the cluster as it is now, and the freshness rule warned), the intent (whose
+    # traffic sized the KV reservation) and the estimates.
+    stamped = plan.model_copy(update={"cluster_fingerprint": plan.cluster_fingerprint or cluster.fingerprint(),
+                                      "intent": intent, "estimates": report.estimates})
+    return report, ValidatedPlan(_issuer=seal.ISSUER, plan=stamped, report=report,
+                                 cluster_fingerprint=cluster.fingerprint(), policy=policy.name,
+                                 transition_from=current.placement_key() if current else None)
+
+
 def approve(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: IntentSpec | None,
             model: ModelSpec, current: PlacementPlan | None = None,
             prices: dict[str, float] | None = None) -> ValidatedPlan:
-    """Validate and, only if there is no violation, seal the plan for the executor."""
-    report = validate(plan, cluster, policy, intent, model, current, prices)
-    if not report.ok:
+    """Validate and, only if there is no violation, seal the plan for the executor; else PlanRejected."""
+    report, validated = review(plan, cluster, policy, intent, model, current, prices)
+    if validated is None:
         raise PlanRejected(report)
-    stamped = plan if plan.cluster_fingerprint else plan.model_copy(update={"cluster_fingerprint": cluster.fingerprint()})
-    stamped = stamped.model_copy(update={"estimates": report.estimates})
-    return ValidatedPlan(_seal=_SEAL, plan=stamped, report=report, cluster_fingerprint=cluster.fingerprint(),
-                         policy=policy.name, transition_from=current.placement_key() if current else None)
+    return validated

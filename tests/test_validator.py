@@ -81,6 +81,25 @@ def test_capacity():
     assert v.node == "small" and "usable" in v.message and "move about" in v.hint
 
 
+def test_capacity_reserves_whole_kv_blocks_and_reports_the_reservation():
+    # 3 x 1000 tokens is not a whole number of 16-token blocks: the executor allocates 188 blocks
+    # (3008 tokens), and that is what the capacity rule charges and the report carries.
+    intent = IntentSpec(data_class="phi", traffic={"concurrency": 3, "context_tokens": 1000})
+    r = check(GOOD, intent)
+    assert r.ok and r.kv.blocks == 188 and r.kv.block_size == 16 and r.kv.tokens == 3008
+    assert r.estimates.stages[0].kv_bytes == 16 * MODEL.kv_bytes_per_token_per_layer * 3008
+
+
+def test_one_stage_per_node():
+    r = check(mk([("own-1", 0, 9), ("own-2", 10, 20), ("own-1", 21, 31)]))
+    assert r.rules_broken() == {"one-stage-per-node"}, r.text()
+    v = r.violations[0]
+    assert v.node == "own-1" and v.stage == 2 and "stages 0, 2" in v.message and "one contiguous range" in v.message
+    assert "merge them into one stage on own-1" in v.hint
+    with pytest.raises(PlanRejected, match="one-stage-per-node"):
+        approve(mk([("own-1", 0, 9), ("own-2", 10, 20), ("own-1", 21, 31)]), CLUSTER, POLICY, None, MODEL)
+
+
 def test_residency():
     r = check(mk([("own-1", 0, 15), ("att-us", 16, 30), ("own-2", 31, 31)]))
     assert "residency" in r.rules_broken()
