@@ -1,4 +1,7 @@
-"""Live pipeline reconfiguration, driver side: PlanDelta and the state machine.
+"""Live pipeline reconfiguration, driver side: the state machine that carries out a PlanDelta.
+
+What moves is not worked out here: the validator computed it (policies.PlanDelta, half-open layer
+ranges) and checked it, and it arrives inside the ValidatedPlan. This module only makes it so.
 
     serving -> preparing -> pre-copying -> switching -> cleaning -> serving
                    \\______________\\___________ aborted (the old plan never stopped serving)
@@ -15,10 +18,13 @@ Methods behind the same machine, for measurement:
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from policies import PlanDelta, Refused
 
 from .migration import Abort, Cleanup, Commit, CopyKV, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
 from .runtime import NodeRuntime, StagePlacement, WorkerDied, WorkerError
@@ -27,57 +33,17 @@ METHODS = ("live", "stop_and_copy", "recompute", "restart")
 _rids = itertools.count(1)
 
 
-class ReconfigurationError(RuntimeError):
+class ReconfigurationError(Refused, RuntimeError):
     """A reconfiguration was refused or aborted; the old plan keeps serving."""
 
 
-@dataclass(frozen=True)
-class Move:
-    """Layers [start, end) change owner: weights and KV travel src -> dst."""
-    src: str
-    dst: str
-    start: int
-    end: int
+class ReconfigurationTimeout(ReconfigurationError):
+    """Service.reconfigure(wait=True) gave up waiting; the reconfiguration goes on (see `report.state`)."""
 
-
-@dataclass
-class PlanDelta:
-    """What moves between two placements (each node one contiguous range [start, end))."""
-    old: dict[str, tuple[int, int]]
-    new: dict[str, tuple[int, int]]
-    moves: list[Move]
-
-    sources: dict[str, list[tuple[str, int, int]]] = field(default_factory=dict)  # node -> (old owner, a, b)
-
-    @classmethod
-    def between(cls, old: list[StagePlacement], new: list[StagePlacement]) -> "PlanDelta":
-        o = {p.node: (p.start, p.end) for p in old}
-        n = {p.node: (p.start, p.end) for p in new}
-        owner_old = {layer: p.node for p in old for layer in range(p.start, p.end)}
-        sources: dict[str, list[tuple[str, int, int]]] = {}
-        for p in new:       # each new range cut into runs by who holds those layers now
-            runs: list[list] = []
-            for layer in range(p.start, p.end):
-                src = owner_old[layer]
-                if runs and runs[-1][0] == src and runs[-1][2] == layer:
-                    runs[-1][2] = layer + 1
-                else:
-                    runs.append([src, layer, layer + 1])
-            sources[p.node] = [tuple(r) for r in runs]
-        moves = [Move(src, node, a, b) for node, runs in sources.items() for src, a, b in runs if src != node]
-        return cls(o, n, moves, sources)
-
-    @property
-    def changed(self) -> list[str]:
-        """Nodes whose range changes (they rebuild their stage), in a stable order."""
-        nodes = list(dict.fromkeys([*self.old, *self.new]))
-        return [x for x in nodes if self.old.get(x) != self.new.get(x)]
-
-    def weight_bytes(self, bytes_per_layer: float) -> float:
-        return sum((m.end - m.start) * bytes_per_layer for m in self.moves)
-
-    def summary(self) -> str:
-        return ", ".join(f"layers {m.start}-{m.end - 1}: {m.src} -> {m.dst}" for m in self.moves) or "nothing moves"
+    def __init__(self, report: "ReconfigReport", waited_s: float):
+        self.report = report
+        super().__init__(f"reconfiguration {report.rid} not finished after {waited_s:g} s (state {report.state}); it "
+                         "goes on in the background: follow it with GET /admin/reconfigurations or Service.history")
 
 
 @dataclass
@@ -114,15 +80,27 @@ class ReconfigReport:
 class Reconfiguration:
     """One reconfiguration of a running service, advanced by `tick()` between engine steps."""
 
-    def __init__(self, engine, runtime: NodeRuntime, new: list[StagePlacement], *, method: str = "live",
-                 source=None, dtype: str = "float32", num_kv_blocks: int = 512, block_size: int = 16,
-                 weights: str = "pull", max_rounds: int = 4, timeout_s: float = 300.0, on_event=None):
+    def __init__(self, engine, runtime: NodeRuntime, delta: PlanDelta, *, method: str = "live",
+                 source=None, dtype: str = "float32", weights: str = "pull", max_rounds: int = 4,
+                 timeout_s: float = 300.0, on_event=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        self.engine, self.rt, self.method = engine, runtime, method
-        self.new = list(new)
-        self.delta = PlanDelta.between(runtime.placement, self.new)
-        self.source, self.dtype, self.blocks, self.block_size = source, dtype, num_kv_blocks, block_size
+        self.engine, self.rt, self.method, self.delta = engine, runtime, method, delta
+        serving = [(p.node, p.start, p.end) for p in runtime.placement]
+        if serving != [(s.node, s.start, s.stop) for s in delta.old]:
+            planned = [(s.node, s.start, s.stop) for s in delta.old]
+            raise ReconfigurationError(f"the delta was computed from {planned!r}, but the workers serve "
+                                       f"{serving!r}: validate again against the live plan")
+        pool = engine.config.num_kv_blocks
+        if delta.old_kv_blocks is not None and delta.old_kv_blocks != pool:
+            raise ReconfigurationError(f"the delta assumes a KV pool of {delta.old_kv_blocks} blocks per stage, the "
+                                       f"service runs {pool}: validate again against the live plan")
+        self.new = [StagePlacement(s.node, s.start, s.stop) for s in delta.new]
+        self.rebuilt = delta.rebuilt               # nodes that build a new stage (and keep the old until cleanup)
+        self.old_blocks = pool
+        self.blocks = delta.kv_blocks or pool      # what the validator's capacity rule reserved
+        self.block_size = engine.config.block_size
+        self.source, self.dtype = source, dtype
         self.weights, self.max_rounds, self.timeout_s = weights, max_rounds, timeout_s
         self.rid = next(_rids)
         self.report = ReconfigReport(self.rid, method, delta=self.delta.summary())
@@ -178,7 +156,7 @@ class Reconfiguration:
         worker replies once its transfers are done and the new stage is in)."""
         from .transport import send_obj, settle
         order = {SendWeights: 0, SendKV: 0, CopyKV: 1, Prepare: 2, RecvKV: 3}
-        nodes = [n for n in per_node if per_node[n]] if not commit else self.delta.changed
+        nodes = [n for n in per_node if per_node[n]] if not commit else self.rebuilt
         end = Commit(self.rid) if commit else RoundEnd(self.rid, self.round)
         batches = {n: tuple(sorted(per_node.get(n, []), key=lambda m: order[type(m)])) + (end,) for n in nodes}
         with self.rt.lock:
@@ -199,19 +177,19 @@ class Reconfiguration:
 
     def _prepare_round(self) -> None:
         """Round 0: every changed node builds its next stage; gained layers are pulled or loaded."""
-        per: dict[str, list] = {n: [] for n in self.delta.changed}
-        for node in self.delta.changed:
-            start, end = self.delta.new.get(node, (0, 0))
+        per: dict[str, list] = {n: [] for n in self.rebuilt}
+        for node in self.rebuilt:
+            start, end = self.delta.new_range(node) or (0, 0)
             pulls, loads = [], []
-            for mv in self.delta.moves:
-                if mv.dst != node:
+            for mv in self.delta.sources(node):
+                if not mv.moves:
                     continue
                 if self.weights == "pull" and mv.src not in self.rt.dead:
-                    pulls.append((mv.start, mv.end, self.rt.ranks[mv.src]))
-                    per[mv.src].append(SendWeights(self.rid, mv.start, mv.end, self.rt.ranks[node]))
-                    self.report.bytes_moved["weights"] += int(self.rt.layer_bytes * (mv.end - mv.start))
+                    pulls.append((mv.start, mv.stop, self.rt.ranks[mv.src]))
+                    per[mv.src].append(SendWeights(self.rid, mv.start, mv.stop, self.rt.ranks[node]))
+                    self.report.bytes_moved["weights"] += int(self.rt.layer_bytes * (mv.stop - mv.start))
                 else:
-                    loads.append((mv.start, mv.end))
+                    loads.append((mv.start, mv.stop))
             per[node].append(Prepare(self.rid, start, end, tuple(pulls), tuple(loads), self.source, self.dtype,
                                      self.blocks, self.block_size, getattr(self.rt, "model_cfg", None)))
         self.round = 0
@@ -223,9 +201,9 @@ class Reconfiguration:
         since = {r: self.copied.get(r, 0) for r in lens}
         tokens = sum(lens[r] - since[r] for r in lens)
         per: dict[str, list] = {n: [] for n in self.rt.nodes}
-        for node in self.delta.changed:
-            runs = self.delta.sources.get(node, [])
-            for src, x, y in runs:
+        for node in self.rebuilt:
+            for run in self.delta.sources(node):
+                src, x, y = run.src, run.start, run.stop
                 if src == node:
                     per[node].append(CopyKV(self.rid, (x, y), since))
                 else:
@@ -259,6 +237,7 @@ class Reconfiguration:
     def _tick(self) -> None:
         if self.state == "serving":
             self._enter("preparing")
+            self._check_pool()
             if self.method in ("live", "recompute"):
                 self._prepare_round()
             return
@@ -282,14 +261,33 @@ class Reconfiguration:
         if self.state == "cleaning":
             # a step after the switch, not inside it: the first token on the new plan does not wait
             if self.method != "restart":
-                for node in self.delta.changed:
+                for node in self.rebuilt:
                     self.rt.call(node, Cleanup(self.rid))
             self._enter("done")
+
+    def _check_pool(self) -> None:
+        """A smaller KV pool must still hold the blocks the running requests reserved."""
+        in_use = self.old_blocks - self.engine.scheduler.free_blocks
+        if in_use > self.blocks:
+            raise ReconfigurationError(f"running requests hold {in_use} KV blocks, but the new plan reserves "
+                                       f"{self.blocks} per stage: retry when fewer requests run")
+
+    def _resize_pool(self) -> None:
+        """After the commit every stage holds the new pool: admission counts against it from now on.
+        (The engine thread runs this between steps, so no request is admitted meanwhile.)"""
+        if self.blocks == self.old_blocks:
+            return
+        cfg = dataclasses.replace(self.engine.config, num_kv_blocks=self.blocks)
+        sched = self.engine.scheduler
+        with sched.lock:
+            sched.free_blocks += self.blocks - self.old_blocks
+            sched.cfg = self.engine.config = cfg
 
     def _switch(self) -> None:
         """The pause: last delta, commit on every changed node, new route. Blocks until done."""
         self._enter("switching")
         t0 = time.perf_counter()
+        self._check_pool()                 # before anything commits: a refusal leaves the old plan serving
         if self.method == "stop_and_copy":
             self._prepare_round()
             self._round_done(blocking=True)
@@ -306,6 +304,7 @@ class Reconfiguration:
             self.committed = True
             if self.method == "recompute":
                 self.engine.recompute_all()
+        self._resize_pool()
         self.report.pause_s = time.perf_counter() - t0
         self._enter("cleaning")
 
@@ -323,7 +322,7 @@ class Reconfiguration:
     def abort(self, why: str) -> None:
         """Drop everything prepared; the old plan keeps serving (only before the switch commits)."""
         self.report.error = why
-        for node in self.delta.changed:
+        for node in self.rebuilt:
             if node in self.rt.dead:
                 continue
             try:

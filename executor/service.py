@@ -6,6 +6,7 @@ every conversation with the workers; other threads hand it calls to run between 
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 
@@ -18,15 +19,34 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from policies import Cluster, InputError, ModelSpec, PlacementPlan, ValidatedPlan, approve
+from policies import Cluster, InputError, ModelSpec, PlacementPlan, Refused, ValidatedPlan, approve
 
 from .engine import Engine, EngineConfig, Request, RequestOutput, SamplingParams
-from .reconfig import ReconfigReport, Reconfiguration, ReconfigurationError
-from .runtime import NodeRuntime, StagePlacement, WorkerDied
+from .reconfig import ReconfigReport, Reconfiguration, ReconfigurationError, ReconfigurationTimeout
+from .runtime import NodeRuntime, WorkerDied
 
 
-class ServiceUnavailable(RuntimeError):
+class ServiceUnavailable(Refused, RuntimeError):
     """The service cannot take requests (a worker died, or it is shutting down)."""
+
+
+def _genuine(validated: Any) -> ValidatedPlan:
+    """The plan, if the validator issued it in this process and nothing changed since; else TypeError."""
+    if not isinstance(validated, ValidatedPlan):
+        raise TypeError("the executor accepts only a ValidatedPlan (from policies.approve)")
+    return validated.verify()         # ForgedPlan (a TypeError) for a copy, a construct or an edited one
+
+
+def _reserved(config: EngineConfig, validated: ValidatedPlan, explicit: bool) -> EngineConfig:
+    """The engine config with the KV pool the capacity rule checked (the plan's, not the config's)."""
+    kv = validated.kv
+    if config.max_model_len > kv.tokens:
+        if explicit:
+            raise ValueError(f"the plan reserves KV for {kv.tokens} tokens per stage (its intent's traffic."
+                             f"concurrency x context_tokens), fewer than max_model_len={config.max_model_len}: "
+                             "raise traffic.context_tokens in the intent, or lower max_model_len")
+        config = dataclasses.replace(config, max_model_len=kv.tokens)
+    return dataclasses.replace(config, num_kv_blocks=kv.blocks, block_size=kv.block_size)
 
 
 @dataclass
@@ -142,21 +162,23 @@ class Service:
         """Start a worker per node (down nodes excepted) and load the plan's stages.
 
         Workers run on this machine, or, with join_at=(host, port), the service waits for every node
-        to join from wherever it runs (`continuo worker --join HOST:PORT --node NAME`)."""
-        if not isinstance(validated, ValidatedPlan):
-            raise TypeError("the executor accepts only a ValidatedPlan (from policies.approve)")
+        to join from wherever it runs (`continuo worker --join HOST:PORT --node NAME`).
+        Every stage allocates the KV pool the validator's capacity rule reserved for the plan
+        (validated.kv); `config.num_kv_blocks` and `config.block_size` are replaced by it."""
+        validated = _genuine(validated)
         if validated.cluster_fingerprint != cluster.fingerprint():
             raise ValueError(f"plan was validated against cluster state {validated.cluster_fingerprint}, "
                              f"now {cluster.fingerprint()}: validate it again")
         from .weights import open_source
         src = source if hasattr(source, "load") else open_source(source)
         cfg = src.config
-        config = config or EngineConfig(max_model_len=min(cfg.max_position, 2048))
+        config = _reserved(config or EngineConfig(max_model_len=min(cfg.max_position, 2048)), validated,
+                           explicit=config is not None)
         nodes = [n.name for n in cluster.nodes if n.state != "down"]
         rt = NodeRuntime(nodes, *join_at, timeout=timeout) if join_at else \
             NodeRuntime.local(nodes, threads_per_worker, timeout)
         try:
-            stages = [(s.node, s.first_layer, s.last_layer + 1) for s in validated.plan.stages]
+            stages = [(s.node, s.start, s.stop) for s in validated.plan.stages]
             rt.load(stages, _portable(src), dtype, config.num_kv_blocks, config.block_size)
             rt.set_model(cfg, torch.tensor([], dtype=getattr(torch, dtype)).element_size())
             engine = Engine([rt.pipeline(cfg.num_layers)], config, tokenizer or src.tokenizer(), cfg.eos_token_ids,
@@ -176,6 +198,8 @@ class Service:
             if listener.on_token else None
 
         def add() -> int:
+            if self.loop.broken is not None:      # it broke between the check above and now
+                raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
             req_id = self.engine.add_request(prompt, params, on_token)
             self.loop.listeners[req_id] = listener
             return req_id
@@ -233,9 +257,13 @@ class Service:
     def reconfigure(self, validated: ValidatedPlan, method: str = "live", wait: bool = True,
                     timeout: float = 600.0, weights: str = "pull", on_event=None,
                     fail_at: str | None = None, transfer_timeout_s: float = 300.0) -> ReconfigReport:
-        """Apply a validated plan to the running service (see executor/reconfig.py)."""
-        if not isinstance(validated, ValidatedPlan):
-            raise TypeError("the executor accepts only a ValidatedPlan (from policies.approve)")
+        """Apply a validated plan to the running service (see executor/reconfig.py).
+
+        It carries out the plan's own PlanDelta (what the validator's transition rule checked) and
+        moves to the plan's KV reservation. With wait=True it returns the finished report (state
+        "done", or "aborted" with the error; the old plan then still serves) or raises
+        ReconfigurationTimeout, which carries the report, when `timeout` passes first."""
+        validated = _genuine(validated)
         if self.runtime is None or self.plan is None:
             raise ReconfigurationError("this service runs in one process; nothing to reconfigure")
         if validated.cluster_fingerprint != self.cluster.fingerprint():
@@ -249,8 +277,14 @@ class Service:
             raise ReconfigurationError(f"reconfiguration {self.loop.reconfig.rid} is still under way")
         if self.loop.broken is not None:
             raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
-        new = [StagePlacement(s.node, s.first_layer, s.last_layer + 1) for s in validated.plan.stages]
-        cfg = self.engine.config
+        cfg, kv = self.engine.config, validated.kv
+        if kv.block_size != cfg.block_size:
+            raise ReconfigurationError(f"the plan reserves KV in blocks of {kv.block_size} tokens, the service runs "
+                                       f"blocks of {cfg.block_size}; restart the service to change the block size")
+        if kv.tokens < cfg.max_model_len:
+            raise ReconfigurationError(f"the plan reserves KV for {kv.tokens} tokens per stage, fewer than the "
+                                       f"service's context window of {cfg.max_model_len}: raise the intent's "
+                                       "traffic.context_tokens")
 
         def events(rep):
             if rep.state == "done":           # committed: the new plan serves
@@ -261,9 +295,8 @@ class Service:
                     cb(rep)
             if on_event:
                 on_event(rep)
-        rc = Reconfiguration(self.engine, self.runtime, new, method=method, source=self.source, dtype=self.dtype,
-                             num_kv_blocks=cfg.num_kv_blocks, block_size=cfg.block_size, weights=weights,
-                             on_event=events, timeout_s=transfer_timeout_s)
+        rc = Reconfiguration(self.engine, self.runtime, validated.delta, method=method, source=self.source,
+                             dtype=self.dtype, weights=weights, on_event=events, timeout_s=transfer_timeout_s)
         rc.fail_after = fail_at              # fault injection for tests: fail on entering this phase
         self.loop.call(lambda: setattr(self.loop, "reconfig", rc))
         self.loop.wake.set()
@@ -271,11 +304,14 @@ class Service:
             deadline = time.monotonic() + timeout
             while not rc.done and time.monotonic() < deadline:
                 time.sleep(0.005)
+            if not rc.done:                   # never a silent return: the caller would think it applied
+                raise ReconfigurationTimeout(rc.report, timeout)
         return rc.report
 
     def reconfigure_plan(self, plan: dict | PlacementPlan, method: str = "live", wait: bool = True) -> ReconfigReport:
         """Validate a plain plan against the live state (policy, transition from the live plan, freshness)
-        and apply it. Raises PlanRejected (with the report) or InputError for a malformed plan."""
+        and apply it. Raises PlanRejected (with the report), or InputError for a malformed plan or one
+        without a cluster_fingerprint (its freshness could not be shown)."""
         if self.policy is None:
             raise ReconfigurationError("this service was started without a policy pack; hand in a ValidatedPlan")
         if isinstance(plan, dict):
@@ -285,7 +321,11 @@ class Service:
                 err = e.errors()[0]
                 raise InputError(err["msg"], field=".".join(map(str, err["loc"]))) from None
         if plan.cluster_fingerprint is None:
-            plan = plan.model_copy(update={"cluster_fingerprint": self.cluster.fingerprint()})
+            # Stamping today's fingerprint on would make the freshness rule pass whatever the sender saw.
+            raise InputError("the plan carries no cluster_fingerprint, so whether it was made from the cluster "
+                             "state that holds now cannot be shown; make it from the live state (`continuo plan`, "
+                             "or start from GET /admin/plan, which carries the fingerprint) and send it with its "
+                             "cluster_fingerprint", field="cluster_fingerprint")
         validated = approve(plan, self.cluster, self.policy, plan.intent, self.model_spec, current=self.plan.plan)
         return self.reconfigure(validated, method=method, wait=wait)
 

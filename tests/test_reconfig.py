@@ -8,10 +8,10 @@ import pytest
 from tiny_service import CFG, CLUSTER, reference_tokens, submit_all, validated
 
 from executor.engine import EngineConfig, SamplingParams
-from executor.reconfig import PlanDelta, ReconfigurationError
-from executor.runtime import StagePlacement
+from executor.reconfig import ReconfigurationError
 from executor.service import Service
 from executor.weights import RandomSource
+from policies import PlacementPlan, PlanDelta, Stage
 
 SRC = RandomSource(CFG, seed=5)
 EC = EngineConfig(max_num_seqs=8, max_model_len=300, num_kv_blocks=160, block_size=16)
@@ -35,12 +35,25 @@ def layers(svc):
     return {n["node"]: n["layers"] for n in svc.node_states()}
 
 
+def _plan(*stages):
+    """A plan from half-open (node, start, stop) ranges."""
+    return PlacementPlan(model="m", data_class="public",
+                         stages=tuple(Stage(node=n, first_layer=a, last_layer=b - 1) for n, a, b in stages))
+
+
 def test_plan_delta():
-    old = [StagePlacement("a", 0, 10), StagePlacement("b", 10, 30)]
-    new = [StagePlacement("a", 0, 9), StagePlacement("c", 9, 20), StagePlacement("b", 20, 30)]
-    d = PlanDelta.between(old, new)
-    assert [(m.src, m.dst, m.start, m.end) for m in d.moves] == [("a", "c", 9, 10), ("b", "c", 10, 20)]
-    assert d.changed == ["a", "b", "c"]
+    """The executor runs the policies' PlanDelta: half-open moves, the nodes that change, each new
+    stage's sources (the runs it gets, by the node that holds them now)."""
+    d = PlanDelta.between(_plan(("a", 0, 10), ("b", 10, 30)), _plan(("a", 0, 9), ("c", 9, 20), ("b", 20, 30)))
+    assert [(m.src, m.dst, m.start, m.stop) for m in d.moves] == [("a", "c", 9, 10), ("b", "c", 10, 20)]
+    assert d.changed == ["a", "b", "c"] and d.rebuilt == d.changed
+    assert [(r.src, r.start, r.stop) for r in d.sources("c")] == [("a", 9, 10), ("b", 10, 20)]
+    assert d.new_range("c") == (9, 20) and d.old_range("c") is None and d.summary() == \
+        "layers 9-9: a -> c, layers 10-19: b -> c"
+    # a new KV pool size rebuilds every stage of the new plan, moved or not
+    resized = PlanDelta.between(_plan(("a", 0, 10), ("b", 10, 30)), _plan(("a", 0, 10), ("b", 10, 30)),
+                                old_kv_blocks=64, kv_blocks=128)
+    assert resized.changed == [] and resized.rebuilt == ["a", "b"] and resized.moves == ()
 
 
 def test_every_kind_of_live_reconfiguration_keeps_outputs(reference):
