@@ -10,11 +10,15 @@ Two paths, one gate:
     chat            chat(message): the LLM calls tools (agent/tools.py) in a loop;
                     its apply_plan / rollback calls go through the same gate
 
-    gate(plan): validate against the live plan -> diff -> mode allows? -> valid? -> executor?
-                -> confirm? -> policies.approve(current=live) -> executor.reconfigure(validated)
+    gate(plan): validate against the live plan, once (policies.review; the planner's own sealed
+                plan is reused when it was checked against the same live plan) -> diff (the
+                validator's PlanDelta) -> mode allows? -> valid? -> executor? -> confirm?
+                -> executor.reconfigure(validated)
 
-Nothing reaches the executor except a ValidatedPlan from `policies.approve`, and only when the mode
-(set by the caller, never by the intent's text) allows it.
+Nothing reaches the executor except a ValidatedPlan from the validator, and only when the mode
+(set by the caller, never by the intent's text) allows it. The executor's refusals (policies.Refused:
+a rejected plan, an aborted or timed-out reconfiguration, an unavailable service) and an unreachable
+service become an Outcome that says so; any other exception is a bug and propagates.
 """
 from __future__ import annotations
 
@@ -27,16 +31,21 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from pydantic import ValidationError
 
-from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, Report, ValidatedPlan, approve,
-                      load_model_spec, validate)
+from policies import (Cluster, IntentSpec, LayerRun, ModelSpec, PlacementPlan, PlanDelta, Policy, Refused, Report,
+                      ValidatedPlan, load_model_spec, review)
 
 from .intent_file import MODES
 from .intent_parser import ParsedIntent, parse_intent
 from .planner import Infeasible, PlanProposal, plan as make_plan
+from .remote import RemoteError
+from .tools import ToolError, Workbench, make_tools
 
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 DEFAULT_MODEL = "smollm2-135m"
 CHANGES_ALLOWED = {"read-only": False, "suggest": False, "confirm": True, "auto": True}
+# What the executor (or the network to it) answers when it will not or cannot act: a result to
+# report. Anything else it raises is a bug, and propagates.
+REFUSALS = (Refused, RemoteError, ConnectionError, TimeoutError)
 
 
 class AgentError(Exception):
@@ -55,36 +64,21 @@ class NeedsClarification(AgentError):
         super().__init__("the intent is incomplete:\n" + "\n".join(f"- {q}" for q in self.questions))
 
 
-@dataclass(frozen=True)
-class DiffRow:
-    """One run of layers and what happens to it: '+' placed, '~' moved, '=' unchanged, '-' removed."""
-    action: str
-    first_layer: int
-    last_layer: int
-    old_node: str | None
-    new_node: str | None
-
-    def text(self) -> str:
-        layers = f"layers {self.first_layer}-{self.last_layer}"
-        if self.action == "~":
-            return f"~ {layers}: {self.old_node} -> {self.new_node}"
-        return f"{self.action} {layers}: {self.new_node or self.old_node}"
+# One row of the diff people see: a run of the validator's PlanDelta ('+' placed, '~' moved,
+# '=' unchanged, '-' removed), with half-open [start, stop) and the bytes that travel.
+DiffRow = LayerRun
 
 
-def plan_diff(old: PlacementPlan | None, new: PlacementPlan) -> list[DiffRow]:
-    """Terraform-style diff of layer ownership, as runs of layers with the same (old, new) owners."""
-    before = old.layer_owner() if old else {}
-    after = new.layer_owner()
-    rows: list[DiffRow] = []
-    for layer in sorted(set(before) | set(after)):
-        a, b = before.get(layer), after.get(layer)
-        action = "+" if a is None else "-" if b is None else "=" if a == b else "~"
-        last = rows[-1] if rows else None
-        if last and (last.action, last.old_node, last.new_node) == (action, a, b) and last.last_layer == layer - 1:
-            rows[-1] = DiffRow(action, last.first_layer, layer, a, b)
-        else:
-            rows.append(DiffRow(action, layer, layer, a, b))
-    return rows
+def plan_diff(old: PlacementPlan | None, new: PlacementPlan, model: ModelSpec | None = None) -> list[DiffRow]:
+    """Terraform-style diff of layer ownership: the runs of PlanDelta.between(old, new)."""
+    return list(PlanDelta.between(old, new, model).runs)
+
+
+def _row(r: DiffRow) -> dict:
+    """A diff row for JSON: half-open start/stop, and first/last layer as people read them."""
+    return {"action": r.action, "start": r.start, "stop": r.stop, "first_layer": r.first_layer,
+            "last_layer": r.last_layer, "src": r.src, "dst": r.dst, "weight_bytes": r.weight_bytes,
+            "kv_bytes_per_token": r.kv_bytes_per_token}
 
 
 @dataclass
@@ -119,7 +113,7 @@ class Outcome:
                 "plan": self.plan.model_dump(mode="json") if self.plan else None,
                 "report": self.report.model_dump(mode="json") if self.report else None,
                 "current": self.current.model_dump(mode="json") if self.current else None,
-                "diff": [r.__dict__ for r in self.diff], "reconfig": self.reconfig, "reasons": self.reasons,
+                "diff": [_row(r) for r in self.diff], "reconfig": self.reconfig, "reasons": self.reasons,
                 "questions": self.parsed.questions if self.parsed else [],
                 "ignored": self.parsed.ignored if self.parsed else []}
 
@@ -131,6 +125,7 @@ def _live(executor: Any) -> PlacementPlan | None:
 
 
 def _figures(rep: Any) -> dict:
+    """The executor's reconfiguration report as a dict (a Service's report, or a remote's JSON)."""
     if hasattr(rep, "as_dict"):
         return rep.as_dict()
     return dict(rep) if isinstance(rep, dict) else {"result": str(rep)}
@@ -176,6 +171,7 @@ class Agent:
         return _live(self.executor)
 
     def model_for(self, spec: IntentSpec | None = None) -> ModelSpec:
+        """The ModelSpec to plan and validate with (see the class docstring)."""
         if self.model is not None:
             return self.model
         live = self.live_plan()
@@ -215,20 +211,28 @@ class Agent:
         except Infeasible as e:
             return Outcome("infeasible", parsed.spec, current=self.live_plan(), parsed=parsed, reasons=e.reasons,
                            message="no valid plan: " + "; ".join(e.reasons))
-        out = self.gate(proposal.plan, parsed.spec, mode)
+        out = self.gate(proposal.plan, parsed.spec, mode, validated=proposal.validated)
         out.parsed = parsed
         return out
 
     # ------------------------------------------------------------ the one gate to the executor
 
-    def gate(self, plan: PlacementPlan, spec: IntentSpec | None, mode: str | None = None) -> Outcome:
-        """Validate, diff, and apply only if the mode, the validator and (in confirm mode) the operator allow it."""
+    def gate(self, plan: PlacementPlan, spec: IntentSpec | None, mode: str | None = None,
+             validated: ValidatedPlan | None = None) -> Outcome:
+        """Validate (once), diff, and apply only if the mode, the validator and (in confirm mode) the operator allow it.
+
+        `validated`: the validator's sealed plan from an earlier check (the planner's); used instead
+        of validating again when it proves this plan against the live plan and cluster as they are."""
         mode = self._check_mode(mode or self.mode)
         current = self.live_plan()
         model = self.model_for(spec)
-        report = validate(plan, self.cluster, self.policy, spec, model, current=current)
-        plan = plan.model_copy(update={"estimates": report.estimates})
-        out = Outcome("pending", spec or plan.intent, plan, report, plan_diff(current, plan), current)
+        if self._proves(validated, plan, spec, current):
+            report = validated.report
+        else:
+            report, validated = review(plan, self.cluster, self.policy, spec, model, current=current)
+        plan = validated.plan if validated is not None else plan.model_copy(update={"estimates": report.estimates})
+        delta = report.delta or PlanDelta.between(current, plan, model)
+        out = Outcome("pending", spec or plan.intent, plan, report, list(delta.runs), current)
         if not CHANGES_ALLOWED[mode]:
             out.status = "refused" if mode == "read-only" else "suggested"
             out.message = (f"{mode} mode: nothing is applied" if mode == "read-only"
@@ -246,21 +250,49 @@ class Agent:
         if mode == "confirm" and not (self.confirm and self.confirm(out)):
             out.status, out.message = "declined", "the operator declined: nothing applied"
             return out
-        validated = approve(plan, self.cluster, self.policy, spec, model, current=current)
         try:
             rep = self.executor.reconfigure(validated, method=self.method)
-        except (RuntimeError, ConnectionError, TimeoutError) as e:   # the world said no: a result, not our bug
+        except REFUSALS as e:          # the executor said no, or could not be reached: a result, not our bug
+            figures = getattr(e, "report", None)
+            if hasattr(figures, "as_dict"):           # e.g. ReconfigurationTimeout: how far it got
+                out.reconfig = figures.as_dict()
             out.status, out.message = "failed", f"the executor refused or failed: {e}"
             return out
         out.reconfig = _figures(rep)
-        if out.reconfig.get("error") or out.reconfig.get("state") == "aborted":
+        state, error = out.reconfig.get("state"), out.reconfig.get("error")
+        if state == "done":            # committed: the new plan serves (an error here came after the switch)
+            out.status = "applied"
+            out.message = "applied live" + (f"; cleanup after the switch failed: {error}" if error else "")
+            if current is not None:
+                self.applied.append(current)
+        elif state == "aborted":
             out.status = "failed"
-            out.message = f"reconfiguration aborted, the old plan still serves: {out.reconfig.get('error')}"
-            return out
-        out.status, out.message = "applied", "applied live"
-        if current is not None:
-            self.applied.append(current)
+            out.message = f"reconfiguration aborted, the old plan still serves: {error}"
+        else:                          # anything else is not an applied plan (e.g. still under way)
+            out.status = "failed"
+            out.message = f"the reconfiguration did not finish (state {state!r}): {error or 'no error given'}"
         return out
+
+    def _proves(self, validated: ValidatedPlan | None, plan: PlacementPlan, spec: IntentSpec | None,
+                current: PlacementPlan | None) -> bool:
+        """Whether an earlier sealed plan is this plan, checked for this spec against the live state now."""
+        if validated is None or not validated.sealed:
+            return False
+        intent = spec or plan.intent or IntentSpec(data_class=plan.data_class)     # what validate would use
+        same = {"estimates", "intent", "cluster_fingerprint"}                    # what review stamps on
+        return (validated.plan.model_dump(exclude=same) == plan.model_dump(exclude=same)
+                and plan.cluster_fingerprint in (None, validated.plan.cluster_fingerprint)
+                and validated.plan.intent == intent
+                and validated.policy == self.policy.name
+                and validated.cluster_fingerprint == self.cluster.fingerprint()
+                and validated.transition_from == (current.placement_key() if current else None))
+
+    def diff(self, plan: PlacementPlan, validated: ValidatedPlan | None = None) -> list[DiffRow]:
+        """What would move from the live plan: the validator's delta when `validated` was checked against it."""
+        current = self.live_plan()
+        if validated is not None and self._proves(validated, plan, None, current):
+            return list(validated.delta.runs)
+        return plan_diff(current, plan, self.model_for(plan.intent))
 
     def rollback(self, mode: str | None = None) -> Outcome:
         """Put back the plan that served before this agent's last apply (through the gate, like any plan)."""
@@ -282,8 +314,6 @@ class Agent:
         "tool_result" (name, text, ok), "plan" (plan, report), "diff" (plan_diff rows), "reply" (the final text). Raises AgentError after `max_attempts`
         failed tool calls (errors, violations, no plan) or `max_steps` model calls.
         """
-        from .tools import Workbench, make_tools
-
         emit = on_event or (lambda kind, data: None)
         bench = Workbench(self, self._check_mode(mode or self.mode), emit=emit)
         tools = {t.name: t for t in make_tools(bench)}
@@ -325,7 +355,6 @@ class Agent:
     @staticmethod
     def _run_tool(tools: dict, call: dict, done: dict[str, str]) -> tuple[str, bool, bool]:
         """Run one tool call: (answer text, ok, was a repeat). The model's mistakes come back as text."""
-        from .tools import ToolError
         key = f"{call['name']}{json.dumps(call['args'], sort_keys=True, default=str)}"
         if key in done:
             return f"already done, same answer: {done[key]}\nNow answer the operator in words.", True, True

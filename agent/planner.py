@@ -14,8 +14,9 @@ infeasible entries (memory, trust for the ends and the private prefix) set to +i
                   with the true objective. Fast (64 nodes x 80 layers well under a second), not
                   guaranteed optimal: the proposal says `exact=False`.
 
-Every returned plan has passed `policies.validate`. When none exists the planner raises
-`Infeasible` with the constraints that conflict, in words.
+Every returned plan has passed the validator (`policies.review`), and the proposal carries the
+validator's sealed plan, so applying it validates nothing again. When none exists the planner
+raises `Infeasible` with the constraints that conflict, in words.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, Report, Stage, effective_rules,
-                      validate)
+from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, Report, Stage, ValidatedPlan,
+                      effective_rules, review, validate)
 from policies.cluster import Node
 from policies.costmodel import StageShape, decode_ms, hop_ms, memory_bytes, node_price, objective_value, prefill_ms
 from policies.policy import Effective, UnknownDataClass
@@ -45,7 +46,9 @@ class Infeasible(Exception):
 
 @dataclass(frozen=True)
 class PlanProposal:
-    """The planner's answer: the plan (with estimates and fingerprint), its validator report, and how it was found."""
+    """The planner's answer: the plan (with estimates and fingerprint), its validator report, and how it was found.
+
+    validated: the validator's sealed plan (checked against `current` as the planner was given it)."""
     plan: PlacementPlan
     report: Report
     objective: str
@@ -53,6 +56,7 @@ class PlanProposal:
     exact: bool
     considered: int
     notes: tuple[str, ...] = ()
+    validated: ValidatedPlan | None = None
 
 
 @dataclass
@@ -331,11 +335,11 @@ def _search(nodes, cluster, policy, eff, model, intent, K, prices, current):
     scored.sort()
     for score, chain, bounds in scored:
         plan = _to_plan(tb, chain, bounds, model, intent, cluster)
-        report = validate(plan, cluster, policy, intent, model, current, prices)
-        if report.ok:
-            plan = plan.model_copy(update={"estimates": report.estimates})
+        report, validated = review(plan, cluster, policy, intent, model, current, prices)
+        if validated is not None:
             value = objective_value(intent.objective, report.estimates, intent.traffic)
-            return PlanProposal(plan, report, intent.objective, value, exact, len(pairs)), len(pairs)
+            return PlanProposal(validated.plan, report, intent.objective, value, exact, len(pairs),
+                                validated=validated), len(pairs)
     return None, len(pairs)
 
 

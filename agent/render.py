@@ -9,6 +9,7 @@ from policies import Cluster, PlacementPlan, Report
 
 
 def plan_table(plan: PlacementPlan, cluster: Cluster, title: str = "Placement plan") -> Table:
+    """The plan's stages with where they run and the cost model's memory and time per stage."""
     est = {i: s for i, s in enumerate(plan.estimates.stages)} if plan.estimates else {}
     t = Table(title=f"{title}: {plan.model} / data class {plan.data_class}")
     for col in ("#", "node", "layers", "where", "memory", "prefill", "decode"):
@@ -24,6 +25,7 @@ def plan_table(plan: PlacementPlan, cluster: Cluster, title: str = "Placement pl
 
 
 def print_report(console: Console, report: Report) -> None:
+    """The validator's verdict: violations, warnings and estimates."""
     style = "green" if report.ok else "red"
     console.print(f"[bold {style}]Validator: {len(report.violations)} violation(s), "
                   f"{len(report.warnings)} warning(s)[/]")
@@ -38,14 +40,17 @@ def print_report(console: Console, report: Report) -> None:
 
 
 def diff_table(rows, title: str = "Plan diff") -> Table:
-    """A terraform-style diff (agent.plan_diff rows): + placed, ~ moved, = unchanged, - removed."""
+    """A terraform-style diff of PlanDelta runs: + placed, ~ moved, = unchanged, - removed.
+
+    Layers show as people read them (last one included); weights are what travels for a move."""
     style = {"+": "green", "~": "yellow", "=": "dim", "-": "red"}
     t = Table(title=title)
-    for col in ("", "layers", "from", "to"):
-        t.add_column(col, no_wrap=True)
+    for col in ("", "layers", "from", "to", "weights"):
+        t.add_column(col, no_wrap=True, justify="right" if col == "weights" else "left")
     for r in rows:
         s = style.get(r.action, "")
-        t.add_row(f"[{s}]{r.action}[/]", f"{r.first_layer}-{r.last_layer}", r.old_node or "", r.new_node or "")
+        moved = f"{r.weight_bytes / 1e6:.1f} MB" if r.moves and r.weight_bytes else ""
+        t.add_row(f"[{s}]{r.action}[/]", f"{r.first_layer}-{r.last_layer}", r.src or "", r.dst or "", moved)
     return t
 
 

@@ -4,36 +4,56 @@ Any langchain chat model with `bind_tools` drives them. A tool answers in text t
 when the model got something wrong (bad arguments, a plan that breaks a rule, no plan possible) the
 tool raises ToolError and the agent's loop sends the message back, counting a failed attempt.
 apply_plan and rollback go through Agent.gate: the mode, the validator and the operator decide.
+
+This module does not import agent.agent (the agent imports it): the tools see the agent only
+through the AgentLike protocol below.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field, create_model
 
-from policies import IntentSpec, PlacementPlan, Stage, effective_rules, validate
+from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, Stage, ValidatedPlan, effective_rules,
+                      review)
 from policies.policy import UnknownDataClass
 
 from .planner import Infeasible
-
-if TYPE_CHECKING:
-    from .agent import Agent, Outcome
 
 
 class ToolError(Exception):
     """The model's mistake, in words it can act on."""
 
 
+class AgentLike(Protocol):
+    """What the tools use of agent.Agent."""
+    cluster: Cluster
+    policy: Policy
+    applied: list
+
+    def live_plan(self) -> PlacementPlan | None: ...
+    def model_for(self, spec: IntentSpec | None = None) -> ModelSpec: ...
+    def plan_spec(self, spec: IntentSpec) -> Any: ...
+    def gate(self, plan: PlacementPlan, spec: IntentSpec | None, mode: str | None = None,
+             validated: ValidatedPlan | None = None) -> Any: ...
+    def diff(self, plan: PlacementPlan, validated: ValidatedPlan | None = None) -> list: ...
+    def rollback(self, mode: str | None = None) -> Any: ...
+
+
 @dataclass
 class Workbench:
-    """What the tools share during one chat turn: the agent, the mode, and the candidate plan."""
-    agent: "Agent"
+    """What the tools share during one chat turn: the agent, the mode, and the candidate plan.
+
+    validated: the validator's sealed candidate, when the last check passed, so applying it does
+    not validate it again."""
+    agent: AgentLike
     mode: str
     candidate: PlacementPlan | None = None
     spec: IntentSpec | None = None
     emit: Callable[[str, Any], None] = lambda kind, data: None   # "plan" and "diff" events, for tables
+    validated: ValidatedPlan | None = None
 
 
 def _plan_text(plan: PlacementPlan) -> str:
@@ -43,7 +63,7 @@ def _plan_text(plan: PlacementPlan) -> str:
     return f"{plan.model} for data class {plan.data_class}: {plan.summary()}{est}"
 
 
-def _outcome_text(out: "Outcome") -> str:
+def _outcome_text(out: Any) -> str:
     diff = "\n".join(r.text() for r in out.diff)
     return f"{out.status}: {out.message}\n{diff}"
 
@@ -108,27 +128,26 @@ def make_tools(bench: Workbench) -> list[StructuredTool]:
         except Infeasible as e:
             raise ToolError("no valid plan: " + "; ".join(e.reasons) + ". Relax the intent (SLOs, exclusions, "
                             "tier) within the policy, or tell the operator.") from None
-        bench.candidate, bench.spec = proposal.plan, intent
+        bench.candidate, bench.spec, bench.validated = proposal.plan, intent, proposal.validated
         bench.emit("plan", (proposal.plan, proposal.report))
         return (f"proposed {_plan_text(proposal.plan)}\n{proposal.report.text()}\n"
                 "Next: diff_plans shows what would move; apply_plan only if the operator asked to apply.")
 
     def validate_plan(stages: list[Stage] | None = None, data_class: str | None = None) -> str:
         plan = _candidate(stages, data_class)
-        report = validate(plan, agent.cluster, agent.policy, bench.spec, agent.model_for(bench.spec),
-                          current=agent.live_plan())
-        if not report.ok:
+        report, validated = review(plan, agent.cluster, agent.policy, bench.spec, agent.model_for(bench.spec),
+                                   current=agent.live_plan())
+        if validated is None:
             raise ToolError(report.text() + "\nFix the stages (or call propose_plan) and try again.")
-        bench.candidate = plan.model_copy(update={"estimates": report.estimates})
+        bench.candidate, bench.validated = validated.plan, validated
         bench.emit("plan", (bench.candidate, report))
         return f"valid: {_plan_text(bench.candidate)}\n{report.text()}"
 
     def diff_plans() -> str:
-        from .agent import plan_diff
         if bench.candidate is None:
             raise ToolError("no plan to compare: call propose_plan first")
         live = agent.live_plan()
-        rows = plan_diff(live, bench.candidate)
+        rows = agent.diff(bench.candidate, bench.validated)
         bench.emit("diff", rows)
         head = "nothing is serving; the plan would place:" if live is None else f"from {live.summary()}:"
         return "\n".join([head] + [r.text() for r in rows])
@@ -136,17 +155,15 @@ def make_tools(bench: Workbench) -> list[StructuredTool]:
     def apply_plan() -> str:
         if bench.candidate is None:
             raise ToolError("no plan to apply: call propose_plan first")
-        out = agent.gate(bench.candidate, bench.spec, bench.mode)
+        out = agent.gate(bench.candidate, bench.spec, bench.mode, validated=bench.validated)
         if out.status == "rejected":
             raise ToolError(out.message + "\nFix the plan and try again.")
         return _outcome_text(out)
 
     def rollback() -> str:
-        from .agent import AgentError
-        try:
-            return _outcome_text(agent.rollback(bench.mode))
-        except AgentError as e:
-            raise ToolError(str(e)) from None
+        if not agent.applied:
+            raise ToolError("nothing to roll back: this agent has applied no plan")
+        return _outcome_text(agent.rollback(bench.mode))
 
     def _candidate(stages: list[Stage] | None, data_class: str | None) -> PlacementPlan:
         if stages is None:
