@@ -18,7 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jinja2
 from fastapi import FastAPI, Request, Security
@@ -115,25 +115,52 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+# One model per role, told apart by `role`, so that /openapi.json says what each needs (a user
+# message needs content, a tool message the call it answers). Participant names are not served
+# (the model never sees them): only a tool message takes `name`, the function's.
+
+class SystemMessage(_Strict):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: str | list[TextPart]
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
     content: str | list[TextPart] | None = None
-    tool_calls: list[ToolCall] | None = Field(None, description="assistant turns: the calls it made")
-    tool_call_id: str | None = Field(None, description="tool turns: the call answered")
-    name: str | None = Field(None, description="tool turns only: the function's name")
+    tool_calls: list[ToolCall] | None = Field(None, description="the calls it made")
     refusal: None = None
 
     @model_validator(mode="after")
     def _shape(self):
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id it answers")
-        if self.name is not None and self.role != "tool":
-            raise ValueError("name is served on tool messages only (the model sees no participant names)")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
         return self
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str = Field(description="the call answered")
+    name: str | None = Field(None, description="the function's name")
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def _union_member(part, before) -> bool:
+    """Whether a part of a validation error's location names a union member, not a JSON key: a
+    message's role after its index, a type (str, list[TextPart]) or a model class (TextPart)."""
+    if not isinstance(part, str):
+        return False
+    if isinstance(before, int) and part in ROLES:
+        return True
+    return part in ("str", "int", "float", "bool", "none") or "[" in part or part[:1].isupper()
 
 
 class FunctionDef(_Strict):
@@ -244,6 +271,13 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody, "description": "generation failed inside the engine (the message says how), or a bug "
                                              "in Continuo (the server logs it with its traceback)"},
     503: {"model": ErrorBody, "description": "the service cannot take requests (a worker died)"},
+}
+# stream=true answers 200 as server-sent events: `data: <chunk JSON>` lines, then `data: [DONE]`
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **RESPONSES,
+    200: {"description": "the completion; with stream=true, server-sent events (chunks, then [DONE])",
+          "content": {"text/event-stream": {"schema": {  # one event: its data is a chunk's JSON, or [DONE]
+              "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}}},
 }
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {500: _BUG}
 RECONFIGURE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -521,11 +555,17 @@ def create_app(service: Service, default_max_tokens: int = 256, *, api_keys: Ite
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError):
         e = exc.errors()[0]
-        param = ".".join(str(p) for p in e["loc"] if p != "body") or None
-        top = str(e["loc"][1]) if len(e["loc"]) > 1 else None
+        # pydantic puts the union member it tried into the location (messages.0.user.content,
+        # content.str, tool_choice.NamedToolChoice...); the client's JSON has no such key
+        loc = [p for i, p in enumerate(e["loc"]) if not _union_member(p, e["loc"][i - 1] if i else None)]
+        param = ".".join(str(p) for p in loc if p != "body") or None
+        top = str(loc[1]) if len(loc) > 1 else None
+        if e["type"] == "json_invalid":             # its location is a character offset, not a field
+            return _err(400, f"body: not valid JSON ({e.get('ctx', {}).get('error', e['msg'])} at character "
+                             f"{e['loc'][-1]})")
         if e["type"] == "extra_forbidden":
             msg = f"unsupported parameter '{param}': Continuo does not serve it"
-        elif top in UNSERVED and len(e["loc"]) == 2:
+        elif top in UNSERVED and len(loc) == 2:
             msg = f"{param}: not served by Continuo, {UNSERVED[top]}"
         elif e["type"] == "value_error":
             said = str(e["ctx"]["error"])
@@ -739,7 +779,7 @@ def create_app(service: Service, default_max_tokens: int = 256, *, api_keys: Ite
         return {"object": "list", "data": [{"id": service.model_name, "object": "model",
                                             "created": int(service.started), "owned_by": "continuo"}]}
 
-    @app.post("/v1/completions", **_protected(v1, RESPONSES))
+    @app.post("/v1/completions", **_protected(v1, GENERATION_RESPONSES))
     async def completions(body: CompletionRequest):
         check_model(body.model)
         if isinstance(body.prompt, str) and service.tokenizer is None:
@@ -757,7 +797,7 @@ def create_app(service: Service, default_max_tokens: int = 256, *, api_keys: Ite
             raise APIError(400, str(e), param=e.param) from None
         return await respond(body.prompt, body, False, grammar, "structured_outputs", body.logprobs, [])
 
-    @app.post("/v1/chat/completions", **_protected(v1, RESPONSES))
+    @app.post("/v1/chat/completions", **_protected(v1, GENERATION_RESPONSES))
     async def chat(body: ChatRequest):
         check_model(body.model)
         if service.tokenizer is None:

@@ -398,3 +398,24 @@ def test_out_of_vocabulary_token_ids_are_refused(local_app):
 def test_an_unknown_route_answers_in_openai_shape(local_app):
     r = local_app[1].get("/v2/models")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("messages, param, words", [
+    ([{"role": "user"}], "messages.0.content", "Field required"),
+    ([{"role": "user", "content": 3}], "messages.0.content", "valid string"),
+    ([{"role": "tool", "content": "x"}], "messages.0.tool_call_id", "Field required"),
+    ([{"role": "user", "content": "x", "name": "bob"}], "messages.0.name", "does not serve it"),
+    ([{"role": "assistant"}], "messages.0", "content or tool_calls"),
+    ([{"role": "wizard", "content": "x"}], "messages.0", "wizard"),
+])
+def test_message_errors_name_the_field_as_the_client_wrote_it(local_app, messages, param, words):
+    """The per-role message models are pydantic's union members: none of them shows in error.param."""
+    r = local_app[1].post("/v1/chat/completions", json={"model": "tiny-smol", "messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+
+
+def test_broken_json_says_where(local_app):
+    r = local_app[1].post("/v1/completions", content=b'{"model": "tiny-smol", "prompt": }',
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] is None
+    assert r.json()["error"]["message"].startswith("body: not valid JSON (") and "at character 33" in r.text
