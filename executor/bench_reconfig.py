@@ -1,14 +1,21 @@
 """`continuo bench reconfig`: live migration vs stop-and-copy, recompute and restart, measured
 side by side on one service under a steady load of concurrent streaming requests.
 
-For each method the same closed-loop workload runs twice: once steady (the reference: token
-gaps, TTFT, TPOT and the greedy outputs) and once with a series of reconfigurations of every
-kind (move a boundary by one layer, add an idle node, remove a node, change the stage count).
-Figures, all ratios to the steady run of the same method:
-  downtime_ratio  longest token gap of any request in flight during a reconfiguration / steady p50 gap
+For each method a closed-loop workload runs with a series of reconfigurations of every kind (move
+a boundary by one layer, add an idle node, remove a node, change the stage count), then the same
+submissions again with none (the reference: token gaps, TTFT, TPOT and the greedy outputs).
+Every method runs the same series from the same starting plan; the load keeps going until the
+series is over, so no method skips a reconfiguration. After each reconfiguration the series waits
+a quiet spell at least as long as it took; that spell is its control window.
+Figures:
+  downtime_ratio  longest token gap of any request in flight during a reconfiguration / the same
+                  statistic over an equally long quiet window of the same run, right after it
+                  (1.0: indistinguishable from ordinary jitter)
+  gap_vs_median   the same longest gap / the steady run's median gap (the old, control-free figure)
   ttft_ratio, tpot_ratio   p50 of requests that overlap a reconfiguration / steady p50
-  bandwidth_vs_copy        bytes moved / moving time (the longest any receiving worker spent in its
-                           receives), over a plain copy of as many bytes between two workers
+  bandwidth_vs_copy        bytes moved (the receiving workers' own count of every tensor) / moving time
+                           (the longest any receiving worker spent in its receives), over a plain copy
+                           of as many bytes between two workers
   identical        every request's greedy tokens equal the steady run's
 """
 from __future__ import annotations
@@ -21,7 +28,7 @@ from concurrent.futures import Future
 
 import torch
 
-from policies import ModelSpec, PlacementPlan, Stage, approve, load_cluster, load_policy
+from policies import IntentSpec, ModelSpec, PlacementPlan, Stage, Traffic, approve, load_cluster, load_policy
 
 from .engine import EngineConfig, RequestOutput, SamplingParams
 from .migration import RoundEnd
@@ -42,10 +49,10 @@ def series(L: int) -> list[list[tuple[str, int, int]]]:
             [("edge-a", 0, h - 1), ("edge-b", h, L - 1)]]                                     # back to two
 
 
-def _plan(stages, cluster, policy, spec, model, current=None):
+def _plan(stages, cluster, policy, spec, model, intent, current=None):
     p = PlacementPlan(model=model, data_class="public", cluster_fingerprint=cluster.fingerprint(),
                       stages=tuple(Stage(node=n, first_layer=a, last_layer=b) for n, a, b in stages))
-    return approve(p, cluster, policy, None, spec, current=current)
+    return approve(p, cluster, policy, intent, spec, current=current)
 
 
 def _phase_at(report, t: float | None) -> str | None:
@@ -66,35 +73,43 @@ def _pct(xs, q):
 
 
 class Load:
-    """A closed loop of `concurrency` streaming requests over a fixed list of prompts."""
+    """A closed loop of `concurrency` streaming requests over a list of prompts: each once, or, with
+    `until`, cycling through them until that event is set (submission j runs prompt j % len)."""
 
-    def __init__(self, svc: Service, prompts: list[list[int]], max_tokens: list[int], concurrency: int):
-        self.svc, self.prompts, self.max_tokens, self.conc = svc, prompts, max_tokens, concurrency
+    def __init__(self, svc: Service, prompts: list[list[int]], max_tokens: list[int], concurrency: int,
+                 until: threading.Event | None = None):
+        self.svc, self.prompts, self.max_tokens, self.conc, self.until = svc, prompts, max_tokens, concurrency, until
         self.outs: dict[int, RequestOutput] = {}
         self.errors: dict[int, str] = {}
         self.next = 0
         self.lock = threading.Lock()
         self.all_done = Future()
-        self.finished = 0
+        self.submitted = self.finished = 0
+
+    def _more(self) -> bool:
+        return self.next < len(self.prompts) if self.until is None else not self.until.is_set()
 
     def _submit(self) -> None:
         with self.lock:
-            if self.next >= len(self.prompts):
+            if not self._more():
                 return
-            i, self.next = self.next, self.next + 1
+            j, self.next = self.next, self.next + 1
+            self.submitted += 1
+        i = j % len(self.prompts)
         self.svc.submit(self.prompts[i], SamplingParams(max_tokens=self.max_tokens[i], ignore_eos=True),
-                        Listener(on_done=lambda out, err, i=i: self._done(i, out, err)))
+                        Listener(on_done=lambda out, err, j=j: self._done(j, out, err)))
 
-    def _done(self, i, out, err) -> None:
+    def _done(self, j, out, err) -> None:
         if err:
-            self.errors[i] = err
+            self.errors[j] = err
         else:
-            self.outs[i] = out
+            self.outs[j] = out
         with self.lock:
             self.finished += 1
-            over = self.finished == len(self.prompts)
+            over = not self._more() and self.finished == self.submitted
         if over:
-            self.all_done.set_result(True)
+            if not self.all_done.done():
+                self.all_done.set_result(True)
         else:
             threading.Thread(target=self._submit, daemon=True).start()
 
@@ -103,7 +118,20 @@ class Load:
             self._submit()
         if during:
             during()
+            if self.until is not None:
+                self.until.set()
         self.all_done.result(timeout)
+
+
+def worst_gap(outs, w0: float, w1: float) -> tuple[float, float | None]:
+    """The longest token gap of any request that ends inside [w0, w1] or spans it, and when it ended."""
+    worst, at = 0.0, None
+    for o in outs:
+        ts = o.token_times
+        for a, b in zip(ts, ts[1:]):
+            if b >= w0 and a <= w1 and b - a > worst:
+                worst, at = b - a, b
+    return worst, at
 
 
 def _plain_copy_gbs(svc: Service, nbytes: int) -> float:
@@ -142,8 +170,11 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
     steps = series(cfg.num_layers)
     torch.set_num_threads(1)
     ec = EngineConfig(max_num_seqs=concurrency, max_model_len=512, num_kv_blocks=256, block_size=16)
+    # the plan's traffic sizes every stage's KV pool (the validator reserves it, the executor allocates
+    # it): `concurrency` requests of up to 512 tokens, i.e. 256 blocks of 16
+    intent = IntentSpec(data_class="public", traffic=Traffic(concurrency=concurrency, context_tokens=512))
     console.print(f"starting 3 workers for {cfg.num_layers}-layer model; plan {steps[0]}")
-    svc = Service.launch(cluster, _plan(steps[0], cluster, policy, spec, "smollm2-135m"), source, ec,
+    svc = Service.launch(cluster, _plan(steps[0], cluster, policy, spec, "smollm2-135m", intent), source, ec,
                          threads_per_worker=1)
     tok = svc.tokenizer
     topics = ["the sea", "a mountain", "bread", "trains", "winter", "a library", "bees", "the moon", "rain",
@@ -154,40 +185,56 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
     results = {}
     try:
         for method in methods or METHODS:
-            steady = Load(svc, prompts, lengths, concurrency)
-            steady.run()
-            ref = {i: o.token_ids for i, o in steady.outs.items()}
-            gaps = [g for o in steady.outs.values() for g in o.gaps]
-            p50_gap = statistics.median(gaps)
-            s_ttft = statistics.median(o.ttft for o in steady.outs.values())
-            s_tpot = statistics.median(o.tpot for o in steady.outs.values() if o.tpot)
-            reports = []
+            # a first steady pass sizes the pauses between reconfigurations
+            warm = Load(svc, prompts, lengths, concurrency)
+            warm.run()
+            p50_gap = statistics.median(g for o in warm.outs.values() for g in o.gaps)
+            reports, controls = [], []
 
             def reconfigure_series():
                 for _ in range(repeats):
                     for stages in steps[1:]:
-                        time.sleep(6 * p50_gap)          # let decoding run between reconfigurations
-                        if load.all_done.done():
-                            return
-                        v = _plan(stages, cluster, policy, spec, "smollm2-135m", current=svc.plan.plan)
-                        reports.append(svc.reconfigure(v, method=method))
-            load = Load(svc, prompts, lengths, concurrency)
+                        v = _plan(stages, cluster, policy, spec, "smollm2-135m", intent, current=svc.plan.plan)
+                        r = svc.reconfigure(v, method=method)
+                        reports.append(r)
+                        # the quiet spell after it: a few steps for the switch's after-effects (cleanup,
+                        # the first steps of a new stage), then a control window as long as it took
+                        span = (r.ended or r.started) - r.started
+                        settle_s = 4 * p50_gap
+                        q0 = (r.ended or r.started) + settle_s
+                        controls.append((q0, q0 + span))
+                        time.sleep(settle_s + max(span, 6 * p50_gap))
+            load = Load(svc, prompts, lengths, concurrency, until=threading.Event())
             load.run(during=reconfigure_series)
-            windows = [(r.started, r.ended or r.started) for r in reports if r.state == "done"]
-            downtimes, overlap, each = [], [], []
-            for r in (r for r in reports if r.state == "done"):
-                w0, w1 = r.started, r.ended or r.started
-                worst, at = 0.0, None
-                for o in load.outs.values():
-                    ts = o.token_times
-                    for a, b in zip(ts, ts[1:]):
-                        if b >= w0 and a <= w1 and b - a > worst:
-                            worst, at = b - a, b
-                downtimes.append(worst / p50_gap)
-                each.append({"delta": r.delta, "downtime_ratio": round(worst / p50_gap, 2),
+            # The steady reference replays the very same submissions in the same order with no
+            # reconfiguration, so both runs batch alike: greedy tokens are compared request by request
+            # (fp32 kernels differ with the batch's row count, so a prompt run beside other batch mates
+            # can flip a near-tie; that is not what this figure is about).
+            order = [j % len(prompts) for j in range(load.submitted)]
+            steady = Load(svc, [prompts[i] for i in order], [lengths[i] for i in order], concurrency)
+            steady.run()
+            gaps = [g for o in steady.outs.values() for g in o.gaps]
+            p50_gap = statistics.median(gaps)
+            s_ttft = statistics.median(o.ttft for o in steady.outs.values())
+            s_tpot = statistics.median(o.tpot for o in steady.outs.values() if o.tpot)
+            done = [(r, c) for r, c in zip(reports, controls) if r.state == "done"]
+            windows = [(r.started, r.ended or r.started) for r, _ in done]
+            outs = list(load.outs.values())
+            downtimes, vs_median, each = [], [], []
+            for r, (c0, c1) in done:
+                worst, at = worst_gap(outs, r.started, r.ended or r.started)
+                quiet, _ = worst_gap(outs, c0, c1)
+                quiet = quiet or p50_gap
+                downtimes.append(worst / quiet)
+                vs_median.append(worst / p50_gap)
+                each.append({"delta": r.delta, "downtime_ratio": round(worst / quiet, 2),
+                             "gap_vs_median": round(worst / p50_gap, 2),
+                             "worst_gap_ms": round(1e3 * worst, 1), "control_worst_gap_ms": round(1e3 * quiet, 1),
+                             "window_ms": round(1e3 * ((r.ended or r.started) - r.started), 1),
                              "pause_ms": None if r.pause_s is None else round(1e3 * r.pause_s, 1),
                              "worst_gap_ends_in": _phase_at(r, at)})
-            for o in load.outs.values():
+            overlap = []
+            for o in outs:
                 end = o.token_times[-1] if o.token_times else o.arrival
                 if any(o.arrival <= w1 and end >= w0 for w0, w1 in windows):
                     overlap.append(o)
@@ -198,10 +245,14 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
             results[method] = {
                 "downtime_ratio_p50": statistics.median(downtimes) if downtimes else None,
                 "downtime_ratio_p99": _pct(downtimes, .99) if downtimes else None,
+                "gap_vs_median_p50": statistics.median(vs_median) if vs_median else None,
                 "ttft_ratio_p50": statistics.median(o.ttft for o in overlap) / s_ttft if overlap else None,
                 "tpot_ratio_p50": statistics.median(o.tpot for o in overlap if o.tpot) / s_tpot if overlap else None,
                 "bandwidth_vs_copy": bw / plain if bw and plain else None,
-                "identical": all(load.outs.get(i) is not None and load.outs[i].token_ids == ref[i] for i in ref),
+                "identical": all(o.token_ids == steady.outs[j].token_ids for j, o in load.outs.items()
+                                 if j in steady.outs),
+                "requests_differing": sum(o.token_ids != steady.outs[j].token_ids for j, o in load.outs.items()
+                                          if j in steady.outs),
                 "requests_failed": len(load.errors),
                 "requests": len(load.outs) + len(load.errors),
                 "reconfigurations": len(reports), "aborted": sum(r.state == "aborted" for r in reports),
@@ -213,13 +264,15 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
             console.print(f"{method}: {json.dumps(results[method])}")
     finally:
         svc.close()
-    t = Table(title="Reconfiguration under load (ratios to the steady run of the same method)")
-    for col in ("method", "downtime p50", "downtime p99", "TTFT", "TPOT", "bw vs copy", "pause p50", "identical",
+    t = Table(title="Reconfiguration under load (downtime: worst gap during / in an equally long quiet window; "
+                    "TTFT, TPOT: to the steady run)")
+    for col in ("method", "downtime p50", "downtime p99", "gap/median", "TTFT", "TPOT", "bw vs copy", "pause p50", "identical",
                 "failed"):
         t.add_column(col, justify="right")
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     for m, r in results.items():
-        t.add_row(m, fmt(r["downtime_ratio_p50"]), fmt(r["downtime_ratio_p99"]), fmt(r["ttft_ratio_p50"]),
+        t.add_row(m, fmt(r["downtime_ratio_p50"]), fmt(r["downtime_ratio_p99"]), fmt(r["gap_vs_median_p50"]),
+                  fmt(r["ttft_ratio_p50"]),
                   fmt(r["tpot_ratio_p50"]), fmt(r["bandwidth_vs_copy"]), fmt(r["pause_ms_p50"], "{:.1f} ms"),
                   str(r["identical"]), f"{r['requests_failed']}/{r['requests']}")
     console.print(t)

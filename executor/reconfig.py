@@ -165,8 +165,12 @@ class Reconfiguration:
                 for n, b in batches.items():
                     works += self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))
                 if commit:
-                    replies = self.rt.collect(nodes)
-                    self.report.transfer_s = max((r.get("recv_s", 0.0) for r in replies if r), default=0.0)
+                    replies = [r for r in self.rt.collect(nodes) if r]
+                    self.report.transfer_s = max((r.get("recv_s", 0.0) for r in replies), default=0.0)
+                    # what moved is what the receivers counted, tensor by tensor (embedding, norm and
+                    # LM head included), not an estimate from layer sizes
+                    self.report.bytes_moved = {"weights": sum(r.get("weight_bytes_in", 0) for r in replies),
+                                               "kv": sum(r.get("kv_bytes_in", 0) for r in replies)}
             finally:
                 # Sends already under way must finish even if a later one failed: a dropped send
                 # leaves its receiver holding half a message and the channel out of step.
@@ -187,7 +191,6 @@ class Reconfiguration:
                 if self.weights == "pull" and mv.src not in self.rt.dead:
                     pulls.append((mv.start, mv.stop, self.rt.ranks[mv.src]))
                     per[mv.src].append(SendWeights(self.rid, mv.start, mv.stop, self.rt.ranks[node]))
-                    self.report.bytes_moved["weights"] += int(self.rt.layer_bytes * (mv.stop - mv.start))
                 else:
                     loads.append((mv.start, mv.stop))
             per[node].append(Prepare(self.rid, start, end, tuple(pulls), tuple(loads), self.source, self.dtype,
@@ -209,8 +212,6 @@ class Reconfiguration:
                 else:
                     per[src].append(SendKV(self.rid, (x, y), since, self.rt.ranks[node]))
                     per[node].append(RecvKV(self.rid, self.rt.ranks[src]))
-                    self.report.bytes_moved["kv"] += int(self.rt.kv_bytes_per_token_layer * (y - x)
-                                                         * tokens)
         self.round += 1
         self._issue(per, commit)
         self.copied.update(lens)

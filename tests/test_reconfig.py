@@ -82,6 +82,15 @@ def test_every_kind_of_live_reconfiguration_keeps_outputs(reference):
             # every step moves layers; the workers' own receive time is what bandwidth is measured over
             assert 0 < r.transfer_s < sum(r.phases.values()) and r.bandwidth_gbs > 0
         assert layers(svc) == {"edge-a": [[0, 4]], "edge-b": [[4, 7]], "cloud-1": []}
+        # bytes moved are the receivers' count of every tensor: layers 0-3 went edge-b -> cloud-1 in
+        # the one-stage step, with the embedding; then cloud-1 -> edge-a (0-3) and -> edge-b (4-6),
+        # the norm and LM head with the last
+        from executor.model import hf_names
+        size = lambda a, b: sum(t.numel() * t.element_size()  # noqa: E731
+                                for t in SRC.load(hf_names(CFG, a, b)).values())
+        assert reports[3].bytes_moved["weights"] == size(0, 4)
+        assert reports[4].bytes_moved["weights"] == size(0, 7)
+        assert any(r.bytes_moved["kv"] > 0 for r in reports)
     finally:
         svc.close()
 
