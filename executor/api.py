@@ -327,7 +327,9 @@ _TOKEN = re.compile(r"[\x21-\x7e]+")          # visible ASCII, no spaces: what f
 class Credentials:
     """The tokens one kind of credential accepts, compared in constant time."""
 
-    def __init__(self, tokens: Iterable[str] | None, what: str):
+    def __init__(self, tokens: Iterable[str] | str | None, what: str):
+        if isinstance(tokens, str):             # one token, not one per character
+            tokens = [tokens]
         tokens = [t for t in (tokens or ()) if t]
         for t in tokens:
             if not _TOKEN.fullmatch(t):

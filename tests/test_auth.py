@@ -219,6 +219,8 @@ def test_comparison_is_constant_time_over_every_key(monkeypatch):
     assert len(calls) == 9 and set(calls) == {(32, 32)}
     with pytest.raises(ValueError):
         Credentials(["has space"], "api_keys")
+    one = Credentials("single-key", "api_keys")       # a lone string is one key, not one per character
+    assert one.accepts("single-key") and not one.accepts("s")
 
 
 def test_openapi_documents_the_schemes_and_401_403(local_service):
