@@ -264,6 +264,7 @@ def sample(logits: torch.Tensor, seqs: Sequence[Request]) -> list[int]:
             sorted_p, idx = probs.sort(descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
+            keep[0] = True          # a top_p below float32's range compares as 0 and would keep nothing
             probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
         out[b] = int(torch.multinomial(probs, 1, generator=seq.generator))
     return out

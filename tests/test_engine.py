@@ -151,3 +151,43 @@ def test_a_newcomer_prefill_never_stalls_running_streams(stages):
     assert [done[a], done[b]] == alone(stages, [[1, 2, 3], list(range(20, 45))], GREEDY)
     with pytest.raises(ValueError, match="at least 1"):
         EngineConfig(max_prefill_tokens_decoding=0)
+
+
+def test_sampling_survives_extreme_top_p_and_temperature(stages):
+    """A top_p far below any token's mass keeps the most likely token (found by fuzzing the API:
+    6.37e-50 is 0 in float32, and no token was kept); a tiny temperature is near-greedy."""
+    eng = engine(stages)
+    greedy = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    tiny_p = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.11,
+                                                      top_p=6.37e-50, seed=1))[0].token_ids
+    cold = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=6, ignore_eos=True, temperature=1e-4, seed=1))[0]
+    assert tiny_p == greedy and cold.token_ids == greedy
+
+
+def test_a_bug_in_a_step_fails_the_requests_instead_of_hanging(stages):
+    """Not a dead worker but our own bug inside a step: every in-flight request ends with the error,
+    the service says it is degraded, and nothing waits forever."""
+    from concurrent.futures import Future
+
+    from executor.service import Listener, Service, ServiceUnavailable
+
+    class Broken:
+        start, end = 0, CFG.num_layers
+
+        def forward(self, batch, x):
+            raise IndexError("a bug in a stage")
+
+        def free(self, req_ids):
+            pass
+
+    svc = Service(Engine([Broken()], EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=64)), "broken")
+    try:
+        done: Future = Future()
+        svc.submit([1, 2, 3], GREEDY, Listener(on_done=lambda out, err: done.set_result((out, err))))
+        out, err = done.result(10)
+        assert out is None and "IndexError: a bug in a stage" in err
+        assert svc.health()["status"] == "degraded"
+        with pytest.raises(ServiceUnavailable):
+            svc.submit([1], GREEDY, Listener())
+    finally:
+        svc.close()
