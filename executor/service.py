@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import traceback
 
 import torch
 import time
@@ -98,6 +99,10 @@ class EngineLoop(threading.Thread):
                     done = self.engine.step()
                 except WorkerDied as e:
                     self.fail_all(e)
+                    continue
+                except Exception as e:      # our bug: say so loudly, fail what is in flight, never hang
+                    traceback.print_exc()
+                    self.fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
                     continue
                 for out in done:
                     lst = self.listeners.pop(out.req_id, None)
