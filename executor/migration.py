@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+# torch imports these lazily on the first empty_like of a meta tensor (_empty_parts); a first import
+# that runs out of memory half-way leaves a broken module in sys.modules for good, so a worker that
+# once failed a Prepare for memory could never prepare again. Imported here, at start-up.
+import torch.fx.experimental.symbolic_shapes  # noqa: F401
 from torch import nn
 
 from .kvcache import KVCache
@@ -114,6 +118,14 @@ class Abort:
     rid: int
 
 
+@dataclass(frozen=True)
+class InjectFault:
+    """Fault injection (benchmarks and tests only): `cut` makes this worker's next bulk receive fail
+    as a cut connection would (ConnectionResetError); `clear` forgets a pending fault. Simulated:
+    the peer's socket stays up."""
+    what: str
+
+
 # --- building stages from parts -------------------------------------------------------------------
 
 def stage_parts(model: StageModel) -> dict[Any, nn.Module]:
@@ -149,6 +161,25 @@ def _empty_parts(cfg: ModelConfig, a: int, b: int, dtype: torch.dtype) -> dict[A
             if isinstance(lin, Linear):
                 lin.relayout(copy=False)      # received straight into the serving layout
     return parts
+
+
+def _meta_parts(cfg: ModelConfig, a: int, b: int) -> dict[Any, nn.Module]:
+    with torch.device("meta"):
+        parts: dict[Any, nn.Module] = {("layer", i): DecoderLayer(cfg, i) for i in range(a, b)}
+        if a == 0:
+            parts["embed"] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if b == cfg.num_layers:
+            parts["norm"] = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            parts["head"] = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    return parts
+
+
+def _warm_up() -> None:
+    """Run the weight prepacking once at start-up: oneDNN sets itself up on first use, and a first use
+    that runs out of memory (a node's first Prepare) leaves it unable to create primitives for good."""
+    lin = Linear(16, 16, bias=False)
+    lin.relayout()
+    lin.pack()
 
 
 def _tensors(parts: dict[Any, nn.Module]) -> list[torch.Tensor]:
@@ -203,6 +234,8 @@ class Migrator:
         self.m: Migration | None = None          # the reconfiguration under way
         self.by_rid: dict[int, Migration] = {}   # ...and aborted ones whose transfers still drain
         self.sends: list = []
+        self.cut_next = False                    # InjectFault("cut"): the next bulk receive fails
+        _warm_up()
         threading.Thread(target=self._run, name="migrator", daemon=True).start()
 
     # called on the worker's main thread -------------------------------------------------------
@@ -230,7 +263,12 @@ class Migrator:
             # skip; the tags of this reconfiguration keep stray messages out of later ones.
             m.aborted, m.error = True, m.error or "aborted"
             self.m = None
-            return {"freed_bytes": 0}
+            # An abort after this node committed (another node's commit failed in the same switch):
+            # the driver's route never changed, so the old stage, untouched since, serves again.
+            rolled_back = m.retired is not None or (m.empty and self.worker.stage is None)
+            if m.retired is not None:
+                self.worker.stage, m.retired = m.retired, None
+            return {"freed_bytes": 0, "rolled_back": rolled_back}
         if isinstance(msg, Cleanup):
             self._join()
             freed = 0
@@ -276,12 +314,13 @@ class Migrator:
             pass
         while True:
             msg = self.tasks.get()
-            # Tasks of an aborted reconfiguration still run, so that the peer waiting on this
-            # transfer is not left hanging; what they build is dropped.
+            # Tasks of an aborted or failed reconfiguration still run their transfers, so that the
+            # peer waiting on one is not left hanging: a gloo wait that times out closes the pair
+            # between the two workers for good. What they build is dropped.
             m = self.by_rid.get(msg.rid)
             t0 = time.perf_counter()
             try:
-                if m is not None and (m.error is None or m.aborted):
+                if m is not None:
                     self._do(m, msg)
                     if DEBUG:
                         print(f"[{self.node}] {type(msg).__name__} {1e3 * (time.perf_counter() - t0):.1f} ms",
@@ -311,6 +350,27 @@ class Migrator:
                                    "aborted" if m is None or m.aborted else err or "ok")
                 self.tasks.task_done()
 
+    def inject(self, what: str) -> None:
+        if what not in ("cut", "clear"):
+            raise ValueError(f"unknown fault {what!r}")
+        self.cut_next = what == "cut"
+
+    def _recv_check(self, drain) -> None:
+        """A pending simulated cut: what the peer sends is received (so the channel stays in step) and
+        dropped, and the transfer fails as a reset connection would."""
+        if self.cut_next:
+            self.cut_next = False
+            drain()
+            raise ConnectionResetError(f"{self.node}: bulk transfer connection reset by peer (simulated cut)")
+
+    def _drain_weights(self, cfg, a: int, b: int, owner: int, tag: int, dtype) -> None:
+        """Receive and drop layers [a, b) from their owner, one tensor at a time (the peak is one
+        tensor: this runs when the full allocation failed)."""
+        with torch.device("meta"):
+            shapes = [t.shape for t in _tensors(_meta_parts(cfg, a, b))]
+        for shape in shapes:
+            recv_into(torch.empty(shape, dtype=dtype), owner, self.group, tag, TRANSFER_TIMEOUT_S)
+
     def _do(self, m: Migration, msg) -> None:
         w = self.worker
         if isinstance(msg, Prepare):
@@ -325,6 +385,7 @@ class Migrator:
             self.sends += _send_payload(payload, msg.dst, self.group, msg.rid)
             m.bytes_out += payload["k"].numel() * payload["k"].element_size() * 2
         elif isinstance(msg, RecvKV):
+            self._recv_check(lambda: _recv_payload(msg.src, self.group, msg.rid))
             t0 = time.perf_counter()
             payload = _recv_payload(msg.src, self.group, msg.rid)
             m.recv_s += time.perf_counter() - t0
@@ -348,8 +409,24 @@ class Migrator:
             return
         dtype = getattr(torch, msg.dtype)
         parts = stage_parts(w.stage.model) if w.stage is not None else {}
-        for a, b, owner in msg.pulls:
-            got = _empty_parts(w.cfg, a, b, dtype)
+        for n, (a, b, owner) in enumerate(msg.pulls):
+            # The owners send whatever happens here: on any failure the rest is taken in and dropped,
+            # or their waits time out, and a gloo timeout closes the channel between two nodes for good.
+            try:
+                if m.error is not None and not m.aborted:
+                    raise RuntimeError(m.error)
+                got = _empty_parts(w.cfg, a, b, dtype)
+            except BaseException:
+                for a2, b2, owner2 in msg.pulls[n:]:
+                    self._drain_weights(w.cfg, a2, b2, owner2, msg.rid, dtype)
+                raise
+            try:
+                self._recv_check(lambda: self._drain_weights(w.cfg, a, b, owner, msg.rid, dtype))
+            except BaseException:
+                del got
+                for a2, b2, owner2 in msg.pulls[n + 1:]:
+                    self._drain_weights(w.cfg, a2, b2, owner2, msg.rid, dtype)
+                raise
             t0 = time.perf_counter()
             for t in _tensors(got):
                 recv_into(t, owner, self.group, msg.rid, TRANSFER_TIMEOUT_S)
@@ -379,6 +456,8 @@ class Migrator:
         return cache.read(reqs, range(*layers), {r: since[r] for r in reqs})
 
     def _write(self, m: Migration, payload: dict) -> None:
+        if m.pending is None:         # its Prepare failed or it was aborted: received, dropped
+            return
         with m.lock:
             keep = [i for i, r in enumerate(payload["reqs"]) if r not in m.freed]
             if len(keep) < len(payload["reqs"]):

@@ -139,11 +139,14 @@ class Reconfiguration:
                     raise WorkerDied(n, self.rt.dead.get(n, "process exited"))
             if time.perf_counter() - self.report.started > self.timeout_s:
                 raise ReconfigurationError(f"timed out after {self.timeout_s:g} s waiting for {', '.join(nodes)}")
-            if self.rt.store.check(keys):
-                for k, n in zip(keys, nodes):
-                    v = self.rt.store.get(k).decode()
-                    if v != "ok":
-                        raise ReconfigurationError(f"{n}: {v}")
+            # A node that failed its round fails the reconfiguration at once, without waiting for
+            # the others (a peer may be waiting on a transfer that node will never finish).
+            posted = [(k, n) for k, n in zip(keys, nodes) if self.rt.store.check([k])]
+            for k, n in posted:
+                v = self.rt.store.get(k).decode()
+                if v != "ok":
+                    raise ReconfigurationError(f"{n}: {v}")
+            if len(posted) == len(keys):
                 self.waiting_for = None
                 return True
             if not blocking:
@@ -161,11 +164,21 @@ class Reconfiguration:
         batches = {n: tuple(sorted(per_node.get(n, []), key=lambda m: order[type(m)])) + (end,) for n in nodes}
         with self.rt.lock:
             works: list = []
+            sent, died = [], None
             try:
                 for n, b in batches.items():
-                    works += self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))
+                    # past a node that cannot be reached the others still get theirs: in the switch
+                    # they commit and reply, and those replies must be read (and their commits undone
+                    # by the abort), or their channels stay out of step
+                    try:
+                        works += self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))
+                        sent.append(n)
+                    except WorkerDied as e:
+                        died = died or e
                 if commit:
-                    replies = [r for r in self.rt.collect(nodes) if r]
+                    replies = [r for r in self.rt.collect(sent) if r]
+                    if died is not None:
+                        raise died
                     self.report.transfer_s = max((r.get("recv_s", 0.0) for r in replies), default=0.0)
                     # what moved is what the receivers counted, tensor by tensor (embedding, norm and
                     # LM head included), not an estimate from layer sizes
@@ -175,6 +188,8 @@ class Reconfiguration:
                 # Sends already under way must finish even if a later one failed: a dropped send
                 # leaves its receiver holding half a message and the channel out of step.
                 failed = settle(works)
+            if died is not None:
+                raise died
             if failed is not None:
                 raise failed
         self.waiting_for = None if commit else (self.round, nodes)

@@ -122,7 +122,16 @@ class NodeRuntime:
 
     def collect(self, nodes: Sequence[str]) -> list:
         """The replies of several workers to commands already sent to all of them."""
-        replies = [(n, self._guard(n, lambda n=n: recv_obj(self.ranks[n]))) for n in nodes]
+        # Every reply is read even when one fails (a dead worker): an unread reply would be taken
+        # for the answer to that node's next command, and its channel would stay out of step.
+        replies, died = [], None
+        for n in nodes:
+            try:
+                replies.append((n, self._guard(n, lambda n=n: recv_obj(self.ranks[n]))))
+            except WorkerDied as e:
+                died = died or e
+        if died is not None:
+            raise died
         bad = [f"{n}: {r.error}" for n, r in replies if not r.ok]
         if bad:
             raise WorkerError("; ".join(bad))

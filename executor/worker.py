@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import transport
-from .migration import Abort, BenchCopy, Cleanup, Commit, CopyKV, Migrator, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
+from .migration import Abort, BenchCopy, Cleanup, Commit, CopyKV, InjectFault, Migrator, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
 from .transport import (DRIVER, JOIN_TOKEN_ENV, DropStage, JoinRefused, Free, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, join, recv_obj,
                         recv_tensor, send_obj, send_tensor, wait_all)
 
@@ -139,6 +139,10 @@ class Worker:
             self.stage.free(msg.req_ids)
         self.migrator.free(msg.req_ids)
 
+    def inject_fault(self, msg: InjectFault) -> Reply:
+        self.migrator.inject(msg.what)
+        return Reply(True, None)
+
     def migrate(self, msg) -> Reply:
         return Reply(True, self.migration(msg))
 
@@ -177,8 +181,9 @@ class Worker:
 
 
 METHODS = {LoadStage: "load", Stats: "stats", DropStage: "drop_stage", Step: "step", Free: "free",
+           InjectFault: "inject_fault",
            **{m: "migrate" for m in MIGRATION_MESSAGES}}
-REPLIED_TYPES = (LoadStage, Stats, DropStage, *REPLIED)   # the driver waits for a Reply to these
+REPLIED_TYPES = (LoadStage, Stats, DropStage, InjectFault, *REPLIED)   # the driver waits for a Reply to these
 
 
 def pick_device(want: str, rank: int) -> str:

@@ -1,0 +1,24 @@
+"""Faults during live reconfiguration under streaming load (executor/bench_faults.py, short): one
+case per fast fault kind. No request may be lost or silently altered, and every fault before the
+commit must leave the old plan serving, its workers on their old layers, and the destination able
+to take part in the next (fault-free) reconfiguration."""
+from executor.bench_faults import run
+
+
+def test_faults_before_the_commit_abort_cleanly_and_lose_nothing():
+    res = run(cases=[("cut", "preparing"), ("cut", "pre-copying"),
+                     # a cut in the switch: the source commits, the destination fails its commit; the
+                     # abort must undo the source's commit, or the next step finds it on the new layers
+                     ("cut", "switching"),
+                     # a destination killed as the switch starts: the other nodes' commit replies must
+                     # still be read and their commits undone, or the driver hangs on their channels
+                     ("kill", "switching"),
+                     ("timeout", "preparing")], quiet=True, stop_s=2.5)
+    assert res["lost"] == 0 and res["altered"] == 0 and res["hung"] == 0
+    assert res["failed_unclear"] == 0
+    for kind, by in res["by_phase"].items():
+        for phase, r in by.items():
+            assert r["aborted_cleanly"] == r["cases"] == 1, (kind, phase, r)
+            assert r["old_plan_kept_pre_switch"] == "1/1" and r["serving_after"] == "1/1", (kind, phase, r)
+    assert res["kinds"]["cut"]["recovered"] == "3/3"      # the channel stayed in step after the cut
+    assert res["reconfigurations"] >= 9
