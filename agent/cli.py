@@ -148,6 +148,15 @@ def bench_reconfig_cmd(as_json: bool = typer.Option(False, "--json"),
     run(as_json=as_json, repeats=repeats, methods=method or None)
 
 
+@bench_app.command("faults", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_faults_cmd(ctx: typer.Context):
+    """Live reconfigurations under load with a worker killed, a transfer cut, a destination out of memory
+    or a stall, in each phase: aborted cleanly, identical, failed clearly, lost or altered.
+    Options: --json, --reconfigs N (default 50), --kinds kill,cut,oom,timeout, --phases P,..."""
+    from executor.bench_faults import main as faults_main
+    raise typer.Exit(faults_main(list(ctx.args)) or 0)
+
+
 @app.command("serve")
 def serve_cmd(
     cluster: Path = typer.Option(..., "--cluster", "-c"),
