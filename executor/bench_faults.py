@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import signal
@@ -181,6 +180,8 @@ class Fault:
         self.timer: threading.Timer | None = None
 
     def on_event(self, rep) -> None:
+        if self.fired and rep.state != self.phase and self.kind == "oom":
+            self.restore()          # the allocation fault lasts the phase it was injected in
         if rep.state != self.phase or self.fired:
             return
         self.fired = True
@@ -204,14 +205,18 @@ class Fault:
         except ProcessLookupError:
             pass
 
-    def undo(self) -> None:
-        if self.timer is not None:
-            self.timer.join()
+    def restore(self) -> None:
         if self.old_limit is not None and self.proc.poll() is None:
             try:
                 resource.prlimit(self.proc.pid, resource.RLIMIT_AS, self.old_limit)
             except ProcessLookupError:
                 pass
+        self.old_limit = None
+
+    def undo(self) -> None:
+        if self.timer is not None:
+            self.timer.join()
+        self.restore()
         if self.kind == "cut" and self.proc.poll() is None and self.node not in self.svc.runtime.dead:
             try:
                 self.svc.loop.call(lambda: self.svc.runtime.call(self.node, InjectFault("clear")), timeout=30)
@@ -278,10 +283,17 @@ class Bench:
     def case(self, kind: str, phase: str) -> Case:
         t0 = time.perf_counter()
         svc = self.service()
+        c0 = 0
+        if kind == "oom" and _stages(svc) != PLAN_A:
+            # an allocation fault bites on a node that never served (cloud-1): one that did keeps the
+            # heap it had and builds the new stage without a new mapping
+            state, _ = self._reconfigure(svc, PLAN_A)
+            c0 += state != "refused"
+            svc = self.service()
         old = _stages(svc)
         new = PLAN_B if old == PLAN_A else PLAN_A
         dest = next(n for n, _, _ in new if n not in {m for m, _, _ in old})
-        c = Case(kind, phase, f"{'A->B' if new == PLAN_B else 'B->A'} (destination {dest})")
+        c = Case(kind, phase, f"{'A->B' if new == PLAN_B else 'B->A'} (destination {dest})", reconfigurations=c0)
         before = _layers(svc)
         self.offset += 3
         load = Load(svc, self.conc, self.offset)
@@ -330,12 +342,10 @@ class Bench:
 
 
 def plan_cases(reconfigs: int) -> list[tuple[str, str]]:
-    """Every (kind, phase) pair, repeated until the faulted plus recovery reconfigurations reach `reconfigs`
-    (a case is about two: the faulted one and, when the service still serves, a fault-free one)."""
+    """Every (kind, phase) pair, cycled (so repeats of one pair do not run back to back); `run` stops
+    once the faulted plus recovery reconfigurations reach `reconfigs` and every pair ran once."""
     pairs = [(k, p) for k, ps in KINDS.items() for p in ps]
-    reps = max(1, math.ceil(reconfigs / (2 * len(pairs))))
-    # interleaved, so repeats of one pair do not run back to back
-    return [pr for _ in range(reps) for pr in pairs]
+    return [pr for _ in range(max(1, reconfigs)) for pr in pairs]
 
 
 def summarize(cases: list[Case], launches: int) -> dict:
@@ -384,9 +394,12 @@ def run(as_json: bool = False, reconfigs: int = 50, concurrency: int = 6, kinds:
     t0 = time.perf_counter()
     try:
         for n, (kind, phase) in enumerate(todo):
+            if cases is None and sum(c.reconfigurations for c in done) >= reconfigs and \
+                    {(c.kind, c.phase) for c in done} >= set(todo):
+                break
             c = bench.case(kind, phase)
             done.append(c)
-            console.print(f"[{n + 1}/{len(todo)}] {kind:8s} {phase:12s} {c.direction:26s} -> {c.state}"
+            console.print(f"[{n + 1}] {kind:8s} {phase:12s} {c.direction:26s} -> {c.state}"
                           f"{' (not fired)' if not c.fired else ''}; old plan kept: {c.kept_old_plan}; serving: "
                           f"{c.serving_after}; recovered: {c.recovered}; {c.requests}; {c.seconds:.1f} s"
                           + (f"\n      error: {c.error.splitlines()[0][:150]}" if c.error else "")

@@ -335,6 +335,19 @@ class Reconfiguration:
                      self.block_size)
         self.engine.recompute_all()
 
+    def fail(self, why: str) -> None:
+        """The service broke under it (a serving worker died): end it now rather than leave it
+        unfinished for good (the engine loop ticks no reconfiguration of a broken service)."""
+        if self.done:
+            return
+        if self.committed:
+            self.report.error = f"after the switch: {why}"
+            self.state = self.report.state = "done"
+            self.report.ended = time.perf_counter()
+            self.on_event(self.report)
+        else:
+            self.abort(why)
+
     def abort(self, why: str) -> None:
         """Drop everything prepared; the old plan keeps serving (only before the switch commits)."""
         self.report.error = why

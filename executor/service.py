@@ -115,6 +115,12 @@ class EngineLoop(threading.Thread):
     def fail_all(self, err: Exception) -> None:
         """A worker died mid-step: every in-flight request ends with a clear error, none hangs."""
         self.broken = err
+        rc = self.reconfig
+        if rc is not None and not rc.done:
+            try:
+                rc.fail(str(err))       # ended, not left in its phase: its waiter and history learn why
+            except Exception:           # noqa: BLE001 -- the requests below must fail whatever happens
+                pass
         for req_id, lst in list(self.listeners.items()):
             self.engine.cancel(req_id)
             if lst.on_done:

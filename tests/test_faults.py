@@ -22,3 +22,14 @@ def test_faults_before_the_commit_abort_cleanly_and_lose_nothing():
             assert r["old_plan_kept_pre_switch"] == "1/1" and r["serving_after"] == "1/1", (kind, phase, r)
     assert res["kinds"]["cut"]["recovered"] == "3/3"      # the channel stayed in step after the cut
     assert res["reconfigurations"] >= 9
+
+
+def test_a_serving_node_killed_after_the_switch_ends_the_reconfiguration_with_a_clear_error():
+    """Killed in cleanup, the destination already serves the new plan: the requests in flight fail
+    with an error naming it (none lost, none altered) and the reconfiguration ends at once with that
+    error, instead of staying in `cleaning` until its waiter gives up."""
+    res = run(cases=[("kill", "cleaning")], quiet=True)
+    r = res["by_phase"]["kill"]["cleaning"]
+    assert res["lost"] == 0 and res["altered"] == 0 and res["failed_unclear"] == 0
+    assert r["hung"] == 0 and r["completed"] == 1 and r["serving_after"] == "0/1"
+    assert res["failed_clear"] > 0
