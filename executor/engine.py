@@ -34,6 +34,7 @@ class ContextTooLong(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-5      # below it a row samples greedily: float32 logits / T overflow long before T -> 0
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,8 @@ def sample(logits: torch.Tensor, seqs: Sequence[Request]) -> list[int]:
     out = logits.argmax(-1).tolist()
     for b, seq in enumerate(seqs):
         p = seq.params
-        if p.temperature == 0:
-            continue
+        if p.temperature < MIN_TEMPERATURE:
+            continue                # greedy, the limit as temperature -> 0 (and logits / 1e-210 overflow)
         probs = torch.softmax(logits[b] / p.temperature, -1)
         if p.top_p < 1:
             sorted_p, idx = probs.sort(descending=True)
@@ -266,6 +267,8 @@ def sample(logits: torch.Tensor, seqs: Sequence[Request]) -> list[int]:
             keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
             keep[0] = True          # a top_p below float32's range compares as 0 and would keep nothing
             probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            continue                # nothing to sample from (a row of -inf): its argmax, never a crash
         out[b] = int(torch.multinomial(probs, 1, generator=seq.generator))
     return out
 

@@ -161,7 +161,9 @@ def test_sampling_survives_extreme_top_p_and_temperature(stages):
     tiny_p = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.11,
                                                       top_p=6.37e-50, seed=1))[0].token_ids
     cold = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=6, ignore_eos=True, temperature=1e-4, seed=1))[0]
-    assert tiny_p == greedy and cold.token_ids == greedy
+    frozen = eng.generate([PROMPTS[0]], SamplingParams(max_tokens=6, ignore_eos=True, temperature=5.7e-210,
+                                                       seed=1))[0]          # also found by fuzzing
+    assert tiny_p == greedy and cold.token_ids == greedy and frozen.token_ids == greedy
 
 
 def test_a_bug_in_a_step_fails_the_requests_instead_of_hanging(stages):
