@@ -148,14 +148,7 @@ def _empty_parts(cfg: ModelConfig, a: int, b: int, dtype: torch.dtype) -> dict[A
 
     Built on the meta device and then given empty storage: a random init of every weight would
     burn CPU seconds on the serving cores for values that are overwritten anyway."""
-    with torch.device("meta"):
-        parts: dict[Any, nn.Module] = {("layer", i): DecoderLayer(cfg, i) for i in range(a, b)}
-        if a == 0:
-            parts["embed"] = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        if b == cfg.num_layers:
-            parts["norm"] = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            parts["head"] = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-    parts = {k: m.to_empty(device="cpu").to(dtype) for k, m in parts.items()}
+    parts = {k: m.to_empty(device="cpu").to(dtype) for k, m in _meta_parts(cfg, a, b).items()}
     for m in parts.values():
         for lin in m.modules():
             if isinstance(lin, Linear):
@@ -164,6 +157,7 @@ def _empty_parts(cfg: ModelConfig, a: int, b: int, dtype: torch.dtype) -> dict[A
 
 
 def _meta_parts(cfg: ModelConfig, a: int, b: int) -> dict[Any, nn.Module]:
+    """The modules of layers [a, b) (with the ends the range holds) on the meta device: shapes, no storage."""
     with torch.device("meta"):
         parts: dict[Any, nn.Module] = {("layer", i): DecoderLayer(cfg, i) for i in range(a, b)}
         if a == 0:

@@ -2,21 +2,19 @@
 non-loopback refusal of `continuo serve`, and the clients (CLI, RemoteService) sending their tokens."""
 import json
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from starlette.testclient import TestClient
+
+from tiny_service import serve_app
 
 from agent.cli import main
 from executor.api import Credentials, create_app, is_loopback
 from executor.engine import Engine, EngineConfig
 from executor.model import ModelConfig
-from executor.runtime import free_port
 from executor.service import Service
 from executor.stage import build_stages
 from executor.weights import RandomSource, open_source
@@ -55,16 +53,11 @@ def keyed(tokenizer):
     """A service of worker processes behind a keyed app on a real socket: (service, url)."""
     svc = Service.launch(CLUSTER, approve(START, CLUSTER, POLICY, None, SPEC), SRC, EC, tokenizer=tokenizer,
                          policy=POLICY)
-    app = create_app(svc, api_keys=[API_KEY], admin_tokens=[ADMIN_TOKEN])
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield svc, f"http://127.0.0.1:{srv.config.port}"
-    srv.should_exit = True
-    th.join(10)
-    svc.close()
+    try:
+        with serve_app(create_app(svc, api_keys=[API_KEY], admin_tokens=[ADMIN_TOKEN])) as url:
+            yield svc, url
+    finally:
+        svc.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,16 @@
 """The OpenAI-compatible API through the official `openai` client, over a 2-worker pipeline."""
 import json
 import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+
+from tiny_service import serve_app
 
 from executor.api import create_app
 from executor.engine import Engine, EngineConfig, SamplingParams
 from executor.model import ModelConfig
-from executor.runtime import free_port
 from executor.service import Service
 from executor.stage import build_stages
 from executor.weights import RandomSource, open_source
@@ -37,16 +36,11 @@ def server(tokenizer):
                                  Stage(node="edge-b", first_layer=2, last_layer=4)))
     vp = approve(plan, cluster, policy, None, ModelSpec.from_hf_config(CFG.to_hf(), name="tiny-smol", dtype="fp32"))
     svc = Service.launch(cluster, vp, SRC, EC, tokenizer=tokenizer)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(svc), host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield svc, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    th.join(10)
-    svc.close()
+    try:
+        with serve_app(create_app(svc)) as url:
+            yield svc, url
+    finally:
+        svc.close()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 the local scenario's cluster: the model shape, plan approval, the one-process reference, and
 submitting a batch of prompts."""
 from concurrent.futures import Future
+from contextlib import contextmanager
 
 from executor.engine import Engine, EngineConfig, SamplingParams
 from executor.model import ModelConfig
@@ -38,3 +39,24 @@ def submit_all(svc, prompts, params: SamplingParams) -> list[Future]:
         svc.submit(p, params, Listener(on_done=lambda out, err, f=f: f.set_result((out, err))))
         futs.append(f)
     return futs
+
+
+@contextmanager
+def serve_app(app):
+    """An ASGI app on a real loopback socket (uvicorn in a thread): yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from executor.runtime import free_port
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{srv.config.port}"
+    finally:
+        srv.should_exit = True
+        th.join(10)
