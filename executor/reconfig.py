@@ -145,7 +145,8 @@ class Reconfiguration:
             for k, n in posted:
                 v = self.rt.store.get(k).decode()
                 if v != "ok":
-                    raise ReconfigurationError(f"{n}: {v}")
+                    # workers name themselves in their errors (Worker / Migrator): say it once
+                    raise ReconfigurationError(v if v.startswith(f"{n}: ") else f"{n}: {v}")
             if len(posted) == len(keys):
                 self.waiting_for = None
                 return True
