@@ -1,22 +1,13 @@
 """`continuo parse`, `continuo apply --dry-run` on the scenarios' intent files, and bad input -> exit 2."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from tiny_service import run_cli as run
 
 ROOT = Path(__file__).resolve().parent.parent
 INTENTS = sorted((ROOT / "scenarios").glob("*/intents/*.md"))
-
-
-def run(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["continuo", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 def test_every_scenario_has_intent_files():

@@ -1,7 +1,6 @@
 """Authentication: an API key for /v1, an admin token for /admin (an API key never opens it), the
 non-loopback refusal of `continuo serve`, and the clients (CLI, RemoteService) sending their tokens."""
 import json
-import sys
 from pathlib import Path
 
 import httpx
@@ -9,9 +8,8 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from tiny_service import serve_app
+from tiny_service import run_cli as run, serve_app
 
-from agent.cli import main
 from executor.api import Credentials, create_app, is_loopback
 from executor.engine import Engine, EngineConfig
 from executor.model import ModelConfig
@@ -245,14 +243,6 @@ def test_openapi_documents_the_schemes_and_401_403(local_service):
 ])
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
-
-
-def run(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["continuo", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
 
 
 SERVE = ["serve", "--cluster", ROOT / "scenarios/local/cluster.yaml", "--policy", ROOT / "scenarios/local/policy.yaml",

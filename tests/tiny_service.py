@@ -60,3 +60,17 @@ def serve_app(app):
     finally:
         srv.should_exit = True
         th.join(10)
+
+
+def run_cli(capsys, monkeypatch, *args):
+    """`continuo ARGS...` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    import pytest
+
+    from agent.cli import main
+    monkeypatch.setattr(sys, "argv", ["continuo", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
