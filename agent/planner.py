@@ -73,6 +73,9 @@ class _Tables:
     hop_dec: np.ndarray       # ms for one decode step of the batch
     dec_m: dict[int, np.ndarray] = field(default_factory=dict)     # k -> decode ms at micro-batch ceil(B/k)
     hop_m: dict[int, np.ndarray] = field(default_factory=dict)
+    g: int = 1                # groups in flight the TPOT / throughput formulas assume (costmodel.estimate)
+    dec_g: np.ndarray | None = None   # decode ms of a group of ceil(B / g), and its hops
+    hop_g: np.ndarray | None = None
 
 
 def _eligible(cluster: Cluster, eff: Effective, intent: IntentSpec) -> tuple[list[Node], dict[str, list[str]]]:
@@ -98,7 +101,7 @@ def _eligible(cluster: Cluster, eff: Effective, intent: IntentSpec) -> tuple[lis
 
 
 def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: ModelSpec, intent: IntentSpec,
-                  K: int, prices) -> _Tables:
+                  K: int, prices, speed: dict) -> _Tables:
     L, t = model.num_layers, intent.traffic
     n = len(nodes)
     a = np.arange(L + 1)[:, None]
@@ -107,14 +110,18 @@ def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: Mo
     c = np.clip(b - a, 0, L)
     e = (a == 0) & valid
     h = (b == L) & valid
-    batches = sorted({t.concurrency} | {math.ceil(t.concurrency / k) for k in range(1, K + 1)})
+    g = min(speed.get("groups_in_flight", 1), t.concurrency)
+    profiles, corr = speed.get("profiles"), speed.get("corrections")
+    batches = sorted({t.concurrency, math.ceil(t.concurrency / g)} | {math.ceil(t.concurrency / k) for k in range(1, K + 1)})
     # Per (hardware, layers, embed, head) tables; nodes with the same hardware share them.
     cache: dict[tuple, tuple] = {}
     shape = (n, L + 1, L + 1)
     feas, pre, dec = np.zeros(shape, bool), np.full(shape, INF), np.full(shape, INF)
     dec_b = {m: np.full(shape, INF) for m in batches}
     for i, node in enumerate(nodes):
-        key = (node.gpu, node.gpus, node.memory_gb, node.reserved_gb)
+        prof = profiles.find(node, model.name) if profiles else None
+        fp, fd = (corr.factor(node.name, "prefill"), corr.factor(node.name, "decode")) if corr else (1.0, 1.0)
+        key = (node.gpu, node.gpus, node.memory_gb, node.reserved_gb, id(prof), fp, fd)
         if key not in cache:
             tab = np.full((2 + len(batches), L + 1, 2, 2), INF)
             counts = np.arange(1, L + 1, dtype=float)
@@ -122,9 +129,9 @@ def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: Mo
                 for hh in (0, 1):
                     s = StageShape(counts, bool(ee), bool(hh))   # every layer count at once
                     tab[0, 1:, ee, hh] = memory_bytes(model, s, t)
-                    tab[1, 1:, ee, hh] = prefill_ms(model, s, node, t.prompt_tokens)
+                    tab[1, 1:, ee, hh] = fp * prefill_ms(model, s, node, t.prompt_tokens, prof)
                     for j, m in enumerate(batches):
-                        tab[2 + j, 1:, ee, hh] = decode_ms(model, s, node, m, t)
+                        tab[2 + j, 1:, ee, hh] = fd * decode_ms(model, s, node, m, t, prof)
             cache[key] = tab
         tab = cache[key]
         ends_ok = eff.may_hold_ends(node)
@@ -153,7 +160,8 @@ def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: Mo
             for m in batches:
                 hop_b[m][i, j] = hop_ms(model, link, m)
     price = np.array([node_price(x, prices) for x in nodes])
-    tb = _Tables(nodes, L, feas, pre, dec_b[t.concurrency], price, hop_ok, hop_pre, hop_b[t.concurrency])
+    tb = _Tables(nodes, L, feas, pre, dec_b[t.concurrency], price, hop_ok, hop_pre, hop_b[t.concurrency], g=g)
+    tb.dec_g, tb.hop_g = dec_b[math.ceil(t.concurrency / g)], hop_b[math.ceil(t.concurrency / g)]
     for k in range(1, K + 1):
         m = math.ceil(t.concurrency / k)
         tb.dec_m[k], tb.hop_m[k] = dec_b[m], hop_b[m]
@@ -169,6 +177,7 @@ def _score(tb: _Tables, intent: IntentSpec, chains: np.ndarray, bounds: np.ndarr
     k = chains.shape[1]
     P, C = chains.shape[0], bounds.shape[0]
     ttft, tpot, slow, price = np.zeros((P, C)), np.zeros((P, C)), np.zeros((P, C)), np.zeros((P, 1))
+    pass_g = np.zeros((P, C))
     ok = np.ones((P, C), bool)
     for j in range(k):
         w = chains[:, j][:, None]
@@ -176,21 +185,24 @@ def _score(tb: _Tables, intent: IntentSpec, chains: np.ndarray, bounds: np.ndarr
         ok &= tb.feas[w, a, b]
         ttft += tb.pre[w, a, b]
         tpot += tb.dec[w, a, b]
-        stage_m = tb.dec_m[k][w, a, b]
+        stage_g = tb.dec_g[w, a, b]        # a group of ceil(B / g) (costmodel.estimate)
         price += tb.price[chains[:, j]][:, None]
         if j + 1 < k:
             v = chains[:, j + 1][:, None]
             ttft += tb.hop_pre[w, v]
             tpot += tb.hop_dec[w, v]
-            stage_m = stage_m + tb.hop_m[k][w, v]
-        slow = np.maximum(slow, stage_m)
+            stage_g = stage_g + tb.hop_g[w, v]
+        pass_g += stage_g
+        slow = np.maximum(slow, stage_g)
+    if tb.g > 1:
+        tpot = np.maximum(pass_g, tb.g * slow)   # TPOT is one round (equal to tpot above when g = 1)
     if intent.max_ttft_ms is not None:
         ok &= ttft <= intent.max_ttft_ms
     if intent.max_tpot_ms is not None:
         ok &= tpot <= intent.max_tpot_ms
     latency = ttft + (t.output_tokens - 1) * tpot
     with np.errstate(divide="ignore", invalid="ignore"):
-        thr = 1e3 * t.concurrency / (k * slow)
+        thr = 1e3 * t.concurrency / tpot
         if objective == "latency":
             score = latency
         elif objective == "throughput":
@@ -285,7 +297,8 @@ def _dp_candidates(tb: _Tables, intent: IntentSpec, K: int):
     runs = [(lat_stage, lat_hop, "sum", None)]
     if intent.max_ttft_ms is not None:
         runs.append((tb.pre, np.where(tb.hop_ok, tb.hop_pre, INF), "sum", None))
-    if intent.max_tpot_ms is not None:
+    if intent.max_tpot_ms is not None or (obj in ("throughput", "balanced") and tb.g == 1):
+        # with one group in flight, throughput = B / TPOT: the fastest pass is the best bottleneck
         runs.append((tb.dec, np.where(tb.hop_ok, tb.hop_dec, INF), "sum", None))
     if obj in ("cost", "balanced"):
         runs.append((lat_stage + tb.price[:, None, None] * 1e9, lat_hop, "sum", None))
@@ -315,11 +328,12 @@ def _to_plan(tb: _Tables, chain, bounds, model: ModelSpec, intent: IntentSpec, c
                          cluster_fingerprint=cluster.fingerprint(), intent=intent)
 
 
-def _search(nodes, cluster, policy, eff, model, intent, K, prices, current):
+def _search(nodes, cluster, policy, eff, model, intent, K, prices, current, speed=None):
     """Returns (proposal or None, considered)."""
     if not nodes:
         return None, 0
-    tb = _build_tables(nodes, cluster, eff, model, intent, K, prices)
+    speed = speed or {}
+    tb = _build_tables(nodes, cluster, eff, model, intent, K, prices, speed)
     exact = _combinations(len(nodes), model.num_layers, K) <= EXACT_LIMIT
     if exact:
         cands = sorted(_exact_candidates(tb, intent, K, intent.objective))
@@ -335,7 +349,7 @@ def _search(nodes, cluster, policy, eff, model, intent, K, prices, current):
     scored.sort()
     for score, chain, bounds in scored:
         plan = _to_plan(tb, chain, bounds, model, intent, cluster)
-        report, validated = review(plan, cluster, policy, intent, model, current, prices)
+        report, validated = review(plan, cluster, policy, intent, model, current, prices, **speed)
         if validated is not None:
             value = objective_value(intent.objective, report.estimates, intent.traffic)
             return PlanProposal(validated.plan, report, intent.objective, value, exact, len(pairs),
@@ -345,8 +359,9 @@ def _search(nodes, cluster, policy, eff, model, intent, K, prices, current):
 
 def plan(intent: IntentSpec, cluster: Cluster, policy: Policy, model: ModelSpec,
          current: PlacementPlan | None = None, max_stages: int = 8,
-         prices: dict[str, float] | None = None) -> PlanProposal:
-    """The best valid plan for the intent's objective; raises Infeasible with reasons when none exists."""
+         prices: dict[str, float] | None = None, **speed) -> PlanProposal:
+    """The best valid plan for the intent's objective; raises Infeasible with reasons when none exists.
+    `speed`: profiles=, corrections=, groups_in_flight= for the cost model (costmodel.estimate)."""
     try:
         eff = effective_rules(policy, intent)
     except UnknownDataClass as e:
@@ -356,18 +371,18 @@ def plan(intent: IntentSpec, cluster: Cluster, policy: Policy, model: ModelSpec,
     notes = list(eff.notes)
     if intent.prefer_tier:
         preferred = [n for n in nodes if n.tier == intent.prefer_tier]
-        found, _ = _search(preferred, cluster, policy, eff, model, intent, K, prices, current)
+        found, _ = _search(preferred, cluster, policy, eff, model, intent, K, prices, current, speed)
         if found:
             return PlanProposal(**{**found.__dict__, "notes": tuple(notes + [f"placed on {intent.prefer_tier} "
                                                                               "nodes only, as preferred"])})
         notes.append(f"no valid plan on {intent.prefer_tier} nodes alone; other tiers used")
-    found, _ = _search(nodes, cluster, policy, eff, model, intent, K, prices, current)
+    found, _ = _search(nodes, cluster, policy, eff, model, intent, K, prices, current, speed)
     if found:
         return PlanProposal(**{**found.__dict__, "notes": tuple(notes)})
-    raise Infeasible(explain(intent, cluster, policy, model, eff, nodes, why, K, prices, current))
+    raise Infeasible(explain(intent, cluster, policy, model, eff, nodes, why, K, prices, current, speed))
 
 
-def explain(intent, cluster, policy, model, eff, nodes, why, K, prices, current) -> list[str]:
+def explain(intent, cluster, policy, model, eff, nodes, why, K, prices, current, speed=None) -> list[str]:
     """Which constraints conflict, in words an operator (or an LLM) can act on."""
     cls, t = intent.data_class, intent.traffic
     juris = "/".join(sorted(eff.jurisdictions)) if eff.jurisdictions is not None else "any jurisdiction"
@@ -404,10 +419,10 @@ def explain(intent, cluster, policy, model, eff, nodes, why, K, prices, current)
         return reasons
     # Hard rules can be met; then the SLO bounds or the links are what conflict.
     relaxed = intent.model_copy(update={"max_ttft_ms": None, "max_tpot_ms": None})
-    found, _ = _search(nodes, cluster, policy, eff, model, relaxed, K, prices, current)
+    found, _ = _search(nodes, cluster, policy, eff, model, relaxed, K, prices, current, speed)
     if found and (intent.max_ttft_ms or intent.max_tpot_ms):
         best_ttft = _search(nodes, cluster, policy, eff, model,
-                            relaxed.model_copy(update={"objective": "latency"}), K, prices, current)[0]
+                            relaxed.model_copy(update={"objective": "latency"}), K, prices, current, speed)[0]
         est = best_ttft.report.estimates if best_ttft else found.report.estimates
         parts = []
         if intent.max_ttft_ms and est.ttft_ms > intent.max_ttft_ms:

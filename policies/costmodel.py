@@ -12,20 +12,38 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
                     (+ concurrency * vocab * 4 bytes of fp32 logits on the LM-head stage)
   capacity(node)  = 0.9 * memory_gb * gpus - reserved_gb                         (see Node)
 
-  A node's effective speed: bandwidth = mem_bandwidth * gpus * BW_EFF,
-                            compute   = bf16_tflops * gpus * MFU.
-  prefill(stage, P tokens) = max(P * (layers * (matmul_flops + attn_flops(P/2)) + head_flops) / compute,
-                                 weights / bandwidth)                            (compute-bound)
-  decode(stage, B seqs)    = max((weights_read + B * ctx * layers * kv_bytes_per_token_per_layer) / bandwidth,
-                                 B * layers * (matmul_flops + attn_flops(ctx)) / compute)   (bandwidth-bound)
+  Step times of a stage come from a measured profile (policies/profile.py) where one exists for the
+  node (or its kind) and the model, and from datasheet figures where not; every stage estimate says
+  which (`source: measured | datasheet`; the plan's is `mixed` when its stages differ).
+
+  measured (profile p):
+    prefill(stage, P, rows) = p.stage_ms + layers * p.layer_prefill(rows * P) + embed_ms + head(rows)
+    decode(stage, B)        = p.stage_ms + layers * p.layer_decode(B, ctx) + embed_ms + head(B)
+  datasheet: a node's effective speed: bandwidth = mem_bandwidth * gpus * BW_EFF,
+                                       compute   = bf16_tflops * gpus * MFU.
+    prefill(stage, P, rows) = max(rows * P * (layers * (matmul_flops + attn_flops(P/2)) + head_flops) / compute,
+                                  weights / bandwidth)                           (compute-bound)
+    decode(stage, B)        = max((weights_read + B * ctx * layers * kv_bytes_per_token_per_layer) / bandwidth,
+                                  B * layers * (matmul_flops + attn_flops(ctx)) / compute)   (bandwidth-bound)
     with ctx = prompt_tokens + output_tokens / 2 (mean context while decoding); weights_read leaves
     out the embedding table (a lookup reads only B rows).
+  Either is then multiplied by the stage's correction factor (Corrections: measured / predicted while
+  serving, smoothed; 1 until something is observed).
   hop(link, T tokens)      = latency + T * hidden * dtype_bytes / bandwidth
-  TTFT   = sum(prefill(P)) + sum(hop(P))     over stages / hops
-  TPOT   = sum(decode(B))  + sum(hop(B))     one decode step of the whole batch through every stage
-  throughput = B / round,  round = k * max_s(decode_s(m) + hop_s(m)),  m = ceil(B / k):
-    with k stages the batch is cut into k micro-batches that keep every stage busy, so the
-    slowest stage sets the pace (k * max >= sum, so a round is never shorter than one pass).
+
+  TTFT   = sum(prefill(P, rows)) + sum(hop(rows * P))   over stages / hops
+           Assumes the request's prompt is prefilled in one step, together with `prefill_rows` - 1
+           other prompts (1: a request arriving at an idle pipeline), with no queueing: the
+           simulator (policies/simulator.py) is what models arrivals, queues and chunked prefill.
+  Decode with g = groups_in_flight groups of requests kept in flight by the engine, m = ceil(B / g):
+    pass(m)  = sum_s(decode_s(m) + hop_s(m))           one group's token through every stage
+    round    = max(pass(m), g * max_s(decode_s(m) + hop_s(m)))
+               (a group needs a full pass per token; each stage serves g groups per round)
+    TPOT     = round                                   (each request gets one token per round)
+    throughput = B / round
+  g = 1 is what the engine does today: one step runs the whole batch through the stages one after
+  the other, so TPOT = sum(decode(B)) + sum(hop(B)) and throughput = B / TPOT. With g = k stages
+  (issue 15: one group per stage) a deep pipeline is full and the slowest stage sets the pace.
   cost per hour = sum of the hourly price of the distinct nodes used (per node override, or
     the GPU kind's list price * gpus; a price table passed in overrides by GPU kind).
 """
@@ -38,6 +56,7 @@ from .cluster import Cluster, Link, Node
 from .intent import Traffic
 from .modelspec import ModelSpec
 from .plan import Estimates, PlacementPlan, StageEstimate
+from .profile import Profile, ProfileSet
 
 STEP_TOKENS = 2048   # token budget of one (chunked) prefill step
 BW_EFF = 0.6         # fraction of datasheet memory bandwidth a decode step achieves
@@ -88,24 +107,97 @@ def _speed(node: Node) -> tuple[float, float]:
     return bw, flops
 
 
-def prefill_ms(model: ModelSpec, s: StageShape, node: Node, prompt_tokens: int) -> float:
-    """Time for a stage to prefill one prompt on a node (compute-bound, at least one weight read)."""
+def prefill_ms(model: ModelSpec, s: StageShape, node: Node, prompt_tokens: int,
+               profile: Profile | None = None, rows: int = 1) -> float:
+    """One prefill step of `rows` prompts on a stage: from the profile when given, else datasheet
+    figures (compute-bound, at least one weight read)."""
+    if profile is not None:
+        return profile.stage_prefill_ms(s.layers, s.embed, s.head, prompt_tokens, rows)
     bw, flops = _speed(node)
     per_tok = s.layers * (model.flops_per_token_per_layer
                           + model.attention_flops_per_token_per_layer(prompt_tokens // 2))
-    work = prompt_tokens * per_tok + (model.head_flops_per_token if s.head else 0)
+    work = rows * (prompt_tokens * per_tok + (model.head_flops_per_token if s.head else 0))
     return 1e3 * _max(work / flops, weight_bytes(model, s) / bw)
 
 
-def decode_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, traffic: Traffic) -> float:
-    """Time for a stage to decode one token for `batch` sequences on a node (bandwidth-bound)."""
+def decode_context(traffic: Traffic) -> int:
+    """Mean context of a sequence while it decodes."""
+    return traffic.prompt_tokens + traffic.output_tokens // 2
+
+
+def decode_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, traffic: Traffic,
+              profile: Profile | None = None, context: int | None = None) -> float:
+    """One decode step of `batch` sequences on a stage: from the profile when given, else datasheet
+    figures (bandwidth-bound). `context` defaults to the traffic's mean decoding context."""
+    ctx = decode_context(traffic) if context is None else context
+    if profile is not None:
+        return profile.stage_decode_ms(s.layers, s.embed, s.head, batch, ctx)
     bw, flops = _speed(node)
-    ctx = traffic.prompt_tokens + traffic.output_tokens // 2
     read = weight_bytes(model, s) - (model.embedding_bytes if s.embed else 0)
     read += batch * ctx * s.layers * model.kv_bytes_per_token_per_layer
     work = batch * (s.layers * (model.flops_per_token_per_layer + model.attention_flops_per_token_per_layer(ctx))
                     + (model.head_flops_per_token if s.head else 0))
     return 1e3 * _max(read / bw, work / flops)
+
+
+class Corrections:
+    """Correction factors (measured / predicted step time per node and phase), smoothed, as NVIDIA
+    Dynamo's planner corrects its performance model while serving.
+
+    factor <- (1 - alpha) * factor + alpha * measured / predicted, starting from the first ratio
+    seen; clamped to [1/MAX_FACTOR, MAX_FACTOR] so one bad sample cannot run the model away.
+    `predicted` must be the uncorrected figure for the same step shape (stage_step_ms gives it), so
+    the factor converges to measured / model. Telemetry feeds it with observe_stage()."""
+
+    MAX_FACTOR = 10.0
+    PHASES = ("prefill", "decode")
+
+    def __init__(self, alpha: float = 0.2):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], not {alpha}")
+        self.alpha = alpha
+        self.factors: dict[tuple[str, str], float] = {}
+        self.samples: dict[tuple[str, str], int] = {}
+
+    def observe(self, node: str, phase: str, measured_ms: float, predicted_ms: float) -> float:
+        """Fold one observed step time into the node's factor for `phase`; returns the new factor."""
+        if phase not in self.PHASES:
+            raise ValueError(f"phase must be one of {', '.join(self.PHASES)}, not {phase!r}")
+        if not (measured_ms > 0 and predicted_ms > 0):
+            raise ValueError(f"step times must be positive (measured {measured_ms}, predicted {predicted_ms})")
+        ratio = min(max(measured_ms / predicted_ms, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
+        key = (node, phase)
+        old = self.factors.get(key)
+        self.factors[key] = ratio if old is None else (1 - self.alpha) * old + self.alpha * ratio
+        self.samples[key] = self.samples.get(key, 0) + 1
+        return self.factors[key]
+
+    def observe_stage(self, plan: PlacementPlan, cluster: Cluster, model: ModelSpec, node: str, phase: str,
+                      measured_ms: float, tokens: int, context: int | None = None,
+                      profiles: ProfileSet | None = None) -> float:
+        """Fold in one step of `node`'s stage in `plan`: `tokens` prompt tokens (prefill) or sequences
+        (decode) at `context`; the prediction is the cost model's own, uncorrected."""
+        st = next((x for x in plan.stages if x.node == node), None)
+        if st is None:
+            raise KeyError(f"node {node} serves no stage of plan {plan.summary()}")
+        n = cluster.node(node)
+        shape = StageShape(st.stop - st.start, st.start == 0, st.stop == model.num_layers)
+        prof = profiles.find(n, model.name) if profiles else None
+        pred = stage_step_ms(model, shape, n, phase, tokens, context, prof)
+        return self.observe(node, phase, measured_ms, pred)
+
+    def factor(self, node: str, phase: str) -> float:
+        return self.factors.get((node, phase), 1.0)
+
+
+def stage_step_ms(model: ModelSpec, s: StageShape, node: Node, phase: str, tokens: int,
+                  context: int | None = None, profile: Profile | None = None) -> float:
+    """Uncorrected step time of a stage: prefill of one prompt of `tokens` tokens, or decode of
+    `tokens` sequences at `context` (default: the prompt length of a default Traffic)."""
+    if phase == "prefill":
+        return prefill_ms(model, s, node, tokens, profile)
+    ctx = Traffic().prompt_tokens if context is None else context
+    return decode_ms(model, s, node, tokens, Traffic(), profile, context=ctx)
 
 
 def hop_ms(model: ModelSpec, link: Link, tokens: int) -> float:
@@ -121,31 +213,45 @@ def node_price(node: Node, prices: dict[str, float] | None = None) -> float:
 
 
 def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: Traffic,
-             prices: dict[str, float] | None = None) -> Estimates:
-    """Estimates for a plan whose nodes exist and whose consecutive stages are linked."""
-    L, k, B = model.num_layers, len(plan.stages), traffic.concurrency
-    m = math.ceil(B / k)
-    stages, ttft, tpot, slowest = [], 0.0, 0.0, 0.0
+             prices: dict[str, float] | None = None, profiles: ProfileSet | None = None,
+             corrections: Corrections | None = None, groups_in_flight: int = 1,
+             prefill_rows: int = 1) -> Estimates:
+    """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above)."""
+    if groups_in_flight < 1 or prefill_rows < 1:
+        raise ValueError("groups_in_flight and prefill_rows must be at least 1")
+    L, k, B, P = model.num_layers, len(plan.stages), traffic.concurrency, traffic.prompt_tokens
+    g = min(groups_in_flight, B)
+    m = math.ceil(B / g)
+    stages, ttft, pass_m, slowest = [], 0.0, 0.0, 0.0
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
-        pre, dec = prefill_ms(model, shape, node, traffic.prompt_tokens), decode_ms(model, shape, node, B, traffic)
+        prof = profiles.find(node, model.name) if profiles else None
+        fp = corrections.factor(st.node, "prefill") if corrections else 1.0
+        fd = corrections.factor(st.node, "decode") if corrections else 1.0
+        pre = fp * prefill_ms(model, shape, node, P, prof, prefill_rows)
+        dec = fd * decode_ms(model, shape, node, B, traffic, prof)
+        dec_m = dec if m == B else fd * decode_ms(model, shape, node, m, traffic, prof)
         hop_p = hop_d = hop_m = 0.0
         if i + 1 < k:
             link = cluster.link(st.node, plan.stages[i + 1].node)
             if link is not None:
-                hop_p, hop_d, hop_m = (hop_ms(model, link, t) for t in (traffic.prompt_tokens, B, m))
+                hop_p, hop_d, hop_m = (hop_ms(model, link, t) for t in (prefill_rows * P, B, m))
         ttft += pre + hop_p
-        tpot += dec + hop_d
-        slowest = max(slowest, decode_ms(model, shape, node, m, traffic) + hop_m)
+        pass_m += dec_m + hop_m
+        slowest = max(slowest, dec_m + hop_m)
         stages.append(StageEstimate(
             node=st.node, weight_bytes=weight_bytes(model, shape), kv_bytes=kv_bytes(model, shape, traffic),
             workspace_bytes=workspace_bytes(model, shape, traffic), memory_bytes=memory_bytes(model, shape, traffic),
             capacity_bytes=node.usable_memory_bytes, prefill_ms=pre, decode_ms=dec,
-            hop_out_ms_prefill=hop_p, hop_out_ms_decode=hop_d))
+            hop_out_ms_prefill=hop_p, hop_out_ms_decode=hop_d,
+            source="measured" if prof is not None else "datasheet", correction_prefill=fp, correction_decode=fd))
+    round_ms = max(pass_m, g * slowest)
     cost = sum(node_price(cluster.node(n), prices) for n in dict.fromkeys(plan.nodes))
-    return Estimates(ttft_ms=ttft, tpot_ms=tpot, throughput_tok_s=1e3 * B / (k * slowest),
-                     cost_per_hour=cost, stages=tuple(stages))
+    sources = {s.source for s in stages}
+    return Estimates(ttft_ms=ttft, tpot_ms=round_ms, throughput_tok_s=1e3 * B / round_ms,
+                     cost_per_hour=cost, stages=tuple(stages),
+                     source=sources.pop() if len(sources) == 1 else "mixed", groups_in_flight=g)
 
 
 def objective_value(objective: str, est: Estimates, traffic: Traffic) -> float:

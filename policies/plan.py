@@ -7,7 +7,7 @@ policies/delta.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -57,6 +57,9 @@ class StageEstimate(BaseModel):
     decode_ms: float
     hop_out_ms_prefill: float = 0.0
     hop_out_ms_decode: float = 0.0
+    source: Literal["measured", "datasheet"] = "datasheet"   # step times from a profile, or datasheet figures
+    correction_prefill: float = 1.0      # the factors (measured / predicted while serving) applied
+    correction_decode: float = 1.0
 
 
 class Estimates(BaseModel):
@@ -67,6 +70,8 @@ class Estimates(BaseModel):
     throughput_tok_s: float
     cost_per_hour: float
     stages: tuple[StageEstimate, ...]
+    source: Literal["measured", "datasheet", "mixed"] = "datasheet"   # mixed: some stages measured, some not
+    groups_in_flight: int = 1            # what the TPOT / throughput formulas assumed (costmodel.py)
 
 
 class PlacementPlan(BaseModel):

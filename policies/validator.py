@@ -60,9 +60,10 @@ def _crosses_boundary(a: Node, b: Node) -> bool:
 
 
 class _Checker:
-    def __init__(self, plan, cluster, policy, intent, model, current, prices):
+    def __init__(self, plan, cluster, policy, intent, model, current, prices, speed=None):
         self.plan, self.cluster, self.policy, self.model = plan, cluster, policy, model
         self.intent, self.current, self.prices = intent, current, prices
+        self.speed = speed or {}         # profiles / corrections / groups_in_flight for the cost model
         self.violations: list[Violation] = []
         self.warnings: list[Violation] = []
         self.L = model.num_layers
@@ -311,7 +312,7 @@ class _Checker:
         self.capacity()
         est = None
         if structure_ok:
-            est = estimate(self.plan, self.cluster, self.model, self._traffic, self.prices)
+            est = estimate(self.plan, self.cluster, self.model, self._traffic, self.prices, **self.speed)
             self.slo(est)
         cur_traffic = None
         if self.current is not None:
@@ -358,10 +359,11 @@ def _ranges(layers: list[int]) -> str:
 
 def validate(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: IntentSpec | None,
              model: ModelSpec, current: PlacementPlan | None = None,
-             prices: dict[str, float] | None = None) -> Report:
-    """Check a plan against every rule in RULES. Pure: no I/O. `intent` defaults to the plan's."""
+             prices: dict[str, float] | None = None, **speed) -> Report:
+    """Check a plan against every rule in RULES. Pure: no I/O. `intent` defaults to the plan's.
+    `speed`: profiles=, corrections=, groups_in_flight= for the cost model (costmodel.estimate)."""
     intent = intent or plan.intent or IntentSpec(data_class=plan.data_class)
-    return _Checker(plan, cluster, policy, intent, model, current, prices).run()
+    return _Checker(plan, cluster, policy, intent, model, current, prices, speed).run()
 
 
 class PlanRejected(Refused):
@@ -374,10 +376,10 @@ class PlanRejected(Refused):
 
 def review(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: IntentSpec | None,
            model: ModelSpec, current: PlacementPlan | None = None,
-           prices: dict[str, float] | None = None) -> tuple[Report, ValidatedPlan | None]:
+           prices: dict[str, float] | None = None, **speed) -> tuple[Report, ValidatedPlan | None]:
     """Validate once: the report, and the sealed plan for the executor when there is no violation."""
     intent = intent or plan.intent or IntentSpec(data_class=plan.data_class)
-    report = validate(plan, cluster, policy, intent, model, current, prices)
+    report = validate(plan, cluster, policy, intent, model, current, prices, **speed)
     if not report.ok:
         return report, None
     # The sealed plan names what it was checked with: the cluster state (a plan without a fingerprint
@@ -392,9 +394,9 @@ def review(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: Intent
 
 def approve(plan: PlacementPlan, cluster: Cluster, policy: Policy, intent: IntentSpec | None,
             model: ModelSpec, current: PlacementPlan | None = None,
-            prices: dict[str, float] | None = None) -> ValidatedPlan:
+            prices: dict[str, float] | None = None, **speed) -> ValidatedPlan:
     """Validate and, only if there is no violation, seal the plan for the executor; else PlanRejected."""
-    report, validated = review(plan, cluster, policy, intent, model, current, prices)
+    report, validated = review(plan, cluster, policy, intent, model, current, prices, **speed)
     if validated is None:
         raise PlanRejected(report)
     return validated
