@@ -15,6 +15,7 @@ from rich.markup import escape
 from policies import (InputError, PlanRejected, PlacementPlan, load_cluster, load_intent_spec, load_model_spec, load_plan,
                       load_policy, validate)
 
+from .k8s_cli import k8s_app
 from .planner import Infeasible, plan as make_plan
 from .render import plan_table, print_report
 
@@ -22,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Continuo: privacy-aware placement and live reconfiguration of LLM pipelines.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print their figures.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(k8s_app, name="k8s")
 console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, soft_wrap=True)
 

@@ -1,16 +1,22 @@
-"""Plan -> running service: Llama-family pipeline stages, their own KV cache, the engine loop."""
-from .engine import (ContextTooLong, Engine, EngineConfig, QueueFull, Request, RequestOutput,
-                     SamplingParams)
-from .kvcache import KVCache, KVCacheFull
-from .model import ModelConfig, StageModel, hf_names, random_hf_state
-from .stage import LocalStage, Stage, StepBatch, build_stage, build_stages, even_bounds
-from .weights import (GGUFSource, RandomSource, SafetensorsSource, StateDictSource, WeightSource,
-                      default_gguf, open_source)
+"""Plan -> running service: Llama-family pipeline stages, their own KV cache, the engine loop.
 
-__all__ = [
-    "ContextTooLong", "Engine", "EngineConfig", "QueueFull", "Request", "RequestOutput", "SamplingParams",
-    "KVCache", "KVCacheFull", "ModelConfig", "StageModel", "hf_names", "random_hf_state",
-    "LocalStage", "Stage", "StepBatch", "build_stage", "build_stages", "even_bounds",
-    "GGUFSource", "RandomSource", "SafetensorsSource", "StateDictSource", "WeightSource",
-    "default_gguf", "open_source",
-]
+The names below load on first use (PEP 562), so that torch-free parts such as `executor.k8s`
+import without torch."""
+from importlib import import_module
+
+_EXPORTS = {
+    "engine": ("ContextTooLong", "Engine", "EngineConfig", "QueueFull", "Request", "RequestOutput", "SamplingParams"),
+    "kvcache": ("KVCache", "KVCacheFull"),
+    "model": ("ModelConfig", "StageModel", "hf_names", "random_hf_state"),
+    "stage": ("LocalStage", "Stage", "StepBatch", "build_stage", "build_stages", "even_bounds"),
+    "weights": ("GGUFSource", "RandomSource", "SafetensorsSource", "StateDictSource", "WeightSource",
+                "default_gguf", "open_source"),
+}
+_MODULE_OF = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'executor' has no attribute {name!r}")
+    return getattr(import_module(f".{_MODULE_OF[name]}", __name__), name)
