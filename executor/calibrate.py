@@ -1,0 +1,226 @@
+"""`continuo calibrate`: time the serving code's own stages on this node's device and write a profile.
+
+    continuo calibrate [--model smollm2-135m] [--device cpu|cuda] [--threads N] [--kind CPU] [--node NAME]
+                       [--out DIR] [--json]
+
+What is timed is `LocalStage.forward` (executor/stage.py: the same model code, KV cache and
+packing a worker serves with) on stages of a copy of the model's config cut to 6 layers, with
+random weights of the real shapes (step time does not depend on the weights' values):
+
+  mid1  = layers [1, 2)      one decoder layer, no ends
+  mid4  = layers [1, 5)      four decoder layers
+  first = layers [0, 1)      embedding + one layer
+  last  = layers [5, 6)      one layer + final norm + LM head
+
+  layer   = (mid4 - mid1) / 3          stage_ms = mid1 - layer
+  embed   = first - mid1               head     = last - mid1
+
+each at decode batch sizes x context lengths, prefill prompt lengths and head row counts, the
+median of a few repetitions after a warm-up (CUDA is synchronised around each). Differences are
+floored at a small positive value: two noisy medians can cross. It takes a few seconds for a
+small model on a CPU core; the profile says how long it took.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from policies.cluster import GPU_KINDS
+from policies.profile import Profile, default_dir, now_utc, save_profile, this_host
+
+from .model import ModelConfig
+from .stage import LocalStage, StepBatch, build_stage
+from .weights import RandomSource
+
+DECODE_BATCH = (1, 2, 4, 8)
+DECODE_CONTEXT = (64, 256, 1024)
+PREFILL_TOKENS = (8, 32, 128, 512)
+HEAD_ROWS = (1, 2, 4, 8)
+FLOOR_MS = 1e-3
+SLOW_MS = 100.0      # a warm-up slower than this is timed once more, not `repeats` times
+CUT_LAYERS = 6
+
+
+def model_config(name_or_path: str) -> ModelConfig:
+    """The executor's config of a shipped model spec (policies/models) or a config.json / YAML path."""
+    import yaml
+
+    from policies.loading import InputError
+    from policies.modelspec import builtin_models
+    path = builtin_models().get(name_or_path.lower()) or Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise InputError(f"no such model: a shipped spec ({', '.join(sorted(builtin_models()))}) or a config path",
+                         field="--model")
+    d = yaml.safe_load(Path(path).read_text())
+    try:
+        return ModelConfig.from_hf(d)
+    except KeyError as e:
+        raise InputError(f"model config lacks {e.args[0]}", file=str(path), field=str(e.args[0])) from None
+
+
+def gpu_kind(device: str) -> str:
+    """The cluster file's GPU kind for a device: CPU, or the first known kind named in the CUDA device name."""
+    if not device.startswith("cuda"):
+        return "CPU"
+    name = torch.cuda.get_device_name(torch.device(device)).upper().replace(" ", "")
+    for kind in sorted(GPU_KINDS, key=len, reverse=True):
+        if kind != "CPU" and kind.upper().replace("-", "") in name.replace("-", ""):
+            return kind
+    return name
+
+
+class _Timer:
+    def __init__(self, device: torch.device, repeats: int):
+        self.device, self.repeats = device, repeats
+
+    def __call__(self, fn, reset=None) -> float:
+        """Median ms of `fn()` over the repetitions, after one warm-up; `reset()` runs untimed after each."""
+        out, n, i = [], self.repeats, 0
+        while i <= n:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            ms = 1e3 * (time.perf_counter() - t0)
+            if i:
+                out.append(ms)
+            elif ms > SLOW_MS:
+                n = 1          # a slow point (long prompt, big batch) is steady enough once warm
+            if reset:
+                reset()
+            i += 1
+        return statistics.median(out)
+
+
+def _hidden(cfg: ModelConfig, b: int, t: int, stage: LocalStage):
+    return None if stage.model.is_first else \
+        torch.randn(b, t, cfg.hidden_size, dtype=stage.cache.k.dtype, device=stage.cache.k.device)
+
+
+def _decode(stage: LocalStage, cfg: ModelConfig, timer: _Timer, batch: int, ctx: int) -> float:
+    """One decode step of `batch` rows, each with `ctx` tokens already in the cache."""
+    reqs = list(range(batch))
+    for r in reqs:
+        stage.cache.allocate(r, ctx + 1)
+        stage.cache.lens[r] = ctx
+    step = StepBatch(reqs, [ctx] * batch, [1] * batch, torch.zeros(batch, 1, dtype=torch.long))
+    x = _hidden(cfg, batch, 1, stage)
+
+    def reset():
+        for r in reqs:
+            stage.cache.lens[r] = ctx
+    ms = timer(lambda: stage.forward(step, x), reset)
+    stage.free(reqs)
+    return ms
+
+
+def _prefill(stage: LocalStage, cfg: ModelConfig, timer: _Timer, tokens: int, rows: int = 1) -> float:
+    """One prefill step of `rows` prompts of `tokens` tokens from position 0."""
+    reqs = list(range(rows))
+    step = StepBatch(reqs, [0] * rows, [tokens] * rows, torch.randint(0, cfg.vocab_size, (rows, tokens)))
+    x = _hidden(cfg, rows, tokens, stage)
+    return timer(lambda: stage.forward(step, x), lambda: stage.free(reqs))
+
+
+def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads: int | None = None,
+              kind: str | None = None, node: str | None = None, dtype: str = "float32", repeats: int = 3,
+              decode_batch=DECODE_BATCH, decode_context=DECODE_CONTEXT, prefill_tokens=PREFILL_TOKENS,
+              head_rows=HEAD_ROWS, log=None) -> Profile:
+    """Measure a profile of `config` on `device` (see the module docstring for what is timed)."""
+    t_start = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cut = dataclasses.replace(config, num_layers=CUT_LAYERS, max_position=max(config.max_position,
+                                                                            max(decode_context) + 2, max(prefill_tokens)))
+    src = RandomSource(cut, seed=0)
+    need = max(decode_batch) * (max(decode_context) + 1) + max(head_rows) * max(prefill_tokens)
+    blocks = -(-need // 16) + 8
+    tdtype = getattr(torch, dtype)
+    stages = {name: build_stage(src, a, b, blocks, 16, tdtype, dev)
+              for name, (a, b) in {"mid1": (1, 2), "mid4": (1, 5), "first": (0, 1), "last": (5, 6)}.items()}
+    timer = _Timer(dev, repeats)
+    floor = lambda v: max(FLOOR_MS, v)  # noqa: E731
+
+    dec = {n: [[_decode(stages[n], cut, timer, b, c) for c in decode_context] for b in decode_batch]
+           for n in ("mid1", "mid4")}
+    layer_dec = [[floor((dec["mid4"][i][j] - dec["mid1"][i][j]) / 3) for j in range(len(decode_context))]
+                 for i in range(len(decode_batch))]
+    pre = {n: [_prefill(stages[n], cut, timer, t) for t in prefill_tokens] for n in ("mid1", "mid4")}
+    layer_pre = [floor((b - a) / 3) for a, b in zip(pre["mid1"], pre["mid4"])]
+    # stage overhead: what one layer's stage costs beyond its layer, at the smallest decode step
+    stage_ms = floor(dec["mid1"][0][0] - layer_dec[0][0])
+    c0 = decode_context[0]
+    head = [floor(_decode(stages["last"], cut, timer, r, c0) - _decode(stages["mid1"], cut, timer, r, c0))
+            for r in head_rows]
+    embed = floor(_decode(stages["first"], cut, timer, 1, c0) - _decode(stages["mid1"], cut, timer, 1, c0))
+    if log:
+        log(f"layer decode {layer_dec[0][0]:.3f} ms (batch 1, ctx {c0}), head {head[0]:.3f} ms, "
+            f"stage {stage_ms:.3f} ms")
+    return Profile(model=model_name, kind=kind or gpu_kind(str(dev)), node=node, device=str(dev),
+                   threads=torch.get_num_threads() if dev.type == "cpu" else None, dtype=dtype, host=this_host(),
+                   measured_at=now_utc(), seconds=round(time.perf_counter() - t_start, 2),
+                   stage_ms=round(stage_ms, 4), embed_ms=round(embed, 4),
+                   head={"rows": list(head_rows), "ms": [round(h, 4) for h in head]},
+                   prefill={"tokens": list(prefill_tokens), "layer_ms": [round(v, 4) for v in layer_pre]},
+                   decode={"batch": list(decode_batch), "context": list(decode_context),
+                           "layer_ms": [[round(v, 4) for v in row] for row in layer_dec]})
+
+
+def ensure_profile(config: ModelConfig, model_name: str, device: str, threads: int | None = None,
+                   kind: str | None = None, node: str | None = None, folder: str | Path | None = None,
+                   log=print) -> Path:
+    """The hook for a worker at start: calibrate and save unless a profile for this model and node
+    (or its kind) is already in the folder. Returns the profile's path."""
+    from policies.profile import load_profiles
+    k = kind or gpu_kind(device)
+    have = load_profiles(folder)
+    for p in have.profiles:
+        if p.model == model_name and (p.node == node if node and p.node else p.kind == k and not p.node):
+            return Path(folder or default_dir()) / p.file_name()
+    prof = calibrate(config, model_name, device, threads, k, node, log=log)
+    return save_profile(prof, folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="continuo calibrate", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="shipped model spec name or config path")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's; match the workers')")
+    ap.add_argument("--kind", default=None, help="the cluster file's gpu kind (default: from the device)")
+    ap.add_argument("--node", default=None, help="a profile for this node only (default: for its kind)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help=f"profile folder (default: {default_dir()})")
+    ap.add_argument("--json", action="store_true", help="print the profile as JSON")
+    a = ap.parse_args(argv)
+    from policies.loading import InputError
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"torch sees no CUDA device here (a CPU build of torch?)", field="--device")
+    if a.repeats < 1:
+        raise InputError(f"must be at least 1, not {a.repeats}", field="--repeats")
+    cfg = model_config(a.model)
+    name = Path(a.model).stem if ("/" in a.model or a.model.endswith((".json", ".yaml"))) else a.model.lower()
+    prof = calibrate(cfg, name, a.device, a.threads or None, a.kind, a.node, a.dtype, a.repeats,
+                     log=lambda m: print(m, file=sys.stderr))
+    path = save_profile(prof, a.out)
+    if a.json:
+        print(json.dumps(prof.model_dump(mode="json")))
+    else:
+        print(f"profile of {prof.where()} in {prof.seconds:.1f} s -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

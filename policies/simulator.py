@@ -1,0 +1,446 @@
+"""The simulator: a discrete-event model of the serving pipeline, driven by the calibrated cost model.
+
+    from policies.simulator import simulate, SimConfig, Reconfig
+    result = simulate(cluster, plan, model, trace, profiles=load_profiles(), intent=intent)
+
+What it models, as executor/engine.py and runtime.py run it:
+
+- one engine loop: each step admits waiting requests FIFO while seats (max_num_seqs) and the KV
+  pool allow (a request reserves blocks for prompt + output when admitted, as the engine does),
+  decodes one token for every running request past its prompt and adds prompt chunks: up to
+  max_prefill_tokens per step, max_prefill_tokens_decoding while others decode (chunked prefill).
+  A request whose prompt completes in a step gets its first token at that step's end.
+- the pipeline: a step goes through every stage in order, each stage's time from the cost model
+  (its profile where one exists, datasheet figures where not, times its correction factor),
+  each hop's from the link (latency + activation bytes / bandwidth). A step with at least
+  16 tokens per stage is cut into k micro-batches that overlap (runtime.DistributedPipeline):
+  time = sum of stage times + (parts - 1) * the slowest (the fill and drain bubbles). With
+  groups_in_flight g > 1 (the engine of issue 15) a round steps every group once and takes
+  max(one group's pass, g * the slowest stage) (the steady state of a full pipeline).
+- a step's stage time for d decode rows at mean context c, p prompt tokens and r sampled rows:
+    profile:   stage_ms + layers * (layer_decode(d, c) + [layer_prefill(d + p) - layer_prefill(d)])
+               + embed_ms + head(r)              (prefill alone: layers * layer_prefill(p))
+    datasheet: layers * max(layer weights + d * c KV reads / bandwidth, (d + p) token FLOPs / compute)
+               + LM head (max of its weight read and r rows of FLOPs)
+- reconfigurations (Reconfig): at a time, a new plan; weights of moved layers travel over the links
+  between their old and new owners (pairs in parallel, runs on one pair one after another), then
+  the KV of in-flight requests for those layers (pre-copy, serving goes on); the switch pauses
+  serving for two round trips plus the last delta (one step's tokens of KV), "live"; or for the
+  whole transfer, "stop_and_copy".
+
+Events: one per request arrival, one per engine step (not per token, not per layer: a step's time
+is a closed form over a few classes of identical stages), one per reconfiguration phase, on a
+heapq. Per-request work is O(log n) (a heap of decode finishing steps), so an hour at 50 req/s over
+64 stages runs in seconds (see `continuo simulate --speed`).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .cluster import Cluster
+from .costmodel import Corrections, StageShape, _speed, hop_ms
+from .delta import PlanDelta
+from .intent import KV_BLOCK_TOKENS, IntentSpec, Traffic
+from .modelspec import ModelSpec
+from .plan import PlacementPlan
+from .profile import ProfileSet
+from .traces import Trace
+
+MICRO_BATCH_MIN_TOKENS = 16    # runtime.DistributedPipeline: micro-batches only with >= 16 tokens per stage
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The engine's knobs (defaults: executor/engine.py EngineConfig) and what the pipeline assumes."""
+    max_num_seqs: int = 16
+    max_waiting: int = 64
+    max_prefill_tokens: int = 512
+    max_prefill_tokens_decoding: int = 8
+    max_model_len: int | None = None     # default: the plan's KV reservation per request (kv tokens)
+    kv_blocks: int | None = None         # default: the intent's traffic.kv_blocks (what the validator reserves)
+    block_size: int = KV_BLOCK_TOKENS
+    groups_in_flight: int = 1
+    micro_batches: bool = True           # cut large steps into k micro-batches, as the runtime does
+    step_overhead_ms: float = 0.0        # the driver's own time per step (scheduling, sampling), if known
+
+
+@dataclass(frozen=True)
+class Reconfig:
+    """At `at_s`, move to `plan` (live: pre-copy then a short switch; stop_and_copy: pause for all of it)."""
+    at_s: float
+    plan: PlacementPlan
+    method: str = "live"
+
+
+@dataclass
+class ReconfigOutcome:
+    at_s: float
+    switched_s: float
+    weight_bytes: float
+    kv_bytes: float
+    prepare_s: float
+    precopy_s: float
+    pause_s: float
+    method: str
+
+
+@dataclass
+class SimResult:
+    requests: int
+    finished: int
+    rejected: int
+    ttft_ms_p50: float | None
+    ttft_ms_p99: float | None
+    tpot_ms_p50: float | None
+    tpot_ms_p99: float | None
+    slo_attainment: float | None         # share of finished requests within the intent's TTFT and TPOT bounds
+    throughput_tok_s: float
+    duration_s: float
+    node_seconds: float
+    steps: int
+    stage_utilisation: list[dict]        # per stage of the last plan: node, layers, busy share
+    reconfigurations: list[ReconfigOutcome] = field(default_factory=list)
+    sim_wall_s: float = 0.0
+    sources: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["reconfigurations"] = [r.__dict__ for r in self.reconfigurations]
+        return d
+
+
+class _Stages:
+    """One plan's stages as a few classes of identical stages; a step's time is a sum over classes."""
+
+    def __init__(self, plan: PlacementPlan, cluster: Cluster, model: ModelSpec, profiles: ProfileSet | None,
+                 corrections: Corrections | None):
+        L = model.num_layers
+        self.k = len(plan.stages)
+        self.model = model
+        self.nodes = [s.node for s in plan.stages]
+        self.sources: list[str] = []
+        raw, classes = [], {}
+        self.stage_class: list[int] = []
+        for i, st in enumerate(plan.stages):
+            node = cluster.node(st.node)
+            prof = profiles.find(node, model.name) if profiles else None
+            fp = corrections.factor(st.node, "prefill") if corrections else 1.0
+            fd = corrections.factor(st.node, "decode") if corrections else 1.0
+            lat, per_tok = 0.0, 0.0
+            if i + 1 < self.k:
+                link = cluster.link(st.node, plan.stages[i + 1].node)
+                if link is None:
+                    raise ValueError(f"no link between {st.node} and {plan.stages[i + 1].node}")
+                lat = link.latency_ms
+                per_tok = hop_ms(model, link, 1) - lat
+            shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
+            # datasheet speed is per node kind; profiles are per object: both make the class key
+            speed = ("p", id(prof)) if prof is not None else ("d", node.gpu, node.gpus)
+            key = (shape.layers, shape.embed, shape.head, speed, fp, fd, lat, per_tok)
+            self.sources.append("measured" if prof is not None else "datasheet")
+            if key not in classes:
+                classes[key] = len(raw)
+                bw, fl = _speed(node)
+                raw.append([shape, prof, (bw, fl), fp, fd, lat, per_tok, 0])
+            raw[classes[key]][-1] += 1
+            self.stage_class.append(classes[key])
+        self.classes = raw
+        self.busy = [0.0] * len(raw)       # per class: busy ms of ONE stage of the class
+
+    def _layer_ms(self, prof, speed, d: float, ctx: float, p: float) -> float:
+        if prof is not None:
+            if d <= 0:
+                return prof.layer_prefill_ms(p)
+            t = prof.layer_decode_ms(d, ctx)
+            if p > 0:
+                t += max(0.0, prof.layer_prefill_ms(d + p) - prof.layer_prefill_ms(d))
+            return t
+        m, (bw, fl) = self.model, speed
+        read = m.bytes_per_layer + d * ctx * m.kv_bytes_per_token_per_layer
+        work = (d + p) * m.flops_per_token_per_layer + d * m.attention_flops_per_token_per_layer(ctx) \
+            + p * m.attention_flops_per_token_per_layer(p / 2)
+        return 1e3 * max(read / bw, work / fl)
+
+    def _ends_ms(self, prof, speed, shape: StageShape, rows: float) -> float:
+        if prof is not None:
+            return prof.stage_ms + (prof.embed_ms if shape.embed else 0.0) + (prof.head_ms(rows) if shape.head else 0.0)
+        if not shape.head:
+            return 0.0
+        m, (bw, fl) = self.model, speed
+        return 1e3 * max(m.head_bytes / bw, rows * m.head_flops_per_token / fl)
+
+    def step_ms(self, d: int, ctx: float, p: int, rows: int, sampled: int, cfg: SimConfig) -> float:
+        """Time of one engine step (or one round of g groups); adds each class's busy time."""
+        g = max(1, min(cfg.groups_in_flight, d + rows)) if cfg.groups_in_flight > 1 else 1
+        parts = 1
+        if g == 1 and cfg.micro_batches and self.k > 1 and d + p >= self.k * MICRO_BATCH_MIN_TOKENS:
+            parts = max(1, min(self.k, d + rows))
+        n = g * parts
+        dd, pp, ss = d / n, p / n, sampled / n
+        total, slowest = 0.0, 0.0
+        per_layer: dict = {}           # stages of one speed share the per-layer figure of this step
+        for c, (shape, prof, speed, fp, fd, lat, per_tok, count) in enumerate(self.classes):
+            f = fp if pp > dd else fd
+            key = id(prof) if prof is not None else speed
+            lm = per_layer.get(key)
+            if lm is None:
+                lm = per_layer[key] = self._layer_ms(prof, speed, dd, ctx, pp)
+            t = f * (shape.layers * lm + self._ends_ms(prof, speed, shape, ss))
+            t_hop = t + (lat + per_tok * (dd + pp) if per_tok or lat else 0.0)
+            self.busy[c] += t * n
+            total += t_hop * count
+            slowest = max(slowest, t_hop)
+        if g > 1:
+            return max(total, g * slowest) + cfg.step_overhead_ms
+        return total + (parts - 1) * slowest + cfg.step_overhead_ms
+
+    def utilisation(self, duration_ms: float) -> list[dict]:
+        return [{"node": n, "layers": self.classes[c][0].layers,
+                 "busy": self.busy[c] / duration_ms if duration_ms > 0 else 0.0}
+                for n, c in zip(self.nodes, self.stage_class)]
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def _transfer(delta: PlanDelta, cluster: Cluster, kv_tokens: float) -> tuple[float, float, float, float, float]:
+    """(weight bytes, kv bytes, seconds for weights, seconds for KV, worst link latency s) of a delta."""
+    per_pair: dict[tuple[str, str], list[float]] = {}
+    for run in delta.moves:
+        per_pair.setdefault((run.src, run.dst), [0.0, 0.0])
+        per_pair[(run.src, run.dst)][0] += run.weight_bytes
+        per_pair[(run.src, run.dst)][1] += run.kv_bytes_per_token * kv_tokens
+    wb = sum(v[0] for v in per_pair.values())
+    kb = sum(v[1] for v in per_pair.values())
+    ws = ks = lat = 0.0
+    for (src, dst), (w, k) in per_pair.items():
+        link = cluster.link(src, dst)
+        if link is None:
+            raise ValueError(f"layers move {src} -> {dst} but no link joins them")
+        bps = link.bandwidth_gbps * 1e9 / 8
+        ws, ks = max(ws, link.latency_ms / 1e3 + w / bps), max(ks, link.latency_ms / 1e3 + k / bps)
+        lat = max(lat, link.latency_ms / 1e3)
+    return wb, kb, ws, ks, lat
+
+
+def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
+             profiles: ProfileSet | None = None, corrections: Corrections | None = None,
+             intent: IntentSpec | None = None, config: SimConfig = SimConfig(),
+             reconfigs: list[Reconfig] = ()) -> SimResult:
+    """Run a trace through a plan (and any reconfigurations); pure python, deterministic."""
+    wall0 = time.perf_counter()
+    intent = intent or plan.intent or IntentSpec(data_class=plan.data_class)
+    traffic: Traffic = intent.traffic
+    cfg = config
+    bs = cfg.block_size
+    kv_blocks = cfg.kv_blocks or traffic.kv_blocks
+    max_len = cfg.max_model_len or kv_blocks * bs
+    stages = _Stages(plan, cluster, model, profiles, corrections)
+    stage_sets = [stages]
+    n = len(trace)
+    arr, P, O = trace.arrival_s, trace.prompt_tokens, trace.output_tokens
+    t_first = [math.nan] * n
+    t_last = [math.nan] * n
+    rejected = 0
+
+    # events: (time s, seq, kind, payload); kinds: 0 step end, 1 reconfig phase, 2 arrival
+    ev: list = []
+    seq = 0
+
+    def push(t, kind, payload=None):
+        nonlocal seq
+        seq += 1
+        heapq.heappush(ev, (t, kind, seq, payload))
+
+    if n:
+        push(arr[0], 2, 0)
+    for rc in sorted(reconfigs, key=lambda r: r.at_s):
+        push(rc.at_s, 1, ("start", rc))
+
+    waiting: deque[int] = deque()
+    prefilling: list[list[int]] = []        # [request, prompt tokens left], in admission order
+    finishing: list[tuple[int, int]] = []   # (step index of its last token, request)
+    n_dec, ctx_sum, free = 0, 0, kv_blocks
+    step_no, busy, blocked_until = 0, False, 0.0
+    in_step: list = []                      # prefill rows completing in the step under way
+    pending_switch = None
+    outcomes: list[ReconfigOutcome] = []
+    node_s = 0.0
+    plan_since = arr[0] if n else 0.0
+    now = plan_since
+    cur_plan = plan
+
+    def blocks(i):
+        return -(-(P[i] + O[i]) // bs)
+
+    def start_step(t):
+        nonlocal busy, in_step
+        # admit FIFO while seats and KV allow
+        nonlocal free
+        while waiting and len(prefilling) + n_dec < cfg.max_num_seqs and blocks(waiting[0]) <= free:
+            i = waiting.popleft()
+            free -= blocks(i)
+            prefilling.append([i, P[i]])
+        budget = cfg.max_prefill_tokens_decoding if n_dec else cfg.max_prefill_tokens
+        p = rows = 0
+        done = []
+        for ent in prefilling:
+            if budget <= 0:
+                break
+            take = min(ent[1], budget)
+            ent[1] -= take
+            budget -= take
+            p += take
+            rows += 1
+            if ent[1] == 0:
+                done.append(ent[0])
+        if not n_dec and not rows:
+            busy = False
+            return
+        if done:
+            prefilling[:] = [e for e in prefilling if e[1] > 0]
+        ctx = ctx_sum / n_dec if n_dec else 0.0
+        ms = stages.step_ms(n_dec, ctx, p, rows, n_dec + len(done), cfg)
+        in_step = done
+        busy = True
+        push(t + ms / 1e3, 0)
+
+    def end_step(t):
+        nonlocal step_no, n_dec, ctx_sum, free
+        step_no += 1
+        ctx_sum += n_dec
+        while finishing and finishing[0][0] <= step_no:
+            _, i = heapq.heappop(finishing)
+            t_last[i] = t
+            n_dec -= 1
+            ctx_sum -= P[i] + O[i]
+            free += blocks(i)
+        for i in in_step:
+            t_first[i] = t
+            if O[i] <= 1:
+                t_last[i] = t
+                free += blocks(i)
+            else:
+                n_dec += 1
+                ctx_sum += P[i] + 1
+                heapq.heappush(finishing, (step_no + O[i] - 1, i))
+
+    def in_flight_tokens() -> float:
+        return ctx_sum + sum(P[e[0]] - e[1] for e in prefilling)
+
+    while ev:
+        t, kind, _, payload = heapq.heappop(ev)
+        now = t
+        if kind == 2:                                   # an arrival
+            i = payload
+            if i + 1 < n:
+                push(arr[i + 1], 2, i + 1)
+            if P[i] + O[i] > max_len or len(waiting) >= cfg.max_waiting:
+                rejected += 1                           # ContextTooLong / QueueFull, as the engine answers
+            else:
+                waiting.append(i)
+        elif kind == 0:                                 # a step ended
+            end_step(t)
+            busy = False
+            if pending_switch is not None:
+                pending_switch(t)
+                pending_switch = None
+        elif kind == 1:                                 # a reconfiguration phase
+            what, rc = payload
+            if what == "start":
+                delta = PlanDelta.between(cur_plan, rc.plan, model)
+                wb, kb, ws, ks, lat = _transfer(delta, cluster, in_flight_tokens())
+                dirty = sum(r.kv_bytes_per_token for r in delta.moves) * max(n_dec, 1)
+                _, _, _, dirty_s, _ = _transfer(delta, cluster, max(n_dec, 1))
+                if rc.method == "stop_and_copy":
+                    pause, pre_s, copy_s = ws + ks, 0.0, 0.0
+                elif rc.method == "live":
+                    pause, pre_s, copy_s = 2 * lat + (dirty_s - lat if delta.moves else 0.0), ws, ks
+                else:
+                    raise ValueError(f"reconfiguration method {rc.method!r}: the simulator models live and "
+                                     "stop_and_copy")
+                kv_moved = kb if rc.method == "stop_and_copy" else kb + dirty
+                out = ReconfigOutcome(rc.at_s, math.nan, wb, kv_moved, pre_s, copy_s, pause, rc.method)
+                push(t + pre_s + copy_s, 1, ("switch", (rc, out)))
+            elif what == "switch":
+                rc, out = rc
+
+                def switch(ts, rc=rc, out=out):
+                    nonlocal stages, blocked_until, node_s, plan_since, cur_plan
+                    node_s += len(set(stages.nodes)) * (ts - plan_since)
+                    plan_since = ts
+                    stages = _Stages(rc.plan, cluster, model, profiles, corrections)
+                    stage_sets.append(stages)
+                    cur_plan = rc.plan
+                    blocked_until = ts + out.pause_s
+                    out.switched_s = ts
+                    outcomes.append(out)
+                    push(blocked_until, 1, ("resume", None))
+                if busy:
+                    pending_switch = switch              # at the iteration boundary, never inside a step
+                else:
+                    switch(t)
+            if what != "resume":
+                continue
+        if ev and ev[0][0] <= now:
+            continue                  # everything that happens at this instant first (e.g. arrivals together)
+        if not busy and now >= blocked_until - 1e-12 and pending_switch is None:
+            start_step(now)
+
+    end = now
+    node_s += len(set(stages.nodes)) * (end - plan_since)
+    done_ix = [i for i in range(n) if not math.isnan(t_last[i])]
+    ttft = [1e3 * (t_first[i] - arr[i]) for i in done_ix]
+    tpot = [1e3 * (t_last[i] - t_first[i]) / (O[i] - 1) for i in done_ix if O[i] > 1]
+    slo = None
+    if intent.max_ttft_ms is not None or intent.max_tpot_ms is not None:
+        ok = 0
+        for i in done_ix:
+            a = intent.max_ttft_ms is None or 1e3 * (t_first[i] - arr[i]) <= intent.max_ttft_ms
+            b = intent.max_tpot_ms is None or O[i] <= 1 or 1e3 * (t_last[i] - t_first[i]) / (O[i] - 1) <= intent.max_tpot_ms
+            ok += a and b
+        slo = ok / n if n else None          # rejected requests miss their SLO
+    duration = end - (arr[0] if n else 0.0)
+    # utilisation: the busy time of every plan's stages over the time that plan served
+    util = stages.utilisation(1e3 * duration) if len(stage_sets) == 1 else \
+        stages.utilisation(1e3 * max(end - plan_since, 1e-9))
+    return SimResult(
+        requests=n, finished=len(done_ix), rejected=rejected,
+        ttft_ms_p50=_pct(ttft, .5), ttft_ms_p99=_pct(ttft, .99), tpot_ms_p50=_pct(tpot, .5), tpot_ms_p99=_pct(tpot, .99),
+        slo_attainment=slo, throughput_tok_s=sum(O[i] for i in done_ix) / duration if duration > 0 else 0.0,
+        duration_s=duration, node_seconds=node_s, steps=step_no, stage_utilisation=util,
+        reconfigurations=outcomes, sim_wall_s=time.perf_counter() - wall0, sources=stages.sources)
+
+
+def speed_case(nodes: int = 64, layers: int = 80, rate: float = 50.0, duration_s: float = 3600.0, seed: int = 0):
+    """The README's speed figure: `nodes` H100s in a chain, an 80-layer model (Llama-3-70B) split evenly,
+    `duration_s` of Poisson traffic at `rate` req/s (prompts ~512, outputs ~128 tokens, lognormal).
+    Returns (cluster, plan, model, trace, intent, config)."""
+    from .loading import load_file  # noqa: F401  (keeps the import graph of policies/ flat)
+    from .modelspec import load_model_spec
+    from .plan import Stage
+    from .traces import Lengths, Schedule, Steady
+    model = load_model_spec("llama-3-70b")
+    model = model.model_copy(update={"num_layers": layers}) if layers != model.num_layers else model
+    cluster = Cluster.model_validate({"name": f"sim-{nodes}", "nodes": [
+        {"name": f"n{i}", "gpu": "H100", "jurisdiction": "eu"} for i in range(nodes)],
+        "links": {"default": {"bandwidth_gbps": 100, "latency_ms": 0.05, "encrypted": True}}})
+    bounds = [round(i * layers / nodes) for i in range(nodes + 1)]
+    plan = PlacementPlan(model=model.name, data_class="public", stages=tuple(
+        Stage(node=f"n{i}", first_layer=a, last_layer=b - 1) for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a))
+    sched = Schedule(phases=(Steady(kind="steady", rate=rate, duration_s=duration_s),), seed=seed,
+                     prompt_tokens=Lengths(dist="lognormal", mean=512, sigma=0.6, min=16, max=4096),
+                     output_tokens=Lengths(dist="lognormal", mean=128, sigma=0.6, min=2, max=1024))
+    intent = IntentSpec(data_class="public", max_ttft_ms=2000, max_tpot_ms=200,
+                        traffic=Traffic(concurrency=1024, prompt_tokens=512, output_tokens=128, context_tokens=2048))
+    config = SimConfig(max_num_seqs=1024, max_waiting=4096, max_prefill_tokens=8192, max_prefill_tokens_decoding=4096,
+                       groups_in_flight=nodes)
+    return cluster, plan, model, sched.generate(), intent, config

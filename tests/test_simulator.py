@@ -1,0 +1,203 @@
+"""The simulator against cases worked out by hand, and trace files (good and bad)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from policies import (InputError, IntentSpec, PlacementPlan, PlanDelta, Stage, Traffic, load_cluster,
+                      load_model_spec)
+from policies.costmodel import estimate
+from policies.profile import ProfileSet
+from policies.simulator import Reconfig, SimConfig, simulate, speed_case
+from policies.traces import Trace, load_trace
+from tests.test_costmodel_profile import make_profile
+
+CLUSTER = "scenarios/local/cluster.yaml"
+
+
+def flat_profile(**over):
+    """Step times that do not depend on batch or context: every figure can be added up by hand."""
+    return make_profile(stage_ms=1.0, embed_ms=0.0, head={"rows": [1, 8], "ms": [4.0, 4.0]},
+                        prefill={"tokens": [1, 512], "layer_ms": [2.0, 2.0]},
+                        decode={"batch": [1, 8], "context": [1, 4096], "layer_ms": [[0.5, 0.5], [0.5, 0.5]]}, **over)
+
+
+def setup(stages=((("edge-a", 0, 29)),)):
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    plan = PlacementPlan(model="smollm2-135m", data_class="phi",
+                         stages=tuple(Stage(node=n, first_layer=a, last_layer=b) for n, a, b in stages))
+    intent = IntentSpec(data_class="phi", traffic=Traffic(concurrency=4, prompt_tokens=64, output_tokens=11,
+                                                          context_tokens=256))
+    return cluster, model, plan, intent, ProfileSet([flat_profile()])
+
+
+def test_one_request_one_stage():
+    cluster, model, plan, intent, ps = setup()
+    r = simulate(cluster, plan, model, Trace([0.0], [64], [11]), profiles=ps, intent=intent)
+    # prefill: 1 (stage) + 30 layers x 2 + head 4 = 65 ms; each decode step: 1 + 30 x 0.5 + 4 = 20 ms
+    assert r.ttft_ms_p50 == pytest.approx(65.0)
+    assert r.tpot_ms_p50 == pytest.approx(20.0)
+    assert r.steps == 11 and r.finished == 1 and r.rejected == 0
+    assert r.duration_s == pytest.approx((65 + 10 * 20) / 1e3)
+    assert r.stage_utilisation[0]["busy"] == pytest.approx(1.0)
+    assert r.node_seconds == pytest.approx(r.duration_s)
+    # and the cost model says the same of an idle pipeline
+    est = estimate(plan, cluster, model, intent.traffic.model_copy(update={"concurrency": 1}), profiles=ps)
+    assert est.ttft_ms == pytest.approx(65.0) and est.tpot_ms == pytest.approx(20.0)
+
+
+def test_two_stages_add_the_link():
+    cluster, model, plan, intent, ps = setup((("edge-a", 0, 14), ("cloud-1", 15, 29)))
+    link = cluster.link("edge-a", "cloud-1")           # 10 Gbps, 1 ms
+    hop = lambda tokens: link.latency_ms + 1e3 * tokens * 576 * 2 * 8 / 10e9  # noqa: E731  (bf16 spec)
+    r = simulate(cluster, plan, model, Trace([0.5], [64], [11]), profiles=ps, intent=intent)
+    assert r.ttft_ms_p50 == pytest.approx(2 * 1 + 30 * 2 + 4 + hop(64))
+    assert r.tpot_ms_p50 == pytest.approx(2 * 1 + 30 * 0.5 + 4 + hop(1))
+    busy = [s["busy"] for s in r.stage_utilisation]
+    assert busy[1] > busy[0]                          # the LM head sits on the second stage
+
+
+def test_kv_capacity_makes_the_second_request_wait():
+    cluster, model, plan, intent, ps = setup()
+    # blocks for one request only: (64 + 11) tokens -> 5 blocks of 16; the pool has 6
+    cfg = SimConfig(kv_blocks=6, max_model_len=96)
+    r = simulate(cluster, plan, model, Trace([0.0, 0.0], [64, 64], [11, 11]), profiles=ps, intent=intent, config=cfg)
+    first_done = 65 + 10 * 20
+    assert r.finished == 2
+    assert r.ttft_ms_p50 == pytest.approx(65.0)          # the first
+    assert r.ttft_ms_p99 == pytest.approx(first_done + 65)   # the second starts once the first frees its blocks
+    # with room for both they prefill together in one step (128 prompt tokens: 1 + 30 x 2 + head)
+    both = simulate(cluster, plan, model, Trace([0.0, 0.0], [64, 64], [11, 11]), profiles=ps, intent=intent)
+    assert both.ttft_ms_p99 == pytest.approx(65.0)
+
+
+def test_seats_queue_and_too_long_is_rejected():
+    cluster, model, plan, intent, ps = setup()
+    cfg = SimConfig(max_num_seqs=1, kv_blocks=64, max_model_len=200)
+    r = simulate(cluster, plan, model, Trace([0.0, 0.0, 0.0], [64, 64, 190], [11, 11, 20]), profiles=ps,
+                 intent=intent, config=cfg)
+    assert r.rejected == 1 and r.finished == 2
+    assert r.ttft_ms_p99 == pytest.approx(65 + 10 * 20 + 65)
+
+
+def test_chunked_prefill_while_others_decode():
+    cluster, model, plan, intent, ps = setup()
+    # the second arrives while the first decodes: its 64-token prompt goes 8 tokens per step (8 steps)
+    r = simulate(cluster, plan, model, Trace([0.0, 0.070], [64, 64], [40, 2]), profiles=ps, intent=intent)
+    # steps after the first's prefill (65 ms): decode + an 8-token chunk, each 1 + 30 x (0.5 + 0) + 4 = 20 ms
+    # (flat tables: the chunk adds nothing); the second is admitted at the first step boundary after 70 ms
+    assert r.ttft_ms_p99 == pytest.approx(65 + 20 + 8 * 20 - 70)
+
+
+def test_live_reconfiguration_pauses_for_the_switch():
+    cluster, model, plan, intent, ps = setup((("edge-a", 0, 14), ("edge-b", 15, 29)))
+    moved = plan.model_copy(update={"stages": (Stage(node="edge-a", first_layer=0, last_layer=15),
+                                               Stage(node="edge-b", first_layer=16, last_layer=29))})
+    tr = Trace([0.0], [64], [50])
+    base = simulate(cluster, plan, model, tr, profiles=ps, intent=intent)
+    link = cluster.link("edge-a", "edge-b")                      # 100 Gbps, 0.1 ms
+    delta = PlanDelta.between(plan, moved, model)
+    (run,) = delta.moves
+    for method in ("live", "stop_and_copy"):
+        r = simulate(cluster, plan, model, tr, profiles=ps, intent=intent, reconfigs=[Reconfig(0.3, moved, method)])
+        (rc,) = r.reconfigurations
+        bps = link.bandwidth_gbps * 1e9 / 8
+        if method == "live":
+            expect = 2 * link.latency_ms / 1e3 + run.kv_bytes_per_token * 1 / bps   # last delta: one token each
+        else:        # everything, serving stopped: the weights, then the KV of the tokens in flight
+            expect = (link.latency_ms / 1e3 + run.weight_bytes / bps) + (link.latency_ms / 1e3 + rc.kv_bytes / bps)
+            assert rc.kv_bytes == pytest.approx(run.kv_bytes_per_token * (64 + int((300 - 65) // 20) + 1))
+        assert rc.pause_s == pytest.approx(expect, rel=1e-6)
+        assert rc.weight_bytes == pytest.approx(run.weight_bytes)
+        # moving one layer's boundary keeps every step's time: the request ends later by the pause alone
+        end = r.duration_s - base.duration_s
+        assert end == pytest.approx(rc.pause_s, abs=1e-9)
+        assert rc.switched_s >= 0.3 + rc.prepare_s + rc.precopy_s - 1e-9
+    with pytest.raises(ValueError, match="recompute"):
+        simulate(cluster, plan, model, tr, profiles=ps, intent=intent, reconfigs=[Reconfig(0.1, moved, "recompute")])
+
+
+def test_slo_attainment_counts_rejections():
+    cluster, model, plan, intent, ps = setup()
+    strict = intent.model_copy(update={"max_ttft_ms": 100, "max_tpot_ms": 25})
+    cfg = SimConfig(max_num_seqs=1, max_waiting=1)   # one seat, one place in the queue: the third is refused
+    r = simulate(cluster, plan, model, Trace([0.0, 0.01, 0.02], [64, 64, 64], [11, 11, 11]), profiles=ps,
+                 intent=strict, config=cfg)
+    # the first meets both bounds; the second waits for the seat (TTFT 265 + 65 - 10 ms) and misses
+    assert r.rejected == 1 and r.finished == 2 and r.slo_attainment == pytest.approx(1 / 3)
+
+
+def test_config_defaults_are_the_engines():
+    from executor.engine import EngineConfig
+    e, s = EngineConfig(), SimConfig()
+    for f in ("max_num_seqs", "max_waiting", "max_prefill_tokens", "max_prefill_tokens_decoding"):
+        assert getattr(e, f) == getattr(s, f), f
+
+
+def test_speed_case_small_keeps_up():
+    cluster, plan, model, trace, intent, cfg = speed_case(nodes=8, layers=16, rate=5, duration_s=60)
+    r = simulate(cluster, plan, model, trace, intent=intent, config=cfg)
+    assert r.rejected == 0 and r.finished == len(trace) > 200
+    assert set(r.sources) == {"datasheet"} and len(r.stage_utilisation) == 8
+    assert 0 < r.throughput_tok_s and r.sim_wall_s < 10
+
+
+# --- traces ---------------------------------------------------------------------------------------
+
+def test_schedule_uniform_and_poisson(tmp_path):
+    f = tmp_path / "t.yaml"
+    f.write_text("arrivals: uniform\nphases:\n  - {kind: steady, rate: 2, duration_s: 5}\n"
+                 "  - {kind: ramp, from_rate: 2, to_rate: 2, duration_s: 5}\n"
+                 "prompt_tokens: {dist: fixed, value: 100}\noutput_tokens: {dist: uniform, low: 5, high: 9}\n")
+    t = load_trace(f)
+    assert len(t) == 20 and t.arrival_s[:3] == pytest.approx([0.5, 1.0, 1.5])
+    assert set(t.prompt_tokens) == {100} and all(5 <= o <= 9 for o in t.output_tokens)
+    f.write_text("seed: 3\nphases:\n  - {kind: burst, rate: 1, burst_rate: 50, every_s: 10, burst_s: 2, duration_s: 100}\n"
+                 "prompt_tokens: {dist: lognormal, mean: 300, sigma: 0.5, max: 2000}\n")
+    t = load_trace(f)
+    in_burst = sum(1 for a in t.arrival_s if a % 10 < 2)
+    assert 700 < in_burst < 1300 and len(t) - in_burst < 150 and max(t.prompt_tokens) <= 2000
+    assert load_trace(f).arrival_s == t.arrival_s        # seeded
+
+
+@pytest.mark.parametrize("text, line, field, words", [
+    ("phases:\n  - {kind: steady, rate: 1, duration_s: 5}\nprompt_tokens: {dist: fixed}\n", 3, "prompt_tokens.value",
+     "needs value"),
+    ("phases:\n  - {kind: wave, rate: 1, duration_s: 5}\n", 2, "phases[0]", "wave"),
+    ("phases:\n  - {kind: steady, rate: -1, duration_s: 5}\n", 2, "phases[0].steady.rate", "-1"),
+])
+def test_bad_schedule(tmp_path, text, line, field, words):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_trace(f)
+    assert e.value.line == line and e.value.field == field and words in str(e.value)
+
+
+def test_csv_traces(tmp_path):
+    t = load_trace("scenarios/traces/azure-format-sample.csv")
+    assert len(t) > 10 and t.arrival_s[0] == 0.0 and all(b >= a for a, b in zip(t.arrival_s, t.arrival_s[1:]))
+    f = tmp_path / "t.csv"
+    f.write_text("arrival_s,prompt_tokens,output_tokens\n0,10,5\n0.5,20,6\n")
+    t = load_trace(f)
+    assert t.arrival_s == [0.0, 0.5] and t.prompt_tokens == [10, 20] and t.output_tokens == [5, 6]
+
+
+@pytest.mark.parametrize("text, line, field, words", [
+    ("when,prompt,out\n0,1,1\n", 1, None, "lacks the columns"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,10,5\nsoon,10,5\n", 3, "arrival_s", "'soon'"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,10,5\n1,ten,5\n", 3, "prompt_tokens", "'ten'"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,10,0\n", 2, "output_tokens", "at least 1, not 0"),
+    ("arrival_s,prompt_tokens,output_tokens\n2,10,5\n1,10,5\n", 3, "arrival_s", "back in time"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,10\n", 2, None, "2 columns"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\nyesterday,1,1\n", 3, "TIMESTAMP",
+     "date-time"),
+])
+def test_bad_csv(tmp_path, text, line, field, words):
+    f = tmp_path / "bad.csv"
+    f.write_text(text)
+    with pytest.raises(InputError) as e:
+        load_trace(f)
+    assert e.value.line == line and e.value.field == field and words in str(e.value)
+    assert str(f) in str(e.value)
