@@ -456,6 +456,11 @@ def bench_intents_cmd(
     run(cluster, policy, intents, as_json=as_json, use_llm=use_llm)
 
 
+from .cli_speed import register as _register_speed  # noqa: E402  (calibrate, simulate, bench simulate/predict)
+
+_register_speed(app, bench_app)
+
+
 def main() -> None:
     """Entry point: bad input becomes exit code 2 with a message naming file, line and field."""
     try:

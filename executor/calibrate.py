@@ -15,10 +15,11 @@ random weights of the real shapes (step time does not depend on the weights' val
   layer   = (mid4 - mid1) / 3          stage_ms = mid1 - layer
   embed   = first - mid1               head     = last - mid1
 
-each at decode batch sizes x context lengths, prefill prompt lengths and head row counts, the
-median of a few repetitions after a warm-up (CUDA is synchronised around each). Differences are
-floored at a small positive value: two noisy medians can cross. It takes a few seconds for a
-small model on a CPU core; the profile says how long it took.
+each at decode batch sizes x context lengths, prefill prompt lengths and head row counts. The two
+stages of a difference run alternately and the median of the paired differences is kept (the dev
+machines are shared: a busy neighbour then slows both sides of a pair alike), after a warm-up;
+CUDA is synchronised around each run. Differences are floored at a small positive value. It takes
+seconds for a small model on a CPU core; the profile says how long it took.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ DECODE_CONTEXT = (64, 256, 1024)
 PREFILL_TOKENS = (8, 32, 128, 512)
 HEAD_ROWS = (1, 2, 4, 8)
 FLOOR_MS = 1e-3
-SLOW_MS = 100.0      # a warm-up slower than this is timed once more, not `repeats` times
+FAST_MS = 20.0       # a pair of steps quicker than this is timed `repeats` times ...
+SLOW_MS = 200.0      # ... under this a third as often, above it once (long prompts, big batches are steady)
 CUT_LAYERS = 6
 
 
@@ -79,28 +81,34 @@ def gpu_kind(device: str) -> str:
 
 
 class _Timer:
+    """Times steps of two stages alternately, so that whatever else runs on the machine slows both
+    alike and their difference (what a layer, the head or the embedding costs) stays steady."""
+
     def __init__(self, device: torch.device, repeats: int):
         self.device, self.repeats = device, repeats
 
-    def __call__(self, fn, reset=None) -> float:
-        """Median ms of `fn()` over the repetitions, after one warm-up; `reset()` runs untimed after each."""
-        out, n, i = [], self.repeats, 0
-        while i <= n:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
-            fn()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            ms = 1e3 * (time.perf_counter() - t0)
-            if i:
-                out.append(ms)
-            elif ms > SLOW_MS:
-                n = 1          # a slow point (long prompt, big batch) is steady enough once warm
-            if reset:
-                reset()
-            i += 1
-        return statistics.median(out)
+    def _once(self, fn, reset) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        ms = 1e3 * (time.perf_counter() - t0)
+        reset()
+        return ms
+
+    def pair(self, a, b) -> tuple[float, float]:
+        """(median ms of a, median of b - a over alternating runs) after one warm-up of each;
+        a and b are (fn, reset). Slow points (warm-up over SLOW_MS) are timed fewer times."""
+        wa, wb = self._once(*a), self._once(*b)
+        n = self.repeats if wa + wb < FAST_MS else max(1, self.repeats // 3) if wa + wb < SLOW_MS else 1
+        ta, diff = [], []
+        for _ in range(n):
+            x, y = self._once(*a), self._once(*b)
+            ta.append(x)
+            diff.append(y - x)
+        return statistics.median(ta), statistics.median(diff)
 
 
 def _hidden(cfg: ModelConfig, b: int, t: int, stage: LocalStage):
@@ -108,9 +116,10 @@ def _hidden(cfg: ModelConfig, b: int, t: int, stage: LocalStage):
         torch.randn(b, t, cfg.hidden_size, dtype=stage.cache.k.dtype, device=stage.cache.k.device)
 
 
-def _decode(stage: LocalStage, cfg: ModelConfig, timer: _Timer, batch: int, ctx: int) -> float:
-    """One decode step of `batch` rows, each with `ctx` tokens already in the cache."""
+def _decode(stage: LocalStage, cfg: ModelConfig, batch: int, ctx: int):
+    """(fn, reset) of one decode step of `batch` rows, each with `ctx` tokens already in the cache."""
     reqs = list(range(batch))
+    stage.free(reqs)
     for r in reqs:
         stage.cache.allocate(r, ctx + 1)
         stage.cache.lens[r] = ctx
@@ -120,21 +129,20 @@ def _decode(stage: LocalStage, cfg: ModelConfig, timer: _Timer, batch: int, ctx:
     def reset():
         for r in reqs:
             stage.cache.lens[r] = ctx
-    ms = timer(lambda: stage.forward(step, x), reset)
-    stage.free(reqs)
-    return ms
+    return (lambda: stage.forward(step, x)), reset
 
 
-def _prefill(stage: LocalStage, cfg: ModelConfig, timer: _Timer, tokens: int, rows: int = 1) -> float:
-    """One prefill step of `rows` prompts of `tokens` tokens from position 0."""
+def _prefill(stage: LocalStage, cfg: ModelConfig, tokens: int, rows: int = 1):
+    """(fn, reset) of one prefill step of `rows` prompts of `tokens` tokens from position 0."""
     reqs = list(range(rows))
+    stage.free(reqs)
     step = StepBatch(reqs, [0] * rows, [tokens] * rows, torch.randint(0, cfg.vocab_size, (rows, tokens)))
     x = _hidden(cfg, rows, tokens, stage)
-    return timer(lambda: stage.forward(step, x), lambda: stage.free(reqs))
+    return (lambda: stage.forward(step, x)), (lambda: stage.free(reqs))
 
 
 def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads: int | None = None,
-              kind: str | None = None, node: str | None = None, dtype: str = "float32", repeats: int = 3,
+              kind: str | None = None, node: str | None = None, dtype: str = "float32", repeats: int = 7,
               decode_batch=DECODE_BATCH, decode_context=DECODE_CONTEXT, prefill_tokens=PREFILL_TOKENS,
               head_rows=HEAD_ROWS, log=None) -> Profile:
     """Measure a profile of `config` on `device` (see the module docstring for what is timed)."""
@@ -152,19 +160,20 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
               for name, (a, b) in {"mid1": (1, 2), "mid4": (1, 5), "first": (0, 1), "last": (5, 6)}.items()}
     timer = _Timer(dev, repeats)
     floor = lambda v: max(FLOOR_MS, v)  # noqa: E731
-
-    dec = {n: [[_decode(stages[n], cut, timer, b, c) for c in decode_context] for b in decode_batch]
-           for n in ("mid1", "mid4")}
-    layer_dec = [[floor((dec["mid4"][i][j] - dec["mid1"][i][j]) / 3) for j in range(len(decode_context))]
-                 for i in range(len(decode_batch))]
-    pre = {n: [_prefill(stages[n], cut, timer, t) for t in prefill_tokens] for n in ("mid1", "mid4")}
-    layer_pre = [floor((b - a) / 3) for a, b in zip(pre["mid1"], pre["mid4"])]
-    # stage overhead: what one layer's stage costs beyond its layer, at the smallest decode step
-    stage_ms = floor(dec["mid1"][0][0] - layer_dec[0][0])
+    mid1, mid4 = stages["mid1"], stages["mid4"]
+    layer_dec, stage_ms = [], None
+    for b in decode_batch:
+        row = []
+        for c in decode_context:
+            one, three = timer.pair(_decode(mid1, cut, b, c), _decode(mid4, cut, b, c))
+            row.append(floor(three / 3))
+            if stage_ms is None:     # what a one-layer stage costs beyond its layer, at the smallest step
+                stage_ms = floor(one - three / 3)
+        layer_dec.append(row)
+    layer_pre = [floor(timer.pair(_prefill(mid1, cut, t), _prefill(mid4, cut, t))[1] / 3) for t in prefill_tokens]
     c0 = decode_context[0]
-    head = [floor(_decode(stages["last"], cut, timer, r, c0) - _decode(stages["mid1"], cut, timer, r, c0))
-            for r in head_rows]
-    embed = floor(_decode(stages["first"], cut, timer, 1, c0) - _decode(stages["mid1"], cut, timer, 1, c0))
+    head = [floor(timer.pair(_decode(mid1, cut, r, c0), _decode(stages["last"], cut, r, c0))[1]) for r in head_rows]
+    embed = floor(timer.pair(_decode(mid1, cut, 1, c0), _decode(stages["first"], cut, 1, c0))[1])
     if log:
         log(f"layer decode {layer_dec[0][0]:.3f} ms (batch 1, ctx {c0}), head {head[0]:.3f} ms, "
             f"stage {stage_ms:.3f} ms")
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default=None, help="the cluster file's gpu kind (default: from the device)")
     ap.add_argument("--node", default=None, help="a profile for this node only (default: for its kind)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None, help=f"profile folder (default: {default_dir()})")
     ap.add_argument("--json", action="store_true", help="print the profile as JSON")
     a = ap.parse_args(argv)

@@ -30,11 +30,15 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
   Either is then multiplied by the stage's correction factor (Corrections: measured / predicted while
   serving, smoothed; 1 until something is observed).
   hop(link, T tokens)      = latency + T * hidden * dtype_bytes / bandwidth
+  logits hop (rows R)      = latency + R * vocab * 4 / bandwidth   from the LM-head stage to the driver,
+                             counted when `driver_node` is given and is not the last stage's node
 
-  TTFT   = sum(prefill(P, rows)) + sum(hop(rows * P))   over stages / hops
+  TTFT   = sum(prefill(P, r)) + sum(hop(r * P)) + (parts - 1) * max_s(prefill_s(P, r) + hop_s(r * P))
            Assumes the request's prompt is prefilled in one step, together with `prefill_rows` - 1
            other prompts (1: a request arriving at an idle pipeline), with no queueing: the
            simulator (policies/simulator.py) is what models arrivals, queues and chunked prefill.
+           With several prompts the runtime cuts the step into parts = min(k, prefill_rows) micro-batches
+           of r = ceil(prefill_rows / parts) rows that overlap (when it has >= 16 tokens per stage).
   Decode with g = groups_in_flight groups of requests kept in flight by the engine, m = ceil(B / g):
     pass(m)  = sum_s(decode_s(m) + hop_s(m))           one group's token through every stage
     round    = max(pass(m), g * max_s(decode_s(m) + hop_s(m)))
@@ -59,6 +63,7 @@ from .plan import Estimates, PlacementPlan, StageEstimate
 from .profile import Profile, ProfileSet
 
 STEP_TOKENS = 2048   # token budget of one (chunked) prefill step
+MICRO_BATCH_MIN_TOKENS = 16   # runtime.DistributedPipeline cuts a step only with >= 16 tokens per stage
 BW_EFF = 0.6         # fraction of datasheet memory bandwidth a decode step achieves
 MFU = 0.4            # fraction of datasheet FLOPs a prefill achieves
 
@@ -205,6 +210,11 @@ def hop_ms(model: ModelSpec, link: Link, tokens: int) -> float:
     return link.latency_ms + 1e3 * tokens * model.hidden_size * model.dtype_bytes * 8 / (link.bandwidth_gbps * 1e9)
 
 
+def logits_hop_ms(model: ModelSpec, link: Link, rows: int) -> float:
+    """Time to send `rows` rows of fp32 logits from the LM-head stage to the driver over a link."""
+    return link.latency_ms + 1e3 * rows * model.vocab_size * 4 * 8 / (link.bandwidth_gbps * 1e9)
+
+
 def node_price(node: Node, prices: dict[str, float] | None = None) -> float:
     """Hourly price of a node (its own override, the price table's, or its GPU kind's list price)."""
     if node.price_per_hour is None and prices and node.gpu in prices:
@@ -215,14 +225,18 @@ def node_price(node: Node, prices: dict[str, float] | None = None) -> float:
 def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: Traffic,
              prices: dict[str, float] | None = None, profiles: ProfileSet | None = None,
              corrections: Corrections | None = None, groups_in_flight: int = 1,
-             prefill_rows: int = 1) -> Estimates:
+             prefill_rows: int = 1, driver_node: str | None = None) -> Estimates:
     """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above)."""
     if groups_in_flight < 1 or prefill_rows < 1:
         raise ValueError("groups_in_flight and prefill_rows must be at least 1")
     L, k, B, P = model.num_layers, len(plan.stages), traffic.concurrency, traffic.prompt_tokens
     g = min(groups_in_flight, B)
     m = math.ceil(B / g)
-    stages, ttft, pass_m, slowest = [], 0.0, 0.0, 0.0
+    # a prefill step of several prompts with >= 16 tokens per stage is cut into micro-batches by rows
+    # that overlap (runtime.DistributedPipeline): parts = min(k, rows), each ceil(rows / parts) rows
+    parts = min(k, prefill_rows) if k > 1 and prefill_rows * P >= MICRO_BATCH_MIN_TOKENS * k else 1
+    mb_rows = math.ceil(prefill_rows / parts)
+    stages, ttft, pass_m, slowest, slow_pre = [], 0.0, 0.0, 0.0, 0.0
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
@@ -230,14 +244,16 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
         fp = corrections.factor(st.node, "prefill") if corrections else 1.0
         fd = corrections.factor(st.node, "decode") if corrections else 1.0
         pre = fp * prefill_ms(model, shape, node, P, prof, prefill_rows)
+        pre_mb = pre if parts == 1 else fp * prefill_ms(model, shape, node, P, prof, mb_rows)
         dec = fd * decode_ms(model, shape, node, B, traffic, prof)
         dec_m = dec if m == B else fd * decode_ms(model, shape, node, m, traffic, prof)
         hop_p = hop_d = hop_m = 0.0
         if i + 1 < k:
             link = cluster.link(st.node, plan.stages[i + 1].node)
             if link is not None:
-                hop_p, hop_d, hop_m = (hop_ms(model, link, t) for t in (prefill_rows * P, B, m))
-        ttft += pre + hop_p
+                hop_p, hop_d, hop_m = (hop_ms(model, link, t) for t in (mb_rows * P, B, m))
+        ttft += pre_mb + hop_p
+        slow_pre = max(slow_pre, pre_mb + hop_p)
         pass_m += dec_m + hop_m
         slowest = max(slowest, dec_m + hop_m)
         stages.append(StageEstimate(
@@ -246,6 +262,13 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
             capacity_bytes=node.usable_memory_bytes, prefill_ms=pre, decode_ms=dec,
             hop_out_ms_prefill=hop_p, hop_out_ms_decode=hop_d,
             source="measured" if prof is not None else "datasheet", correction_prefill=fp, correction_decode=fd))
+    # the logits of the sampled rows go back to the driver (it samples), when it sits on another node
+    last = plan.stages[-1].node
+    back = cluster.link(last, driver_node) if driver_node and driver_node != last else None
+    ttft += (parts - 1) * slow_pre          # fill and drain of the micro-batches (0 with one)
+    if back is not None:
+        ttft += logits_hop_ms(model, back, mb_rows)
+        pass_m += logits_hop_ms(model, back, m)
     round_ms = max(pass_m, g * slowest)
     cost = sum(node_price(cluster.node(n), prices) for n in dict.fromkeys(plan.nodes))
     sources = {s.source for s in stages}

@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cluster import Cluster
-from .costmodel import Corrections, StageShape, _speed, hop_ms
+from .costmodel import MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, hop_ms, logits_hop_ms
 from .delta import PlanDelta
 from .intent import KV_BLOCK_TOKENS, IntentSpec, Traffic
 from .modelspec import ModelSpec
@@ -50,7 +50,6 @@ from .plan import PlacementPlan
 from .profile import ProfileSet
 from .traces import Trace
 
-MICRO_BATCH_MIN_TOKENS = 16    # runtime.DistributedPipeline: micro-batches only with >= 16 tokens per stage
 
 
 @dataclass(frozen=True)
@@ -106,9 +105,11 @@ class SimResult:
     reconfigurations: list[ReconfigOutcome] = field(default_factory=list)
     sim_wall_s: float = 0.0
     sources: list[str] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list, repr=False)     # per finished request, in trace order
+    tpot_ms: list[float] = field(default_factory=list, repr=False)     # (requests of more than one token)
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {k: v for k, v in self.__dict__.items() if k not in ("ttft_ms", "tpot_ms")}
         d["reconfigurations"] = [r.__dict__ for r in self.reconfigurations]
         return d
 
@@ -117,7 +118,7 @@ class _Stages:
     """One plan's stages as a few classes of identical stages; a step's time is a sum over classes."""
 
     def __init__(self, plan: PlacementPlan, cluster: Cluster, model: ModelSpec, profiles: ProfileSet | None,
-                 corrections: Corrections | None):
+                 corrections: Corrections | None, driver_node: str | None = None):
         L = model.num_layers
         self.k = len(plan.stages)
         self.model = model
@@ -149,6 +150,11 @@ class _Stages:
             raw[classes[key]][-1] += 1
             self.stage_class.append(classes[key])
         self.classes = raw
+        # the logits of the sampled rows go back to the driver when it sits on another node
+        last = plan.stages[-1].node
+        back = cluster.link(last, driver_node) if driver_node and driver_node != last else None
+        self.back_lat = back.latency_ms if back else 0.0
+        self.back_per_row = (logits_hop_ms(model, back, 1) - back.latency_ms) if back else 0.0
         self.busy = [0.0] * len(raw)       # per class: busy ms of ONE stage of the class
 
     def _layer_ms(self, prof, speed, d: float, ctx: float, p: float) -> float:
@@ -194,6 +200,7 @@ class _Stages:
             self.busy[c] += t * n
             total += t_hop * count
             slowest = max(slowest, t_hop)
+        total += self.back_lat + self.back_per_row * ss if self.back_lat or self.back_per_row else 0.0
         if g > 1:
             return max(total, g * slowest) + cfg.step_overhead_ms
         return total + (parts - 1) * slowest + cfg.step_overhead_ms
@@ -234,8 +241,10 @@ def _transfer(delta: PlanDelta, cluster: Cluster, kv_tokens: float) -> tuple[flo
 def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
              profiles: ProfileSet | None = None, corrections: Corrections | None = None,
              intent: IntentSpec | None = None, config: SimConfig = SimConfig(),
-             reconfigs: list[Reconfig] = ()) -> SimResult:
-    """Run a trace through a plan (and any reconfigurations); pure python, deterministic."""
+             reconfigs: list[Reconfig] = (), driver_node: str | None = None) -> SimResult:
+    """Run a trace through a plan (and any reconfigurations); pure python, deterministic.
+    driver_node: where the engine (which samples) sits; the logits' trip back from the last stage
+    is counted when it is another node."""
     wall0 = time.perf_counter()
     intent = intent or plan.intent or IntentSpec(data_class=plan.data_class)
     traffic: Traffic = intent.traffic
@@ -243,7 +252,7 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
     bs = cfg.block_size
     kv_blocks = cfg.kv_blocks or traffic.kv_blocks
     max_len = cfg.max_model_len or kv_blocks * bs
-    stages = _Stages(plan, cluster, model, profiles, corrections)
+    stages = _Stages(plan, cluster, model, profiles, corrections, driver_node)
     stage_sets = [stages]
     n = len(trace)
     arr, P, O = trace.arrival_s, trace.prompt_tokens, trace.output_tokens
@@ -377,7 +386,7 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
                     nonlocal stages, blocked_until, node_s, plan_since, cur_plan
                     node_s += len(set(stages.nodes)) * (ts - plan_since)
                     plan_since = ts
-                    stages = _Stages(rc.plan, cluster, model, profiles, corrections)
+                    stages = _Stages(rc.plan, cluster, model, profiles, corrections, driver_node)
                     stage_sets.append(stages)
                     cur_plan = rc.plan
                     blocked_until = ts + out.pause_s
@@ -417,7 +426,8 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
         ttft_ms_p50=_pct(ttft, .5), ttft_ms_p99=_pct(ttft, .99), tpot_ms_p50=_pct(tpot, .5), tpot_ms_p99=_pct(tpot, .99),
         slo_attainment=slo, throughput_tok_s=sum(O[i] for i in done_ix) / duration if duration > 0 else 0.0,
         duration_s=duration, node_seconds=node_s, steps=step_no, stage_utilisation=util,
-        reconfigurations=outcomes, sim_wall_s=time.perf_counter() - wall0, sources=stages.sources)
+        reconfigurations=outcomes, sim_wall_s=time.perf_counter() - wall0, sources=stages.sources,
+        ttft_ms=ttft, tpot_ms=tpot)
 
 
 def speed_case(nodes: int = 64, layers: int = 80, rate: float = 50.0, duration_s: float = 3600.0, seed: int = 0):

@@ -201,3 +201,32 @@ def test_bad_csv(tmp_path, text, line, field, words):
         load_trace(f)
     assert e.value.line == line and e.value.field == field and words in str(e.value)
     assert str(f) in str(e.value)
+
+
+def test_logits_go_back_to_the_driver():
+    cluster, model, plan, intent, ps = setup((("edge-a", 0, 14), ("cloud-1", 15, 29)))
+    link = cluster.link("edge-a", "cloud-1")
+    back = link.latency_ms + 1e3 * 49152 * 4 * 8 / 10e9          # one row of fp32 logits over 10 Gbps
+    tr = Trace([0.0], [64], [11])
+    far = simulate(cluster, plan, model, tr, profiles=ps, intent=intent, driver_node="edge-a")
+    near = simulate(cluster, plan, model, tr, profiles=ps, intent=intent, driver_node="cloud-1")
+    assert far.ttft_ms_p50 - near.ttft_ms_p50 == pytest.approx(back)
+    assert far.tpot_ms_p50 - near.tpot_ms_p50 == pytest.approx(back)
+    t1 = intent.traffic.model_copy(update={"concurrency": 1})
+    e_far = estimate(plan, cluster, model, t1, profiles=ps, driver_node="edge-a")
+    e_near = estimate(plan, cluster, model, t1, profiles=ps)
+    assert e_far.ttft_ms - e_near.ttft_ms == pytest.approx(back) and e_far.tpot_ms - e_near.tpot_ms == pytest.approx(back)
+
+
+def test_a_wave_of_prompts_is_micro_batched_alike_in_both_models():
+    cluster, model, plan, intent, ps = setup((("edge-a", 0, 14), ("cloud-1", 15, 29)))
+    r = simulate(cluster, plan, model, Trace([0.0] * 4, [64] * 4, [11] * 4), profiles=ps, intent=intent)
+    t4 = intent.traffic.model_copy(update={"concurrency": 4})
+    est = estimate(plan, cluster, model, t4, profiles=ps, prefill_rows=4)
+    # 4 x 64 tokens over 2 stages: two micro-batches of 2 prompts that overlap
+    link = cluster.link("edge-a", "cloud-1")
+    hop = link.latency_ms + 1e3 * 128 * 576 * 2 * 8 / 10e9
+    s0, s1 = 1 + 15 * 2 + hop, 1 + 15 * 2 + 4
+    assert r.ttft_ms_p50 == pytest.approx(s0 + s1 + max(s0, s1))
+    assert est.ttft_ms == pytest.approx(r.ttft_ms_p50)
+    assert est.tpot_ms == pytest.approx(r.tpot_ms_p50, rel=1e-6)

@@ -1,0 +1,197 @@
+"""`continuo bench predict`: how well the cost model and the simulator predict the real service.
+
+On scenarios/local (three CPU worker processes, one torch thread each, SmolLM2-135M fp32), for 5
+plans x 2 loads, the real service's TTFT and TPOT p50 against:
+
+  datasheet   the cost model before calibration (the `CPU` kind's datasheet figures)
+  calibrated  the cost model with a profile measured here first (`continuo calibrate`, 1 thread: what
+              each worker gets)
+  simulator   the simulator with the same profile, fed the very arrivals the load made
+
+Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
+assumption), `4x` waves of 4 requests submitted together (prefilled in one step, decoded as a batch
+of 4: the cost model is given concurrency 4 and prefill_rows 4). Each request makes 32 tokens
+(EOS ignored) from a prompt of 48-80 random tokens. The service starts on the first plan and
+moves to each next one by live reconfiguration; a warm-up request follows each move.
+
+Links: with the link emulation of `Service.launch(emulate_links=True)` (the cluster file's latency
+and bandwidth per pair), when this checkout has it; otherwise loopback, and it says so (the
+predictions then still count the cluster file's link figures).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import Future
+
+import torch
+
+from policies import IntentSpec, ModelSpec, PlacementPlan, Stage, Traffic, approve, load_cluster, load_policy
+from policies.costmodel import estimate
+from policies.profile import ProfileSet, save_profile
+from policies.simulator import SimConfig, simulate
+from policies.traces import Trace
+
+from .engine import EngineConfig, SamplingParams
+from .service import Listener, Service
+
+CLUSTER, POLICY = "scenarios/local/cluster.yaml", "scenarios/local/policy.yaml"
+PLANS = [
+    [("edge-a", 0, 29)],
+    [("edge-a", 0, 14), ("edge-b", 15, 29)],
+    [("edge-a", 0, 20), ("cloud-1", 21, 29)],
+    [("edge-a", 0, 9), ("cloud-1", 10, 19), ("edge-b", 20, 29)],
+    [("cloud-1", 0, 14), ("edge-b", 15, 29)],
+]
+LOADS = {"1x": 1, "4x": 4}
+OUTPUT_TOKENS = 32
+PROMPTS = (48, 64, 80)
+TARGET = 0.15
+
+
+def _plan(stages, cluster, policy, spec, intent, current=None):
+    p = PlacementPlan(model="smollm2-135m", data_class="public", cluster_fingerprint=cluster.fingerprint(),
+                      stages=tuple(Stage(node=n, first_layer=a, last_layer=b) for n, a, b in stages))
+    return approve(p, cluster, policy, intent, spec, current=current)
+
+
+def _measure(svc: Service, width: int, n: int, vocab: int, seed: int) -> list:
+    """n requests in waves of `width` submitted together; returns their RequestOutputs in order."""
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    params = SamplingParams(max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    for w in range(-(-n // width)):
+        futs = [Future() for _ in range(width)]
+        prompts = [torch.randint(100, vocab, (PROMPTS[(w * width + j) % len(PROMPTS)],), generator=g).tolist()
+                   for j in range(width)]
+
+        def submit_all():          # on the engine thread: every request of the wave joins the same step
+            for p, f in zip(prompts, futs):
+                svc.submit(p, params, Listener(on_done=lambda out, err, f=f: f.set_result((out, err))))
+        svc.loop.call(submit_all)
+        svc.loop.wake.set()
+        for f in futs:
+            out, err = f.result(300)
+            if err:
+                raise RuntimeError(err)
+            outs.append(out)
+    return outs
+
+
+def _err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas
+
+
+def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=None, profile_dir=None) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .calibrate import calibrate
+    from .weights import open_source
+    console = Console()
+    cluster, policy = load_cluster(CLUSTER), load_policy(POLICY)
+    src = open_source(source)
+    cfg = src.config
+    spec = ModelSpec.from_hf_config(cfg.to_hf(), name="smollm2-135m", dtype="fp32")
+    plans = PLANS[:2] if quick else PLANS
+    torch.set_num_threads(1)               # what each of the three workers gets on this machine
+    t0 = time.perf_counter()
+    # the sizes these loads reach: contexts of 48-112 tokens, prompts of 48-80 in waves of 1 or 4
+    prof = calibrate(cfg, "smollm2-135m", "cpu", threads=1, kind="CPU", decode_batch=(1, 2, 4), decode_context=(64, 128),
+                     prefill_tokens=(32, 64, 128, 256), head_rows=(1, 2, 4),
+                     log=lambda m: console.print(f"calibrate: {m}", highlight=False))
+    path = save_profile(prof, profile_dir or tempfile.mkdtemp(prefix="continuo-profiles-"))
+    console.print(f"calibrated in {time.perf_counter() - t0:.1f} s -> {path}", highlight=False)
+    profiles = ProfileSet([prof])
+    intent = IntentSpec(data_class="public", traffic=Traffic(concurrency=4, context_tokens=512))
+    ec = EngineConfig(max_num_seqs=8, max_model_len=512, num_kv_blocks=128, block_size=16)
+    kw = {}
+    emulated = "emulate_links" in inspect.signature(Service.launch).parameters
+    if emulated:
+        kw["emulate_links"] = True
+    links = "emulated from the cluster file" if emulated else "loopback (no link emulation in this checkout)"
+    console.print(f"links: {links}", highlight=False)
+    svc = Service.launch(cluster, _plan(plans[0], cluster, policy, spec, intent), source, ec, threads_per_worker=1,
+                         **kw)
+    sim_cfg = SimConfig(max_num_seqs=ec.max_num_seqs, max_waiting=ec.max_waiting,
+                        max_prefill_tokens=ec.max_prefill_tokens, max_prefill_tokens_decoding=ec.max_prefill_tokens_decoding)
+    load_before = os.getloadavg()[0]
+    rows = []
+    try:
+        for pi, stages in enumerate(plans):
+            if pi:
+                v = _plan(stages, cluster, policy, spec, intent, current=svc.plan.plan)
+                rep = svc.reconfigure(v, method="live")
+                if rep.state != "done":
+                    raise RuntimeError(f"reconfiguration to {v.plan.summary()} failed: {rep.error}")
+            plan = svc.plan.plan
+            driver = plan.stages[0].node if emulated else None   # the driver sits beside the first stage
+            _measure(svc, 1, 1, cfg.vocab_size, seed=99)       # warm-up after the move
+            for load, width in LOADS.items():
+                outs = _measure(svc, width, max(requests, width) // width * width, cfg.vocab_size, seed=pi)
+                ttft = statistics.median(1e3 * o.ttft for o in outs)
+                tpot = statistics.median(1e3 * o.tpot for o in outs)
+                prompt = statistics.mean(len(o.prompt_ids) for o in outs)
+                traffic = Traffic(concurrency=width, prompt_tokens=round(prompt), output_tokens=OUTPUT_TOKENS,
+                                  context_tokens=512)
+                sheet = estimate(plan, cluster, spec, traffic, prefill_rows=width, driver_node=driver)
+                cal = estimate(plan, cluster, spec, traffic, profiles=profiles, prefill_rows=width, driver_node=driver)
+                # the client waits for a wave before sending the next (a closed loop): each wave is
+                # simulated on its own, its requests arriving as they were measured to
+                sim_ttft, sim_tpot = [], []
+                for w in range(0, len(outs), width):
+                    wave = outs[w:w + width]
+                    base = min(o.arrival for o in wave)
+                    trace = Trace([o.arrival - base for o in wave], [len(o.prompt_ids) for o in wave],
+                                  [len(o.token_ids) for o in wave], "measured arrivals")
+                    sim = simulate(cluster, plan, spec, trace, profiles=profiles, intent=plan.intent,
+                                   driver_node=driver, config=sim_cfg)
+                    sim_ttft += sim.ttft_ms
+                    sim_tpot += sim.tpot_ms
+                row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
+                       "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
+                       "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
+                       "simulator_ttft_ms": statistics.median(sim_ttft), "simulator_tpot_ms": statistics.median(sim_tpot),
+                       "calibrated_source": cal.source, "requests": len(outs)}
+                for side in ("datasheet", "calibrated", "simulator"):
+                    for m in ("ttft", "tpot"):
+                        row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
+                rows.append(row)
+                console.print(f"{row['plan']} {load}: measured TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms; "
+                              f"calibrated {cal.ttft_ms:.1f} / {cal.tpot_ms:.1f}; simulator {row['simulator_ttft_ms']:.1f} / "
+                              f"{row['simulator_tpot_ms']:.1f}; datasheet {sheet.ttft_ms:.1f} / {sheet.tpot_ms:.1f}",
+                              highlight=False)
+    finally:
+        svc.close()
+    t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads; links: {links}")
+    for col in ("plan", "load", "TTFT ms", "datasheet", "calibrated", "simulator", "TPOT ms", "datasheet",
+                "calibrated", "simulator"):
+        t.add_column(col, justify="right")
+    pct = lambda e: f"{100 * e:+.0f}%"  # noqa: E731
+    for r in rows:
+        t.add_row(r["plan"], r["load"], f"{r['measured_ttft_ms']:.1f}",
+                  *(pct(r[f"{s}_ttft_err"]) for s in ("datasheet", "calibrated", "simulator")),
+                  f"{r['measured_tpot_ms']:.1f}",
+                  *(pct(r[f"{s}_tpot_err"]) for s in ("datasheet", "calibrated", "simulator")))
+    console.print(t)
+    summary = {}
+    for side in ("datasheet", "calibrated", "simulator"):
+        errs = [abs(r[f"{side}_{m}_err"]) for r in rows for m in ("ttft", "tpot")]
+        summary[side] = {"mean_abs_err": statistics.mean(errs), "max_abs_err": max(errs),
+                         "within_15pct": sum(e <= TARGET for e in errs), "of": len(errs)}
+        console.print(f"{side:<10}: mean |error| {100 * summary[side]['mean_abs_err']:.1f}%, max "
+                      f"{100 * summary[side]['max_abs_err']:.1f}%, {summary[side]['within_15pct']}/{len(errs)} "
+                      f"figures within {TARGET:.0%}", highlight=False)
+    load_after = os.getloadavg()[0]
+    console.print(f"machine load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on "
+                  f"{os.cpu_count()} cores: other work on a shared machine slows the service and the calibration "
+                  "unevenly", highlight=False)
+    result = {"links": links, "rows": rows, "summary": summary, "profile": str(path),
+              "calibrate_s": prof.seconds, "loadavg": [load_before, load_after]}
+    if as_json:
+        print(json.dumps(result))
+    return result
