@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from executor import k8s
 from executor.k8s.inventory import write_atomic
+from executor.k8s.render import ADMISSION_FILE
 from policies import (InputError, IntentSpec, load_cluster, load_intent_spec, load_model_spec, load_plan, load_policy,
                       validate)
 
@@ -128,7 +129,9 @@ def render_cmd(
         raise typer.Exit(1)
     if out:
         k8s.write(r, out)
-        _say(f"{out}/: {', '.join(r.files)}; the driver's files in {out}/continuo/")
+        _say(f"{out}/: {', '.join(f for f in r.files if '/' not in f)}; the driver's files in {out}/continuo/; "
+             f"the placement admission policy (cluster-scoped: a cluster admin applies it first) in "
+             f"{out}/{ADMISSION_FILE}")
     else:
         sys.stdout.write("---\n".join(k8s.manifests_yaml(docs) for docs in r.files.values()))
     idle = [w for w in r.workers if w not in pl.nodes]

@@ -15,7 +15,7 @@ import yaml
 from agent.planner import Infeasible, plan
 from executor import k8s
 from executor.k8s.inventory import GFD_PRODUCT, JURISDICTION, TIER, TRUST, gpu_kind, quantity
-from executor.k8s.render import NODE_LABEL, SERVICE_LABEL
+from executor.k8s.render import ADMISSION_FILE, NODE_LABEL, SERVICE_LABEL
 from policies import (Cluster, InputError, IntentSpec, load_cluster, load_intent_spec, load_model_spec, load_plan,
                       load_policy, validate)
 from tiny_service import run_cli
@@ -246,7 +246,8 @@ def test_every_scenario_renders_and_validates_strictly(scenario, tmp_path):
                 kubernetes_validate.validate(obj, v, strict=True)
         if i == 0:
             k8s.write(r, tmp_path)
-            back = [d for f in sorted(tmp_path.glob("*.yaml")) for d in yaml.load_all(f.read_text(), Loader=LOADER)]
+            files = [tmp_path / ADMISSION_FILE, *sorted(tmp_path.glob("*.yaml"))]
+            back = [d for f in files for d in yaml.load_all(f.read_text(), Loader=LOADER)]
             assert back == r.objects
             assert load_cluster(tmp_path / "continuo" / "cluster.yaml") == r.cluster
             assert load_plan(tmp_path / "continuo" / "plan.yaml") == r.plan
@@ -352,6 +353,7 @@ def test_render_refuses_what_cannot_run(tmp_path, capsys, monkeypatch):
     rc, out, err = run_cli(capsys, monkeypatch, *base, "--data-class", "phi", "--service", "letters")
     assert rc == 0, err
     docs = list(yaml.safe_load_all(out))
-    assert {d["kind"] for d in docs} == {"Namespace", "ConfigMap", "NetworkPolicy", "Service", "Deployment"}
+    assert {d["kind"] for d in docs} == {"Namespace", "ConfigMap", "NetworkPolicy", "Service", "Deployment",
+                                         "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     assert all(d["metadata"].get("labels", {}).get(SERVICE_LABEL, "letters") == "letters" for d in docs)
     assert "kubectl -n continuo create secret generic letters-tokens" in " ".join(err.split())

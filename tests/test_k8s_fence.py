@@ -7,6 +7,8 @@ the manifests: a service's pods may talk to each other when each runs on a node 
 class and hold its KV cache (and is up); the API port takes connections from the namespaces the
 operator named; the pods may ask DNS. Everything else that touches a service pod is refused.
 """
+import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 from agent.planner import Infeasible, plan
 from executor import k8s
 from executor.k8s import Fence, Namespace, Pod
-from executor.k8s.render import API_PORT, DATA_CLASS_LABEL, NODE_LABEL, RENDEZVOUS_PORT, ROLE_LABEL, SERVICE_LABEL
+from executor.k8s.render import (ADMISSION_FILE, API_PORT, DATA_CLASS_LABEL, NODE_LABEL, RENDEZVOUS_PORT, ROLE_LABEL,
+                                 SERVICE_LABEL)
 from policies import (GPU_KINDS, Cluster, IntentSpec, PlacementPlan, Policy, Stage, Trust, effective_rules,
                       load_cluster, load_model_spec, load_policy)
 
@@ -259,3 +262,72 @@ def test_fence_matches_the_policy_on_random_clusters(drawn):
                 and not (cluster.link(a.name, b.name) and cluster.link(a.name, b.name).encrypted)}
         got = {frozenset(f.split(":")[0].split(" <-> ")) for f in r.flags}
         assert got == want
+
+
+# --- the admission policy that makes the fence's labels true --------------------------------------
+
+class Admission:
+    """The rendered ValidatingAdmissionPolicy, its CEL run by cel-python as the API server runs it."""
+
+    def __init__(self, vap: dict):
+        import celpy
+        self.celpy, self.spec = celpy, vap["spec"]
+        env = celpy.Environment()
+        self.checks = [env.program(env.compile(v["expression"])) for v in self.spec["validations"]]
+
+    def admits(self, pod: dict, namespace: str) -> bool | None:
+        """True / False for a pod the policy matches, None for one it does not look at."""
+        mc = self.spec["matchConstraints"]
+        if not (k8s.selects(mc["namespaceSelector"], Namespace(namespace).all_labels)
+                and k8s.selects(mc["objectSelector"], pod["metadata"].get("labels") or {})):
+            return None
+        obj = self.celpy.json_to_cel(pod)
+        return all(bool(c.evaluate({"object": obj})) for c in self.checks)
+
+
+def _pod_objects(r) -> list[dict]:
+    return [json.loads(json.dumps({"metadata": o["spec"]["template"]["metadata"], "spec": o["spec"]["template"]["spec"]}))
+            for o in r.objects if o["kind"] == "Deployment"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.name)
+def test_admission_admits_the_rendered_pods_and_refuses_misplaced_copies(scenario):
+    c, pol = load_cluster(scenario / "cluster.yaml"), load_policy(scenario / "policy.yaml")
+    dc = next(d for d in pol.data_classes if _one_stage(c, pol, d) is not None)
+    r = k8s.render(c, pol, _one_stage(c, pol, dc), k8s.RenderOptions("svc", "img:1", namespace=NS))
+    vap, binding = r.files[ADMISSION_FILE]
+    assert binding["spec"] == {"policyName": vap["metadata"]["name"], "validationActions": ["Deny"]}
+    adm = Admission(vap)
+    others = [n.name for n in c.nodes if n.name not in r.workers]
+    for pod in _pod_objects(r):
+        assert adm.admits(pod, NS) is True
+        assert adm.admits(pod, "default") is None                       # another namespace: not this service's
+        node = pod["metadata"]["labels"][NODE_LABEL]
+        terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        for target in others + [w for w in r.workers if w != node][:1]:
+            moved = copy.deepcopy(pod)                                   # the label follows the node: still refused
+            moved["metadata"]["labels"][NODE_LABEL] = target
+            moved["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+                "nodeSelectorTerms"][0]["matchExpressions"][0]["values"] = [target]
+            assert adm.admits(moved, NS) is (target in r.workers)       # a usable node is allowed, another not
+            lying = copy.deepcopy(pod)                                  # the label stays, the pod goes elsewhere
+            lying["spec"]["nodeName"] = target
+            assert adm.admits(lying, NS) is False
+            wider = copy.deepcopy(pod)                                  # a second term lets it schedule elsewhere
+            wider["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+                "nodeSelectorTerms"].append({"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [target]}]})
+            assert adm.admits(wider, NS) is False
+            relabel = copy.deepcopy(pod)
+            relabel["metadata"]["labels"][NODE_LABEL] = target
+            assert adm.admits(relabel, NS) is False
+        loose = copy.deepcopy(pod)
+        del loose["spec"]["affinity"]
+        assert adm.admits(loose, NS) is False
+        other_class = copy.deepcopy(pod)
+        other_class["metadata"]["labels"][DATA_CLASS_LABEL] = "public-but-not"
+        assert adm.admits(other_class, NS) is False
+        assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == [node]
+    unlabelled = copy.deepcopy(_pod_objects(r)[0])
+    del unlabelled["metadata"]["labels"][SERVICE_LABEL]
+    assert adm.admits(unlabelled, NS) is None

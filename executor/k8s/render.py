@@ -19,7 +19,9 @@ The fence (NetworkPolicies in the service's namespace):
   <svc>-api            the driver's API port, from the namespaces the operator names (none: reach it
                        with kubectl port-forward, which NetworkPolicies do not see)
 A pod carrying the service's label on any other node, or claiming another data class, is selected by
-the default deny only: it can reach nothing and nothing reaches it.
+the default deny only: it can reach nothing and nothing reaches it. NetworkPolicies see labels, not
+nodes: the ValidatingAdmissionPolicy in admission/ (cluster-scoped) refuses a pod of the service whose
+node label is not a usable node or not the node its required affinity pins it to.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from .inventory import HOSTNAME, cluster_yaml, write_atomic
 SERVICE_LABEL, DATA_CLASS_LABEL = "continuo.io/service", "continuo.io/data-class"
 NODE_LABEL, ROLE_LABEL = "continuo.io/node", "continuo.io/role"
 API_PORT, RENDEZVOUS_PORT = 8000, 29500
+ADMISSION_FILE = "admission/placement.yaml"     # cluster-scoped; a subfolder, which `kubectl apply -f DIR` skips
 CONFIG_DIR, TOKEN_DIR = "/etc/continuo", "/var/run/secrets/continuo"
 DNS_PEER = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: "kube-system"}},
             "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
@@ -284,6 +287,7 @@ def render(cluster: Cluster, policy: Policy, plan: PlacementPlan, opts: RenderOp
                   "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": "rendezvous"}]}},
     ]
     files = {
+        ADMISSION_FILE: placement_admission(svc, ns, dc, sorted(usable)),     # first: it must hold before any pod
         "00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}],
         "10-config.yaml": [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{svc}-config"), "data": config}],
         "20-network-policies.yaml": fence,       # before any pod starts
@@ -294,17 +298,56 @@ def render(cluster: Cluster, policy: Policy, plan: PlacementPlan, opts: RenderOp
     return Rendering(files, config, sub, stamped, driver.name, [n.name for n in nodes], skipped, flags)
 
 
+def placement_admission(svc: str, ns: str, data_class: str, nodes: list[str]) -> list[dict]:
+    """A ValidatingAdmissionPolicy (GA in 1.30) and its binding: in the namespace, a pod carrying the
+    service's label must claim the service's data class and a usable node, and be pinned by required
+    node affinity (and any nodeName) to exactly the node it claims. The fence selects pods by those
+    labels; this makes the labels true. Cluster-scoped: a cluster admin applies it, before the rest."""
+    name = _object_name("continuo", ns, svc, "placement")
+    labels = "object.metadata.labels"
+    usable = ", ".join(f"'{n}'" for n in nodes)        # label values: no quote can occur in them
+    claims = (f"has(object.metadata.labels) && '{NODE_LABEL}' in {labels} && '{DATA_CLASS_LABEL}' in {labels} && "
+              f"{labels}['{DATA_CLASS_LABEL}'] == '{data_class}' && {labels}['{NODE_LABEL}'] in [{usable}]")
+    node = f"{labels}['{NODE_LABEL}']"
+    required = "object.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    pinned = (f"(!has(object.spec.nodeName) || object.spec.nodeName == {node}) && has(object.spec.affinity) && "
+              f"has(object.spec.affinity.nodeAffinity) && has({required}) && {required}.nodeSelectorTerms.all(t, "
+              f"has(t.matchExpressions) && t.matchExpressions.exists(e, e.key == '{HOSTNAME}' && e.operator == 'In' "
+              f"&& e.values == [{node}]))")
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": name, "labels": {SERVICE_LABEL: svc}},
+              "spec": {"failurePolicy": "Fail",
+                       "matchConstraints": {
+                           "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                                              "resources": ["pods"]}],
+                           "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}},
+                           "objectSelector": {"matchLabels": {SERVICE_LABEL: svc}}},
+                       "validations": [
+                           {"expression": claims, "reason": "Forbidden",
+                            "message": f"a pod of service {svc} carries data class {data_class} and the node it runs "
+                                       f"on ({NODE_LABEL}), one of {', '.join(nodes)}"},
+                           {"expression": pinned, "reason": "Forbidden",
+                            "message": f"a pod of service {svc} is pinned by required node affinity on {HOSTNAME} to "
+                                       f"exactly the node its {NODE_LABEL} label names"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name, "labels": {SERVICE_LABEL: svc}},
+               "spec": {"policyName": name, "validationActions": ["Deny"]}}
+    return [policy, binding]
+
+
 def manifests_yaml(docs: list[dict]) -> str:
     return "---\n".join(_yaml(d) for d in docs)
 
 
 def write(r: Rendering, out: str | Path) -> list[Path]:
-    """NN-*.yaml manifests in `out` (for `kubectl apply -f out`), and out/continuo/ with the driver's
-    cluster, policy and plan files (a subfolder: kubectl apply without -R does not read it)."""
+    """NN-*.yaml manifests in `out` (for `kubectl apply -f out`), out/admission/ with the cluster-scoped
+    placement check, and out/continuo/ with the driver's cluster, policy and plan files (subfolders:
+    kubectl apply without -R does not read them)."""
     out = Path(out)
     (out / "continuo").mkdir(parents=True, exist_ok=True)
     written = []
     for name, docs in r.files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out / name, manifests_yaml(docs))
         written.append(out / name)
     for name, text in r.config.items():
