@@ -67,6 +67,9 @@ PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7], list(range(10, 40)), [100] * 17, [5, 6], 
 LENGTHS = [24 + (i * 11) % 40 for i in range(len(PROMPTS))]
 EC = EngineConfig(max_num_seqs=8, max_model_len=300, num_kv_blocks=160, block_size=16)
 LOST_AFTER_S = 120.0
+# A node that has not committed this long after the switch began is not waited for: the switch aborts
+# and the old plan serves on (a healthy commit here takes ~10 ms; the stalled one is stopped for stop_s).
+SWITCH_TIMEOUT_S = 1.0
 
 
 def _validated(stages, current=None):
@@ -301,7 +304,8 @@ class Bench:
         time.sleep(0.15)                            # requests decoding when the reconfiguration starts
         fault = Fault(svc, kind, phase, dest, self.stop_s) if kind != "none" else None
         c.state, c.error = self._reconfigure(svc, new, on_event=fault.on_event if fault else None,
-                                             transfer_timeout_s=self.transfer_timeout_s)
+                                             transfer_timeout_s=self.transfer_timeout_s,
+                                             switch_timeout_s=SWITCH_TIMEOUT_S)
         c.reconfigurations += c.state != "refused"
         if fault:
             fault.undo()

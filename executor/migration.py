@@ -217,6 +217,7 @@ class Migration:
     recv_s: float = 0.0                         # time spent receiving weights and KV (bandwidth figure)
     error: str | None = None
     aborted: bool = False
+    committed: bool = False                     # the new stage serves here (until an Abort undoes it)
 
 
 class Migrator:
@@ -249,6 +250,7 @@ class Migrator:
             if m.error or (m.pending is None and not m.empty):
                 raise RuntimeError(f"cannot commit on {self.node}: {m.error or 'nothing prepared'}")
             m.retired, self.worker.stage = self.worker.stage, m.pending
+            m.committed = True
             layers = None if m.pending is None else (m.pending.start, m.pending.end)
             return {"layers": layers, "bytes_in": m.bytes_in, "bytes_out": m.bytes_out, "recv_s": m.recv_s,
                     "weight_bytes_in": m.weight_bytes_in, "kv_bytes_in": m.kv_bytes_in}
@@ -259,9 +261,10 @@ class Migrator:
             self.m = None
             # An abort after this node committed (another node's commit failed in the same switch):
             # the driver's route never changed, so the old stage, untouched since, serves again.
-            rolled_back = m.retired is not None or (m.empty and self.worker.stage is None)
-            if m.retired is not None:
-                self.worker.stage, m.retired = m.retired, None
+            # (A node that held no stage before, the usual destination, goes back to holding none.)
+            rolled_back = m.committed
+            if m.committed:
+                self.worker.stage, m.retired, m.committed = m.retired, None, False
             return {"freed_bytes": 0, "rolled_back": rolled_back}
         if isinstance(msg, Cleanup):
             self._join()

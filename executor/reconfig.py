@@ -27,7 +27,7 @@ from typing import Any
 from policies import PlanDelta, Refused
 
 from .migration import Abort, Cleanup, Commit, CopyKV, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
-from .runtime import NodeRuntime, StagePlacement, WorkerDied, WorkerError
+from .runtime import NodeRuntime, StagePlacement, WorkerDied, WorkerError, WorkerUnresponsive
 
 METHODS = ("live", "stop_and_copy", "recompute", "restart")
 _rids = itertools.count(1)
@@ -82,7 +82,7 @@ class Reconfiguration:
 
     def __init__(self, engine, runtime: NodeRuntime, delta: PlanDelta, *, method: str = "live",
                  source=None, dtype: str = "float32", weights: str = "pull", max_rounds: int = 4,
-                 timeout_s: float = 300.0, on_event=None):
+                 timeout_s: float = 300.0, switch_timeout_s: float = 5.0, on_event=None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         self.engine, self.rt, self.method, self.delta = engine, runtime, method, delta
@@ -102,6 +102,10 @@ class Reconfiguration:
         self.block_size = engine.config.block_size
         self.source, self.dtype = source, dtype
         self.weights, self.max_rounds, self.timeout_s = weights, max_rounds, timeout_s
+        # The switch is the pause: a node that has not committed by then (stopped, swapping) is not
+        # waited for; the reconfiguration aborts and the old plan serves on (see _issue).
+        self.switch_timeout_s = switch_timeout_s
+        self.unresponsive: dict[str, str] = {}  # node -> the store key that will say it is back
         self.rid = next(_rids)
         self.report = ReconfigReport(self.rid, method, delta=self.delta.summary())
         self.state = "serving"
@@ -138,7 +142,9 @@ class Reconfiguration:
                 if n in self.rt.dead or self.rt.health().get(n, "ok") != "ok":
                     raise WorkerDied(n, self.rt.dead.get(n, "process exited"))
             if time.perf_counter() - self.report.started > self.timeout_s:
-                raise ReconfigurationError(f"timed out after {self.timeout_s:g} s waiting for {', '.join(nodes)}")
+                late = {n: k for k, n in zip(keys, nodes) if not self.rt.store.check([k])}
+                self.unresponsive.update(late)
+                raise ReconfigurationError(f"timed out after {self.timeout_s:g} s waiting for {', '.join(late)}")
             # A node that failed its round fails the reconfiguration at once, without waiting for
             # the others (a peer may be waiting on a transfer that node will never finish).
             posted = [(k, n) for k, n in zip(keys, nodes) if self.rt.store.check([k])]
@@ -158,26 +164,37 @@ class Reconfiguration:
         """Send each node its round as one batch: sends before receives (so no pair waits on the
         other), then a RoundEnd (completion posted to the store) or, in the switch, a Commit (the
         worker replies once its transfers are done and the new stage is in)."""
-        from .transport import send_obj, settle
+        from .transport import send_obj
         order = {SendWeights: 0, SendKV: 0, CopyKV: 1, Prepare: 2, RecvKV: 3}
         nodes = [n for n in per_node if per_node[n]] if not commit else self.rebuilt
         end = Commit(self.rid) if commit else RoundEnd(self.rid, self.round)
         batches = {n: tuple(sorted(per_node.get(n, []), key=lambda m: order[type(m)])) + (end,) for n in nodes}
         with self.rt.lock:
-            works: list = []
+            works: dict[str, list] = {}
             sent, died = [], None
+            # a round's batch is taken at once by a worker that is running; the switch waits for its
+            # commits until the switch deadline
+            deadline = time.monotonic() + (self.switch_timeout_s if commit else 0.05)
             try:
                 for n, b in batches.items():
                     # past a node that cannot be reached the others still get theirs: in the switch
                     # they commit and reply, and those replies must be read (and their commits undone
                     # by the abort), or their channels stay out of step
                     try:
-                        works += self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))
+                        self.rt.catch_up(n)       # one left behind by an earlier deadline settles first
+                        works[n] = self.rt._guard(n, lambda n=n, b=b: send_obj(b, self.rt.ranks[n]))
                         sent.append(n)
                     except WorkerDied as e:
                         died = died or e
                 if commit:
-                    replies = [r for r in self.rt.collect(sent) if r]
+                    key = f"mig/{self.rid}/commit/{{}}"
+                    try:
+                        replies = [r for r in self.rt.collect(
+                            sent, ready=key.format, timeout=max(0.0, deadline - time.monotonic()),
+                            what=f"the commit of reconfiguration {self.rid}") if r]
+                    except WorkerUnresponsive:
+                        self.unresponsive.update({n: key.format(n) for n in self.rt.behind if n in sent})
+                        raise
                     if died is not None:
                         raise died
                     self.report.transfer_s = max((r.get("recv_s", 0.0) for r in replies), default=0.0)
@@ -186,9 +203,10 @@ class Reconfiguration:
                     self.report.bytes_moved = {"weights": sum(r.get("weight_bytes_in", 0) for r in replies),
                                                "kv": sum(r.get("kv_bytes_in", 0) for r in replies)}
             finally:
-                # Sends already under way must finish even if a later one failed: a dropped send
-                # leaves its receiver holding half a message and the channel out of step.
-                failed = settle(works)
+                # Sends already under way must finish even if a later one failed (a dropped send
+                # leaves its receiver holding half a message); one to a node that is not taking
+                # them by the deadline (stopped) is finished when that node is back.
+                failed = self.rt.settle_sends(works, deadline)
             if died is not None:
                 raise died
             if failed is not None:
@@ -351,14 +369,22 @@ class Reconfiguration:
 
     def abort(self, why: str) -> None:
         """Drop everything prepared; the old plan keeps serving (only before the switch commits)."""
-        self.report.error = why
         for node in self.rebuilt:
             if node in self.rt.dead:
                 continue
             try:
-                self.rt.call(node, Abort(self.rid))
-            except (WorkerDied, WorkerError):
-                pass
+                if node in self.unresponsive:
+                    # It cannot be sent to until it is back (see NodeRuntime.leave_behind): the abort
+                    # reaches it then, before any other message, and undoes its commit if it made one.
+                    self.rt.leave_behind(node, self.unresponsive[node], then=[Abort(self.rid)])
+                else:
+                    self.rt.call(node, Abort(self.rid))
+            except (WorkerDied, WorkerError) as e:
+                # Its state is unknown now (it may hold the new layers): never route to it again
+                # unnoticed; a serving node's loss fails the requests with this error.
+                self.rt.dead.setdefault(node, f"abort of reconfiguration {self.rid} failed: {e}")
+                why = f"{why}; then the abort failed on {node}: {e}"
+        self.report.error = why
         self.waiting_for = None
         self.state = self.report.state = "aborted"
         self.report.ended = time.perf_counter()

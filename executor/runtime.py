@@ -15,8 +15,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -36,6 +39,24 @@ class WorkerDied(RuntimeError):
 
 class WorkerError(RuntimeError):
     """A worker refused a command (bad input or its bug); the message carries its words."""
+
+
+@dataclass
+class Behind:
+    """What a node that missed a deadline is owed and owes: store keys that say it is back, replies it
+    still sends, commands it is still to get (each answered by a Reply)."""
+    keys: list = field(default_factory=list)
+    replies: int = 0
+    then: list = field(default_factory=list)
+
+
+class WorkerUnresponsive(WorkerError):
+    """A worker did not answer within a deadline (stopped, swapping, overloaded). Its reply is still
+    owed: the driver reads it, first, before the next reply it waits for from that node."""
+
+    def __init__(self, node: str, what: str, waited_s: float):
+        self.node = node
+        super().__init__(f"{node}: no reply to {what} within {waited_s:g} s (stalled or overloaded)")
 
 
 def free_port() -> int:
@@ -59,6 +80,7 @@ class NodeRuntime:
         """Wait for every node to join at host:port, proving the join token (default: $CONTINUO_JOIN_TOKEN)."""
         self.nodes = list(nodes)
         self.procs = procs or {}
+        self.timeout = timeout
         token = join_token or os.environ.get(JOIN_TOKEN_ENV)
         if not token:
             raise ValueError(f"workers on other hosts join with a token: set ${JOIN_TOKEN_ENV} to the same secret "
@@ -67,6 +89,9 @@ class NodeRuntime:
         self.store, self.ranks = serve_rendezvous(host, port, self.nodes, token, timeout)
         self.node_of = {r: n for n, r in self.ranks.items()}
         self.dead: dict[str, str] = {}
+        self.behind: dict[str, Behind] = {}  # nodes that missed a deadline (see leave_behind)
+        self.unsettled: dict[str, Future] = {}  # their sends not yet taken (see settle_sends)
+        self._settler = ThreadPoolExecutor(max_workers=4, thread_name_prefix="settle")
         self.devices: dict[str, str] = {}
         self.placement: list[StagePlacement] = []
         self.lock = threading.RLock()      # one conversation with the workers at a time
@@ -115,17 +140,102 @@ class NodeRuntime:
         """Send a command to a node's worker and wait for its reply value."""
         rank = self.ranks[node]
         with self.lock:
+            self.catch_up(node)
             reply: Reply = self._guard(node, lambda: (wait_all(send_obj(msg, rank)), recv_obj(rank))[1])
         if not reply.ok:
             raise WorkerError(f"{node}: {reply.error}")
         return reply.value
 
-    def collect(self, nodes: Sequence[str]) -> list:
-        """The replies of several workers to commands already sent to all of them."""
+    # --- nodes that missed a deadline ---------------------------------------------------------------
+    # A stopped or swapping worker cannot be waited for (the switch is the service's pause), and it
+    # cannot be sent to either: a gloo send completes only once the receiver has posted its receive.
+    # So the driver leaves it behind: it remembers the replies that node owes and the messages it is
+    # still to get (an Abort), and settles both, in channel order, once the node shows it is back (it
+    # posts a store key just before each reply), before anything else goes to it.
+
+    def leave_behind(self, node: str, back_key: str, replies: int = 0, then=()) -> None:
+        b = self.behind.setdefault(node, Behind())
+        b.keys.append(back_key)
+        b.replies += replies
+        b.then += list(then)
+
+    def catch_up(self, node: str, block: bool = True) -> bool:
+        """Settle what `node` was left behind with; False if it is not back yet (block=False only).
+        A late reply or deferred command that failed leaves its state unknown: the node counts as dead."""
+        fut = self.unsettled.get(node)
+        if fut is not None and (block or fut.done()):
+            del self.unsettled[node]
+            failed = fut.result()          # it takes what is queued for it before anything newer
+            if failed is not None:
+                self.dead[node] = f"a send to it failed after it missed a deadline: {failed}"
+                raise WorkerDied(node, self.dead[node])
+        elif fut is not None:
+            return False
+        b = self.behind.get(node)
+        if b is None:
+            return True
+        deadline = time.monotonic() + self.timeout
+        while not all(self.store.check([k]) for k in b.keys):
+            if self.health()[node] != "ok":
+                raise WorkerDied(node, self.dead[node])
+            if not block:
+                return False
+            if time.monotonic() > deadline:
+                self.dead[node] = f"did not come back within {self.timeout:g} s of missing a deadline"
+                raise WorkerDied(node, self.dead[node])
+            time.sleep(0.001)
+        del self.behind[node]
+        replies = [self._guard(node, lambda: recv_obj(self.ranks[node])) for _ in range(b.replies)]
+        for msg in b.then:
+            replies.append(self._guard(node, lambda: (wait_all(send_obj(msg, self.ranks[node])),
+                                                      recv_obj(self.ranks[node]))[1]))
+        bad = [r.error for r in replies if not r.ok]
+        if bad:
+            self.dead[node] = f"after missing a deadline it reported: {bad[0].splitlines()[0][:200]}"
+            raise WorkerDied(node, self.dead[node])
+        return True
+
+    def settle_sends(self, works: dict[str, list], deadline: float) -> RuntimeError | None:
+        """Wait for sends already under way, node by node, until `deadline`. A gloo send completes only
+        once the receiver takes it (a stopped worker does not), and a gloo work says so only to the one
+        that waits on it, so the waiting happens on a helper thread; a node whose sends are not done by
+        the deadline keeps them unsettled, finished by catch_up. Returns the first failure."""
+        futs = {n: self._settler.submit(settle, ws) for n, ws in works.items() if ws}
+        first = None
+        for n, fut in futs.items():
+            try:
+                first = first or fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                self.unsettled[n] = fut
+        return first
+
+    def reap(self) -> None:
+        """Between steps: settle with every node left behind that is back by now (never waits)."""
+        for n in list(self.behind) + [n for n in self.unsettled if n not in self.behind]:
+            try:
+                self.catch_up(n, block=False)
+            except WorkerDied:
+                pass            # recorded in self.dead: /health and the next use of the node say why
+
+    def collect(self, nodes: Sequence[str], ready=None, timeout: float | None = None,
+                what: str = "the command") -> list:
+        """The replies of several workers to commands already sent to all of them.
+
+        With `ready(node)` (the store key a worker posts just before it replies) and `timeout`, a node
+        that has not replied by then is left behind (see leave_behind) and raises WorkerUnresponsive,
+        after the other replies are read."""
         # Every reply is read even when one fails (a dead worker): an unread reply would be taken
         # for the answer to that node's next command, and its channel would stay out of step.
-        replies, died = [], None
+        replies, died, late = [], None, []
+        deadline = None if timeout is None else time.monotonic() + timeout
         for n in nodes:
+            if deadline is not None and ready is not None:
+                while not self.store.check([ready(n)]) and time.monotonic() < deadline and self.health()[n] == "ok":
+                    time.sleep(0.0005)
+                if not self.store.check([ready(n)]) and self.health()[n] == "ok":
+                    self.leave_behind(n, ready(n), replies=1)
+                    late.append(n)
+                    continue
             try:
                 replies.append((n, self._guard(n, lambda n=n: recv_obj(self.ranks[n]))))
             except WorkerDied as e:
@@ -135,6 +245,8 @@ class NodeRuntime:
         bad = [f"{n}: {r.error}" for n, r in replies if not r.ok]
         if bad:
             raise WorkerError("; ".join(bad))
+        if late:
+            raise WorkerUnresponsive(late[0], what, timeout)
         return [r.value for _, r in replies]
 
     def load(self, stages: Sequence[tuple[str, int, int]], source=None, dtype: str = "float32",
@@ -192,6 +304,8 @@ class NodeRuntime:
             for n, r in self.ranks.items():
                 if n not in self.dead:
                     try:
+                        if not self.catch_up(n, block=False):
+                            continue          # left behind and not back: killed below
                         wait_all(send_obj(Shutdown(), r))
                     except RuntimeError:
                         pass
@@ -238,7 +352,11 @@ class DistributedPipeline:
         ranks = list(dict.fromkeys(h.rank for h in route))
         mbs = split_rows(batch, self.parts(batch, len(route)))
         last = self.rt.node_of[route[-1].rank]
+        t0 = time.perf_counter()
         with self.rt.lock:
+            self.rt.reap()
+            for r in ranks:                           # a serving node left behind settles first
+                self.rt.catch_up(self.rt.node_of[r])
             pending: list = []
             try:
                 for mb in mbs:                        # all micro-batches go out at once: stages overlap
@@ -262,6 +380,8 @@ class DistributedPipeline:
                     continue
                 works: list = []
                 try:
+                    if not self.rt.catch_up(node, block=node in serving):
+                        continue             # an idle node not back yet: it drops that state anyway
                     works = self.rt._guard(node, lambda r=r: send_obj(Free(tuple(req_ids)), r))
                     self.rt._guard(node, lambda: wait_all(works))
                 except WorkerDied:

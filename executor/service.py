@@ -267,7 +267,8 @@ class Service:
 
     def reconfigure(self, validated: ValidatedPlan, method: str = "live", wait: bool = True,
                     timeout: float = 600.0, weights: str = "pull", on_event=None,
-                    fail_at: str | None = None, transfer_timeout_s: float = 300.0) -> ReconfigReport:
+                    fail_at: str | None = None, transfer_timeout_s: float = 300.0,
+                    switch_timeout_s: float = 5.0) -> ReconfigReport:
         """Apply a validated plan to the running service (see executor/reconfig.py).
 
         It carries out the plan's own PlanDelta (what the validator's transition rule checked) and
@@ -307,7 +308,8 @@ class Service:
             if on_event:
                 on_event(rep)
         rc = Reconfiguration(self.engine, self.runtime, validated.delta, method=method, source=self.source,
-                             dtype=self.dtype, weights=weights, on_event=events, timeout_s=transfer_timeout_s)
+                             dtype=self.dtype, weights=weights, on_event=events, timeout_s=transfer_timeout_s,
+                             switch_timeout_s=switch_timeout_s)
         rc.fail_after = fail_at              # fault injection for tests: fail on entering this phase
         self.loop.call(lambda: setattr(self.loop, "reconfig", rc))
         self.loop.wake.set()

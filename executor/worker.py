@@ -169,6 +169,10 @@ class Worker:
                     self.die(err)
                 reply = Reply(False, error=f"{err}\n{traceback.format_exc(limit=3)}")
             if reply is not None:
+                if isinstance(batch[-1], Commit):
+                    # the driver waits for commits with a deadline, polling this key (see
+                    # NodeRuntime.collect): once it is set, the reply is on its way
+                    self.migrator.store.set(f"mig/{batch[-1].rid}/commit/{self.node}", "replied")
                 wait_all(send_obj(reply, DRIVER))
 
     def die(self, err: str) -> None:
