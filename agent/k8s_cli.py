@@ -21,7 +21,8 @@ from policies import (InputError, IntentSpec, load_cluster, load_intent_spec, lo
 from .planner import Infeasible, plan as make_plan
 from .render import print_report
 
-k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes: inventory from the nodes' labels, manifests for a service.")
+k8s_app = typer.Typer(no_args_is_help=True,
+                      help="Kubernetes: inventory from the nodes' labels, manifests for a service.")
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -55,8 +56,8 @@ def inventory_cmd(
         _say(inv.report(), "red")
         raise typer.Exit(2)
     source = f"context {context}" if context else f"`kubectl get nodes -o json` ({from_file})"
-    text = k8s.cluster_yaml(inv.cluster, f"written by `continuo k8s inventory` from {source}"
-                                         + (f"\nlinks from {links}" if links else "\nlinks: the default for every pair"))
+    how = f"links from {links}" if links else "links: the default for every pair"
+    text = k8s.cluster_yaml(inv.cluster, f"written by `continuo k8s inventory` from {source}\n{how}")
     if out:
         write_atomic(out, text)
         states = {s: sum(n.state == s for n in inv.cluster.nodes) for s in ("up", "draining", "down")}

@@ -8,7 +8,6 @@ class and hold its KV cache (and is up); the API port takes connections from the
 operator named; the pods may ask DNS. Everything else that touches a service pod is refused.
 """
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +61,8 @@ def test_peers_ports_and_namespaces():
     assert not f.allows(A, B, 8000, "UDP")                               # protocol defaults to TCP
     assert not f.allows(C, B, 8000)                                      # podSelector alone: own namespace only
     by_ns = _np("ns", "x", {"matchLabels": {"app": "b"}}, ingress=[
-        {"from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}, "podSelector": {"matchLabels": {"app": "a"}}}]}])
+        {"from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}},
+                   "podSelector": {"matchLabels": {"app": "a"}}}]}])
     f = Fence([by_ns], [Namespace("y", {"team": "ml"})])
     assert f.allows(C, B, 1) and not f.allows(A, B, 1)                   # x lacks the label
     assert not f.allows(Pod("d", "y", {"app": "d"}), B, 1)               # both selectors must match
@@ -145,8 +145,8 @@ def _rendered_pods(r) -> list[Pod]:
             (term,) = t["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
                 "nodeSelectorTerms"]
             node = term["matchExpressions"][0]["values"][0]
-            pods.append(Pod(obj["metadata"]["name"] + "-pod", obj["metadata"]["namespace"], dict(t["metadata"]["labels"]),
-                            node))
+            pods.append(Pod(obj["metadata"]["name"] + "-pod", obj["metadata"]["namespace"],
+                            dict(t["metadata"]["labels"]), node))
     return pods
 
 
@@ -197,7 +197,8 @@ def _one_stage(cluster: Cluster, policy: Policy, dc: str) -> PlacementPlan | Non
     node = next((n for n in cluster.nodes if n.name in usable and eff.may_hold_ends(n)), None)
     if node is None:
         return None
-    return PlacementPlan(model="smollm2-135m", data_class=dc, stages=(Stage(node=node.name, first_layer=0, last_layer=29),))
+    return PlacementPlan(model="smollm2-135m", data_class=dc,
+                         stages=(Stage(node=node.name, first_layer=0, last_layer=29),))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.name)
@@ -222,8 +223,9 @@ _JUR = ["eu", "us", "uk"]
 @st.composite
 def clusters_and_policies(draw):
     k = draw(st.integers(2, 7))
-    nodes = [{"name": _NAMES[i], "gpu": draw(st.sampled_from(sorted(GPU_KINDS))), "jurisdiction": draw(st.sampled_from(_JUR)),
-              "tier": draw(st.sampled_from(["edge", "cloud"])), "trust": draw(st.sampled_from([t.value for t in Trust])),
+    nodes = [{"name": _NAMES[i], "gpu": draw(st.sampled_from(sorted(GPU_KINDS))),
+              "jurisdiction": draw(st.sampled_from(_JUR)), "tier": draw(st.sampled_from(["edge", "cloud"])),
+              "trust": draw(st.sampled_from([t.value for t in Trust])),
               "state": draw(st.sampled_from(["up", "up", "up", "draining", "down"]))} for i in range(k)]
     pairs = draw(st.lists(st.tuples(st.integers(0, k - 1), st.integers(0, k - 1)).filter(lambda t: t[0] < t[1]),
                           unique=True, max_size=4))
@@ -286,7 +288,7 @@ class Admission:
 
 
 def _pod_objects(r) -> list[dict]:
-    return [json.loads(json.dumps({"metadata": o["spec"]["template"]["metadata"], "spec": o["spec"]["template"]["spec"]}))
+    return [copy.deepcopy(o["spec"]["template"])
             for o in r.objects if o["kind"] == "Deployment"]
 
 

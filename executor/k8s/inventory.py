@@ -109,7 +109,8 @@ class Inventory:
             mine = [p for p in self.problems if p.node == node and p.fix_value is not None]
             if mine:
                 args = " ".join(f"{p.label}={p.fix_value}" for p in mine)
-                out.append(f"kubectl label node {node} {args}" + (" --overwrite" if any(p.overwrite for p in mine) else ""))
+                overwrite = " --overwrite" if any(p.overwrite for p in mine) else ""
+                out.append(f"kubectl label node {node} {args}{overwrite}")
         return out
 
     def report(self) -> str:
@@ -335,13 +336,18 @@ def node_list(cluster: Cluster) -> dict:
 def label_commands(cluster: Cluster) -> list[str]:
     """`kubectl label node` commands that give a cluster's nodes the Continuo labels of its file."""
     own = (PREFIX, TAG_PREFIX)
-    return [f"kubectl label node {n.name} " + " ".join(f"{k}={v}" for k, v in node_labels(n).items() if k.startswith(own))
-            + " --overwrite" for n in cluster.nodes]
+    return [f"kubectl label node {n.name} "
+            + " ".join(f"{k}={v}" for k, v in node_labels(n).items() if k.startswith(own)) + " --overwrite"
+            for n in cluster.nodes]
 
 
 # --- files ----------------------------------------------------------------------------------------
 
 _ALWAYS = ("name", "gpu", "jurisdiction", "tier", "trust", "state")
+
+
+def _pair(p) -> dict:
+    return {"between": list(p.between), **p.model_dump(mode="json", exclude={"between"})}
 
 
 def cluster_yaml(cluster: Cluster, header: str = "") -> str:
@@ -359,7 +365,7 @@ def cluster_yaml(cluster: Cluster, header: str = "") -> str:
                                                  sort_keys=False).strip()))
     if links.pairs:
         lines.append("  pairs:")
-        lines += ["    - " + yaml.safe_dump({"between": list(p.between), **p.model_dump(mode="json", exclude={"between"})},
+        lines += ["    - " + yaml.safe_dump(_pair(p),
                                             default_flow_style=True, sort_keys=False, width=10 ** 6).strip()
                   for p in links.pairs]
     return "\n".join(lines) + "\n"

@@ -112,7 +112,8 @@ def service_cluster(cluster: Cluster, nodes: list[Node]) -> Cluster:
     """The cluster restricted to `nodes`: what the driver waits for and plans are checked against."""
     names = {n.name for n in nodes}
     pairs = tuple(p for p in cluster.links.pairs if set(p.between) <= names)
-    return cluster.model_copy(update={"nodes": tuple(nodes), "links": cluster.links.model_copy(update={"pairs": pairs})})
+    links = cluster.links.model_copy(update={"pairs": pairs})
+    return cluster.model_copy(update={"nodes": tuple(nodes), "links": links})
 
 
 def _crosses_boundary(a: Node, b: Node) -> bool:
@@ -212,7 +213,8 @@ def render(cluster: Cluster, policy: Policy, plan: PlacementPlan, opts: RenderOp
                egress=[{"to": [{"podSelector": members}]}, {"to": [DNS_PEER], "ports": DNS_PORTS}]),
     ]
     if flags:
-        fence[1]["metadata"]["annotations"] = {"continuo.io/unencrypted-hops": "; ".join(f.split(":")[0] for f in flags)}
+        hops = "; ".join(f.split(":")[0] for f in flags)
+        fence[1]["metadata"]["annotations"] = {"continuo.io/unencrypted-hops": hops}
     if opts.api_from:
         fence.append(netpol("api", {"matchLabels": labels("driver", driver.name)}, ["Ingress"], ingress=[{
             "from": [{"namespaceSelector": {"matchExpressions": [
@@ -273,8 +275,8 @@ def render(cluster: Cluster, policy: Policy, plan: PlacementPlan, opts: RenderOp
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]}
     digest = hashlib.sha256("".join(config[k] for k in sorted(config)).encode()).hexdigest()
     driver_dep = deployment(_object_name(svc, "driver"), labels("driver", driver.name),
-                            pod_spec(driver, driver_container, [{"name": "config", "configMap": {"name": f"{svc}-config"}}],
-                                     False),
+                            pod_spec(driver, driver_container,
+                                     [{"name": "config", "configMap": {"name": f"{svc}-config"}}], False),
                             # a new config changes the template, so `kubectl apply` restarts the driver
                             {"continuo.io/config-sha256": digest, "continuo.io/plan": stamped.summary()})
     driver_sel = {SERVICE_LABEL: svc, ROLE_LABEL: "driver"}
@@ -289,7 +291,8 @@ def render(cluster: Cluster, policy: Policy, plan: PlacementPlan, opts: RenderOp
     files = {
         ADMISSION_FILE: placement_admission(svc, ns, dc, sorted(usable)),     # first: it must hold before any pod
         "00-namespace.yaml": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}],
-        "10-config.yaml": [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{svc}-config"), "data": config}],
+        "10-config.yaml": [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{svc}-config"),
+                            "data": config}],
         "20-network-policies.yaml": fence,       # before any pod starts
         "30-services.yaml": services,
         "40-driver.yaml": [driver_dep],
@@ -318,8 +321,8 @@ def placement_admission(svc: str, ns: str, data_class: str, nodes: list[str]) ->
               "metadata": {"name": name, "labels": {SERVICE_LABEL: svc}},
               "spec": {"failurePolicy": "Fail",
                        "matchConstraints": {
-                           "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
-                                              "resources": ["pods"]}],
+                           "resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"],
+                                              "operations": ["CREATE", "UPDATE"], "resources": ["pods"]}],
                            "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}},
                            "objectSelector": {"matchLabels": {SERVICE_LABEL: svc}}},
                        "validations": [
