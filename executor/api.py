@@ -2,6 +2,7 @@
 
     /v1/models  /v1/completions  /v1/chat/completions  (stream=true: server-sent events)
     /metrics (Prometheus)  /health  /admin/plan  /admin/nodes  /admin/reconfigure  /admin/reconfigurations
+    /admin/stats (telemetry)
 
 With credentials (create_app(..., api_keys=, admin_tokens=)), /v1 takes an API key and /admin an
 admin token, both as `Authorization: Bearer <token>`; see "authentication" below.
@@ -452,7 +453,7 @@ class Metrics:
         self.tokens = Counter("continuo_generated_tokens", "tokens generated", registry=r)
         Gauge("continuo_queue_depth", "requests waiting", registry=r).set_function(service.queue_depth)
         Gauge("continuo_running_requests", "requests being decoded", registry=r).set_function(service.running)
-        self.stage = Gauge("continuo_stage_step_seconds", "per-node median step time", ["node"], registry=r)
+        r.register(TelemetryCollector(service))
         self.alive = Gauge("continuo_node_up", "1 when the node's worker answers", ["node"], registry=r)
         self.rc_pause = Histogram("continuo_reconfig_pause_seconds", "switch window of a reconfiguration",
                                   ["method"], registry=r, buckets=(.005, .01, .02, .05, .1, .2, .5, 1, 5, 30))
@@ -491,6 +492,182 @@ class Metrics:
             self.tpot.observe(out.tpot)
         for g in out.gaps:
             self.gap.observe(g)
+
+
+class TelemetryCollector:
+    """The telemetry windows as Prometheus gauges, read from one snapshot per scrape (no worker is
+    asked anything: the workers' figures came with their step replies). Names: README, Telemetry."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def describe(self):
+        return []            # families are known only at scrape time; registering must not take a snapshot
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily as G
+        snap = self.service.stats()
+        fams = {
+            "arrival_rate": G("continuo_arrival_rate", "requests arrived per second", labels=["window"]),
+            "prompt": G("continuo_prompt_tokens_per_second", "prompt tokens arrived per second", labels=["window"]),
+            "output": G("continuo_output_tokens_per_second", "tokens generated per second", labels=["window"]),
+            "queue_mean": G("continuo_queue_depth_mean", "requests waiting, mean over steps", labels=["window"]),
+            "queue_max": G("continuo_queue_depth_max", "requests waiting, most at any step", labels=["window"]),
+            "running": G("continuo_running_requests_mean", "requests being decoded, mean over steps", labels=["window"]),
+            "ttft": G("continuo_ttft_window_seconds", "TTFT of requests whose first token came in the window",
+                      labels=["window", "quantile"]),
+            "tpot": G("continuo_tpot_window_seconds", "TPOT of requests that finished in the window",
+                      labels=["window", "quantile"]),
+            "steps": G("continuo_steps_per_second", "engine steps per second", labels=["window"]),
+            "wall": G("continuo_step_wall_seconds", "engine step time, mean (schedule, stages, sampling)",
+                      labels=["window"]),
+            "kv_use": G("continuo_kv_use_ratio", "KV blocks in use / allocated on a node, mean over steps",
+                        labels=["node", "window"]),
+            "stage": G("continuo_stage_step_seconds", "a stage's time per engine step, mean (compute + comm)",
+                       labels=["node", "layers", "window"]),
+            "compute": G("continuo_stage_compute_seconds", "a stage's compute per engine step, mean",
+                         labels=["node", "layers", "window"]),
+            "comm": G("continuo_stage_comm_seconds", "a stage's time waiting on receives and staging sends per "
+                                                     "engine step, mean", labels=["node", "layers", "window"]),
+            "stage_tokens": G("continuo_stage_tokens_per_step", "tokens a stage ran per engine step, mean",
+                              labels=["node", "layers", "window"]),
+            "hop_rate": G("continuo_hop_bytes_per_second", "bytes per second over a hop of the pipeline",
+                          labels=["src", "dst", "window"]),
+            "hop_time": G("continuo_hop_transfer_seconds", "send to delivery over a hop per engine step, mean",
+                          labels=["src", "dst", "window"]),
+        }
+        used = G("continuo_kv_blocks_used", "KV blocks in use on a node (last step)", labels=["node"])
+        total = G("continuo_kv_blocks_total", "KV blocks allocated on a node", labels=["node"])
+        for node, kv in snap["now"]["kv"].items():
+            used.add_metric([node], kv["used_blocks"])
+            total.add_metric([node], kv["total_blocks"])
+
+        def put(key, labels, value):
+            if value is not None:
+                fams[key].add_metric(labels, value)
+        for name, w in snap["windows"].items():
+            put("arrival_rate", [name], w["arrival_rate"])
+            put("prompt", [name], w["prompt_tokens_per_s"])
+            put("output", [name], w["output_tokens_per_s"])
+            put("queue_mean", [name], w["queue_depth"]["mean"])
+            put("queue_max", [name], w["queue_depth"]["max"])
+            put("running", [name], w["running"]["mean"])
+            for q in ("p50", "p99"):
+                put("ttft", [name, "0." + q[1:]], w["ttft_s"][q])
+                put("tpot", [name, "0." + q[1:]], w["tpot_s"][q])
+            put("steps", [name], w["steps"]["per_s"])
+            put("wall", [name], w["steps"]["wall_s"])
+            for node, kv in w["kv_use"].items():
+                put("kv_use", [node, name], kv["mean"])
+            for st in w["stages"]:
+                labels = [st["node"], "{}-{}".format(*st["layers"]), name]
+                put("stage", labels, st["step_s"])
+                put("compute", labels, st["compute_s"])
+                put("comm", labels, st["comm_s"])
+                put("stage_tokens", labels, st["tokens_per_step"])
+            for hop in w["hops"]:
+                put("hop_rate", [hop["src"], hop["dst"], name], hop["bytes_per_s"])
+                put("hop_time", [hop["src"], hop["dst"], name], hop["transfer_s"])
+        enabled = G("continuo_telemetry_enabled", "1 when the service records telemetry")
+        enabled.add_metric([], 1 if snap["enabled"] else 0)
+        yield from [*fams.values(), used, total, enabled]
+
+
+# --- /admin/stats: the telemetry document, as the OpenAPI schema describes it ------------------------
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Quantiles(_Doc):
+    p50: float | None
+    p99: float | None
+    n: int = Field(description="samples in the window")
+
+
+class MeanMax(_Doc):
+    mean: float | None
+    max: float | None
+
+
+class StepStats(_Doc):
+    n: int
+    per_s: float
+    wall_s: float | None = Field(description="mean engine step: schedule, stages, sampling")
+    tokens: float | None = Field(description="mean tokens per step (pipeline steps)")
+    rows: float | None = Field(description="mean requests per step (pipeline steps)")
+
+
+class StageStats(_Doc):
+    node: str
+    layers: list[int] = Field(description="[first, one past the last]")
+    steps: int
+    step_s: float | None = Field(description="mean per engine step: compute + comm")
+    compute_s: float | None
+    comm_s: float | None = Field(description="waiting on receives (the stage before, the hop) + staging sends")
+    tokens_per_step: float | None
+    rows_per_step: float | None
+    decode_compute_s: float | None = Field(description="mean compute of decode-only steps")
+    prefill_compute_s: float | None = Field(description="mean compute of steps with prompt tokens")
+
+
+class HopStats(_Doc):
+    src: str = Field(description="a node, or 'driver' (the engine's process)")
+    dst: str
+    kind: Literal["control", "activations", "logits"]
+    bytes_per_step: float | None
+    bytes_per_s: float
+    transfer_s: float | None = Field(description="mean send-to-delivery time per engine step")
+
+
+class WindowStats(_Doc):
+    seconds: float
+    span_s: float = Field(description="seconds covered so far (less than `seconds` just after start)")
+    arrival_rate: float = Field(description="requests per second")
+    prompt_tokens_per_s: float
+    output_tokens_per_s: float
+    finished: dict[str, int] = Field(description="requests that finished, by outcome")
+    queue_depth: MeanMax
+    running: MeanMax
+    ttft_s: Quantiles
+    tpot_s: Quantiles
+    steps: StepStats
+    kv_use: dict[str, MeanMax] = Field(description="per node: KV blocks in use / allocated")
+    stages: list[StageStats]
+    hops: list[HopStats]
+
+
+class KVNow(_Doc):
+    used_blocks: int
+    total_blocks: int
+    use: float | None
+
+
+class NowStats(_Doc):
+    queue_depth: int | None
+    running: int | None
+    kv: dict[str, KVNow]
+
+
+class EmulatedLink(_Doc):
+    src: str
+    dst: str
+    bandwidth_gbps: float
+    latency_ms: float
+
+
+class EmulatedLinks(_Doc):
+    driver_node: str = Field(description="the node the driver (engine process) is placed beside")
+    links: list[EmulatedLink]
+
+
+class StatsBody(_Doc):
+    """GET /admin/stats: the service's telemetry over rolling windows (README: Telemetry)."""
+    enabled: bool
+    uptime_s: float
+    now: NowStats
+    windows: dict[str, WindowStats] = Field(description="by window length, e.g. '60s', '10s'")
+    links: EmulatedLinks | None = Field(description="the emulated links, when the workers run behind them")
 
 
 # --- streaming text ---------------------------------------------------------------------------------
@@ -837,11 +1014,16 @@ def create_app(service: Service, default_max_tokens: int = 256, *, api_keys: Ite
         200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}, "description": "Prometheus text"},
         500: _BUG}))
     async def prom():
-        for n in await asyncio.to_thread(_safe_nodes, service):
-            metrics.alive.labels(n["node"]).set(1 if n["state"] == "ok" else 0)
-            if n.get("step_ms_p50") is not None:
-                metrics.stage.labels(n["node"]).set(n["step_ms_p50"] / 1e3)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # Cheap to scrape: liveness from the worker processes' state, everything else from telemetry
+        # (what the workers sent with their step replies); no command goes to a worker.
+        for n, state in service.health()["nodes"].items():
+            metrics.alive.labels(n).set(1 if state == "ok" else 0)
+        return Response(await asyncio.to_thread(generate_latest, metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/stats", response_model=StatsBody, **_protected(admin, ADMIN_RESPONSES))
+    async def admin_stats():
+        """The telemetry windows as one document (what /metrics exports, and more)."""
+        return await asyncio.to_thread(service.stats)
 
     @app.get("/admin/plan", **_protected(admin, ADMIN_RESPONSES))
     async def admin_plan():
@@ -902,5 +1084,5 @@ def _safe_nodes(service: Service) -> list[dict]:
     """Per-node state, or only what health knows when the workers cannot be asked."""
     try:
         return service.node_states()
-    except (WorkerDied, TimeoutError):   # a dead worker or a stuck engine loop must not take /metrics down
+    except (WorkerDied, TimeoutError):   # a dead worker or a stuck engine loop must not take /admin/nodes down
         return [{"node": n, "state": s} for n, s in service.health()["nodes"].items()]

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 # torch imports these lazily on the first empty_like of a meta tensor (_empty_parts); a first import
 # that runs out of memory half-way leaves a broken module in sys.modules for good, so a worker that
 # once failed a Prepare for memory could never prepare again. Imported here, at start-up.
@@ -35,7 +34,7 @@ from torch import nn
 from .kvcache import KVCache
 from .model import DecoderLayer, Linear, ModelConfig, RMSNorm, StageModel, hf_names, prepack
 from .stage import LocalStage
-from .transport import recv_into, recv_obj, recv_tensor, send_obj, send_tensor
+from .transport import recv_obj, recv_raw, recv_tensor, send_obj, send_raw, send_tensor
 
 
 DEBUG = bool(os.environ.get("CONTINUO_DEBUG"))
@@ -366,7 +365,7 @@ class Migrator:
         with torch.device("meta"):
             shapes = [t.shape for t in _tensors(_meta_parts(cfg, a, b))]
         for shape in shapes:
-            recv_into(torch.empty(shape, dtype=dtype), owner, self.group, tag, TRANSFER_TIMEOUT_S)
+            recv_raw(torch.empty(shape, dtype=dtype), owner, self.group, tag, TRANSFER_TIMEOUT_S)
 
     def _do(self, m: Migration, msg) -> None:
         w = self.worker
@@ -375,7 +374,7 @@ class Migrator:
         elif isinstance(msg, SendWeights):
             parts = weight_parts(w.cfg, w.stage.model, msg.start, msg.end)
             for t in _tensors(parts):     # through host memory: the bulk group is gloo
-                self.sends.append(dist.isend(t.detach().contiguous().cpu(), msg.dst, group=self.group, tag=msg.rid))
+                self.sends += send_raw(t.detach().contiguous().cpu(), msg.dst, self.group, msg.rid)
                 m.bytes_out += t.numel() * t.element_size()
         elif isinstance(msg, SendKV):
             payload = self._read(w.stage.cache, msg.layers, msg.since)
@@ -393,9 +392,9 @@ class Migrator:
         elif isinstance(msg, BenchCopy):
             buf = torch.empty(msg.nbytes, dtype=torch.uint8)
             if msg.send:
-                self.sends.append(dist.isend(buf, msg.peer, group=self.group, tag=msg.rid))
+                self.sends += send_raw(buf, msg.peer, self.group, msg.rid)
             else:
-                recv_into(buf, msg.peer, self.group, msg.rid, TRANSFER_TIMEOUT_S)
+                recv_raw(buf, msg.peer, self.group, msg.rid, TRANSFER_TIMEOUT_S)
         elif isinstance(msg, CopyKV):
             self._write(m, self._read(w.stage.cache, msg.layers, msg.since))
 
@@ -426,7 +425,7 @@ class Migrator:
                 raise
             t0 = time.perf_counter()
             for t in _tensors(got):
-                recv_into(t, owner, self.group, msg.rid, TRANSFER_TIMEOUT_S)
+                recv_raw(t, owner, self.group, msg.rid, TRANSFER_TIMEOUT_S)
                 m.weight_bytes_in += t.numel() * t.element_size()
                 m.bytes_in += t.numel() * t.element_size()
             m.recv_s += time.perf_counter() - t0

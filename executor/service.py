@@ -22,9 +22,11 @@ from pydantic import ValidationError
 
 from policies import Cluster, InputError, ModelSpec, PlacementPlan, Refused, ValidatedPlan, approve
 
+from . import transport
 from .engine import Engine, EngineConfig, Request, RequestOutput, SamplingParams
 from .reconfig import ReconfigReport, Reconfiguration, ReconfigurationError, ReconfigurationTimeout
 from .runtime import NodeRuntime, WorkerDied
+from .telemetry import Telemetry
 
 
 class ServiceUnavailable(Refused, RuntimeError):
@@ -60,9 +62,10 @@ class Listener:
 class EngineLoop(threading.Thread):
     """Steps the engine while it has work; runs handed-in calls at iteration boundaries."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, telemetry: Telemetry | None = None):
         super().__init__(name="engine-loop", daemon=True)
         self.engine = engine
+        self.telemetry = telemetry or Telemetry()
         self.calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self.wake = threading.Event()
         self.listeners: dict[int, Listener] = {}
@@ -96,7 +99,10 @@ class EngineLoop(threading.Thread):
                     continue
             if self.broken is None and self.engine.has_unfinished():
                 try:
+                    t0 = time.perf_counter()
                     done = self.engine.step()
+                    if self.telemetry.enabled:
+                        self.observe(time.perf_counter() - t0, done)
                 except WorkerDied as e:
                     self.fail_all(e)
                     continue
@@ -112,9 +118,20 @@ class EngineLoop(threading.Thread):
                 self.wake.wait(0.002 if rc is not None and not rc.done else 0.05)
                 self.wake.clear()
 
+    def observe(self, wall_s: float, done: list[RequestOutput]) -> None:
+        """Telemetry of the step that just ended (its pipeline part came with the logits)."""
+        tel, sched = self.telemetry, self.engine.scheduler
+        local = {f"stage{i}": (st.cache.num_blocks - st.cache.num_free_blocks, st.cache.num_blocks)
+                 for i, st in enumerate(self.engine.stages) if hasattr(st, "cache")}
+        tel.step(wall_s, len(sched.waiting), len(sched.running), local)
+        for out in done:
+            tel.finished(out.tpot, out.finish_reason)
+
     def fail_all(self, err: Exception) -> None:
         """A worker died mid-step: every in-flight request ends with a clear error, none hangs."""
         self.broken = err
+        for _ in self.listeners:
+            self.telemetry.finished(None, "error")
         rc = self.reconfig
         if rc is not None and not rc.done:
             try:
@@ -135,6 +152,24 @@ class EngineLoop(threading.Thread):
     def stop(self) -> None:
         self.stopped = True
         self.wake.set()
+
+
+def _emulate_links(rt: NodeRuntime, cluster: Cluster, driver_node: str) -> dict:
+    """Put every worker and this driver behind the cluster's links; returns what was set up."""
+    table = transport.link_table(rt.ranks, driver_node, cluster)
+    for node, rank in rt.ranks.items():
+        rt.call(node, transport.EmulateLinks(table[rank]))
+    transport.emulate_links(table[transport.DRIVER])
+    name = {transport.DRIVER: "driver", **rt.node_of}
+    return {"driver_node": driver_node,
+            "links": [{"src": name[a], "dst": name[b], "bandwidth_gbps": spec.bytes_per_s * 8 / 1e9,
+                       "latency_ms": 1e3 * spec.latency_s} for a, row in table.items() for b, spec in row.items()]}
+
+
+def describe_links(links: dict) -> str:
+    """One line for people: the emulated links Service.links holds."""
+    return f"engine beside {links['driver_node']}; " + ", ".join(
+        f"{x['src']}->{x['dst']} {x['bandwidth_gbps']:g} Gbps {x['latency_ms']:g} ms" for x in links["links"])
 
 
 def _portable(src) -> Any:
@@ -159,21 +194,37 @@ class Service:
     history: list = field(default_factory=list)     # finished reconfiguration reports
     policy: Any = None                   # the policy pack, to validate plans handed in over HTTP
     on_reconfigured: list = field(default_factory=list)   # callbacks(report) when one ends
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    links: dict | None = None            # the emulated links, when the workers run behind them (launch)
 
     def __post_init__(self):
-        self.loop = EngineLoop(self.engine)
+        if self.runtime is not None:
+            self.telemetry.node_of = lambda rank: self.runtime.node_of.get(rank, f"rank{rank}")
+        self.loop = EngineLoop(self.engine, self.telemetry)
+        self.set_telemetry(self.telemetry.enabled)
         self.loop.start()
+
+    def set_telemetry(self, on: bool) -> None:
+        """Telemetry on or off (off: workers send no step records, the loop records nothing)."""
+        self.telemetry.enabled = on
+        for stage in self.engine.stages:
+            if hasattr(stage, "on_step"):           # a pipeline over workers
+                stage.on_step = self.telemetry.pipeline_step if on else None
 
     # --- construction ------------------------------------------------------------------------
 
     @classmethod
     def launch(cls, cluster: Cluster, validated: ValidatedPlan, source=None, config: EngineConfig | None = None,
                dtype: str = "float32", threads_per_worker: int | None = None, tokenizer=None,
-               join_at: tuple[str, int] | None = None, timeout: float = 120.0, policy=None) -> "Service":
+               join_at: tuple[str, int] | None = None, timeout: float = 120.0, policy=None,
+               emulate_links: bool = False, driver_node: str | None = None) -> "Service":
         """Start a worker per node (down nodes excepted) and load the plan's stages.
 
         Workers run on this machine, or, with join_at=(host, port), the service waits for every node
         to join from wherever it runs (`continuo worker --join HOST:PORT --node NAME`).
+        emulate_links: local workers (and this driver, placed beside `driver_node`, by default the
+        first stage's node) talk as over the cluster file's links: latency and bandwidth per pair
+        and direction, for every message (see transport.LinkShaper).
         Every stage allocates the KV pool the validator's capacity rule reserved for the plan
         (validated.kv); `config.num_kv_blocks` and `config.block_size` are replaced by it."""
         validated = _genuine(validated)
@@ -186,9 +237,20 @@ class Service:
         config = _reserved(config or EngineConfig(max_model_len=min(cfg.max_position, 2048)), validated,
                            explicit=config is not None)
         nodes = [n.name for n in cluster.nodes if n.state != "down"]
+        driver_node = driver_node or validated.plan.stages[0].node
+        if emulate_links:
+            if join_at:
+                raise ValueError("emulate_links shapes the traffic of workers on this machine; workers that join "
+                                 "from elsewhere talk over their real network")
+            if driver_node not in nodes:
+                raise ValueError(f"driver_node {driver_node!r} is not an up node of cluster {cluster.name} "
+                                 f"(up: {', '.join(nodes)})")
         rt = NodeRuntime(nodes, *join_at, timeout=timeout) if join_at else \
             NodeRuntime.local(nodes, threads_per_worker, timeout)
+        links = None
         try:
+            if emulate_links:
+                links = _emulate_links(rt, cluster, driver_node)
             stages = [(s.node, s.start, s.stop) for s in validated.plan.stages]
             rt.load(stages, _portable(src), dtype, config.num_kv_blocks, config.block_size)
             rt.set_model(cfg, torch.tensor([], dtype=getattr(torch, dtype)).element_size())
@@ -196,8 +258,10 @@ class Service:
                             cfg.vocab_size)
         except BaseException:
             rt.shutdown()
+            transport.emulate_links(None)
             raise
-        return cls(engine, validated.plan.model, rt, cluster, validated, _portable(src), dtype, policy=policy)
+        return cls(engine, validated.plan.model, rt, cluster, validated, _portable(src), dtype, policy=policy,
+                   links=links)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -205,18 +269,34 @@ class Service:
         """Queue a request; raises QueueFull, ContextTooLong, ValueError or ServiceUnavailable."""
         if self.loop.broken is not None:
             raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
-        on_token = (lambda seq, tok: listener.on_token(tok, seq.logprobs[-1] if seq.logprobs else None)) \
-            if listener.on_token else None
+        on_token = self._on_token(listener)
 
         def add() -> int:
             if self.loop.broken is not None:      # it broke between the check above and now
                 raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
             req_id = self.engine.add_request(prompt, params, on_token)
             self.loop.listeners[req_id] = listener
+            if self.telemetry.enabled:
+                self.telemetry.arrival(len(self.engine.seqs[req_id].prompt_ids))
             return req_id
         req_id = self.loop.call(add)
         self.loop.wake.set()
         return req_id
+
+    def _on_token(self, listener: Listener):
+        """The engine's per-token callback: the listener's, and telemetry's first token and count."""
+        user = listener.on_token
+        tel = self.telemetry if self.telemetry.enabled else None
+        if tel is None:
+            return (lambda seq, tok: user(tok, seq.logprobs[-1] if seq.logprobs else None)) if user else None
+
+        def on_token(seq, tok):
+            if len(seq.output_ids) == 1:
+                tel.first_token(seq.token_times[0] - seq.arrival)
+            tel.token()
+            if user:
+                user(tok, seq.logprobs[-1] if seq.logprobs else None)
+        return on_token
 
     def cancel(self, req_id: int) -> None:
         self.engine.cancel(req_id)
@@ -347,8 +427,16 @@ class Service:
         cfg = self.runtime.model_cfg
         return ModelSpec.from_hf_config(cfg.to_hf(), name=self.model_name, dtype="fp32" if self.dtype == "float32" else "bf16")
 
+    def stats(self) -> dict[str, Any]:
+        """GET /admin/stats: the telemetry snapshot, with the live gauges and the emulated links."""
+        snap = self.telemetry.snapshot(self.queue_depth(), self.running())
+        snap["links"] = self.links
+        return snap
+
     def close(self) -> None:
         self.loop.stop()
         self.loop.join(timeout=10)
         if self.runtime:
             self.runtime.shutdown()
+        if self.links is not None:
+            transport.emulate_links(None)     # this process's sends are plain again (a later service)

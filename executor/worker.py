@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from . import transport
 from .migration import Abort, BenchCopy, Cleanup, Commit, CopyKV, InjectFault, Migrator, Prepare, RecvKV, RoundEnd, SendKV, SendWeights
-from .transport import (DRIVER, JOIN_TOKEN_ENV, DropStage, JoinRefused, Free, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, join, recv_obj,
-                        recv_tensor, send_obj, send_tensor, wait_all)
+from .transport import (DRIVER, JOIN_TOKEN_ENV, DropStage, EmulateLinks, JoinRefused, Free, LoadStage, Reply, Shutdown, Stats, Step,
+                        WorkerInfo, join, recv_obj_info, recv_tensor_info, send_obj, send_tensor, wait_all)
 
 MIGRATION_MESSAGES = (BenchCopy, Prepare, SendWeights, SendKV, RecvKV, CopyKV, RoundEnd, Commit, Cleanup, Abort)
 REPLIED = (Commit, Cleanup, Abort)     # the driver waits for a reply to these; the rest run in the background
@@ -42,6 +42,7 @@ class Worker:
         self.step_ms: list[float] = []
         self.pending: list = []                              # sends in flight (kept alive until done)
         self.migrator = Migrator(self, transport.BULK, store, node)
+        self.last_msg = None                                 # how the driver's last message came (Received)
 
     def load(self, msg: LoadStage) -> Reply:
         from .stage import build_stage
@@ -59,6 +60,7 @@ class Worker:
         t0 = time.perf_counter()
         x = None
         route = msg.route
+        meta: tuple[int, ...] = ()                 # step records of the stages before this one
         for i, hop in enumerate(route):
             if hop.rank != self.rank:
                 continue
@@ -66,19 +68,41 @@ class Worker:
             if stage is None or (stage.start, stage.end) != (hop.start, hop.end):
                 raise RuntimeError(f"{self.node} asked for layers [{hop.start}, {hop.end}) but serves "
                                    f"{None if stage is None else (stage.start, stage.end)}")
+            t_in, got = time.perf_counter(), None
             if i > 0 and route[i - 1].rank != self.rank:
                 # GPU to GPU: NCCL straight into device memory; otherwise over gloo through the host
-                x = recv_tensor(route[i - 1].rank, device=self.device if route[i - 1].gpu and self.gpu else "cpu")
+                x, got = recv_tensor_info(route[i - 1].rank, device=self.device if route[i - 1].gpu and self.gpu else "cpu")
                 x = x.to(self.device)
+                meta = got.meta
+            t_fwd = time.perf_counter()
             x = stage.forward(msg.batch, x)
-            if i + 1 == len(route):
-                self.pending += send_tensor(x.cpu(), DRIVER)       # logits [B, vocab]; the driver samples on CPU
-            elif route[i + 1].rank != self.rank:
-                nxt = route[i + 1]                                 # hidden [B, width, hidden]
-                self.pending += send_tensor(x if nxt.gpu and self.gpu else x.cpu(), nxt.rank)
+            last = i + 1 == len(route)
+            nxt = None if last else route[i + 1]
+            if last or nxt.rank != self.rank:
+                if msg.telemetry and self.gpu:
+                    torch.cuda.synchronize(self.device)    # compute ends when its kernels do, not when queued
+                t_out = time.perf_counter()
+                # logits [B, vocab] (the driver samples on CPU) or hidden [B, width, hidden]
+                out = x.cpu() if last or not (nxt.gpu and self.gpu) else x
+                if msg.telemetry:
+                    meta += self.record(msg, stage, got, t_in, t_fwd, t_out, time.perf_counter())
+                self.pending += send_tensor(out, DRIVER if last else nxt.rank, meta=meta)
         self.step_ms.append(1e3 * (time.perf_counter() - t0))
         del self.step_ms[:-1000]
         self._reap()
+
+    def record(self, msg: Step, stage, got, t_in, t_fwd, t_out, t_sent) -> tuple[int, ...]:
+        """This stage's STEP_RECORD for the micro-batch (see transport.STEP_RECORD)."""
+        us = lambda s: int(1e6 * s)  # noqa: E731
+        cache, ctl = stage.cache, self.last_msg
+        return (self.rank, stage.start, stage.end, us(t_fwd - t_in), us(t_out - t_fwd), us(t_sent - t_out),
+                sum(msg.batch.num_new), len(msg.batch.req_ids), cache.num_blocks - cache.num_free_blocks,
+                cache.num_blocks, got.nbytes if got else 0, us(got.transfer_s) if got else 0,
+                ctl.nbytes if ctl else 0, us(ctl.transfer_s) if ctl else 0)
+
+    def emulate_links(self, msg: EmulateLinks) -> Reply:
+        transport.emulate_links(msg.links)
+        return Reply(True, None)
 
     def migration(self, m):
         if isinstance(m, Prepare) and self.cfg is None:
@@ -148,7 +172,7 @@ class Worker:
 
     def serve(self) -> None:
         while True:
-            msg = recv_obj(DRIVER)
+            msg, self.last_msg = recv_obj_info(DRIVER)
             batch = msg if isinstance(msg, tuple) else (msg,)   # a node's whole migration round in one send
             if isinstance(batch[0], Shutdown):
                 wait_all(self.pending)
@@ -185,9 +209,9 @@ class Worker:
 
 
 METHODS = {LoadStage: "load", Stats: "stats", DropStage: "drop_stage", Step: "step", Free: "free",
-           InjectFault: "inject_fault",
+           InjectFault: "inject_fault", EmulateLinks: "emulate_links",
            **{m: "migrate" for m in MIGRATION_MESSAGES}}
-REPLIED_TYPES = (LoadStage, Stats, DropStage, InjectFault, *REPLIED)   # the driver waits for a Reply to these
+REPLIED_TYPES = (LoadStage, Stats, DropStage, InjectFault, EmulateLinks, *REPLIED)   # the driver waits for a Reply to these
 
 
 def pick_device(want: str, rank: int) -> str:

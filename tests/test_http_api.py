@@ -120,7 +120,8 @@ def test_metrics_health_admin(server, client):
     client.completions.create(model="tiny-smol", prompt="hello", max_tokens=4, temperature=0)
     m = httpx.get(server[1] + "/metrics").text
     for name in ("continuo_ttft_seconds_bucket", "continuo_tpot_seconds", "continuo_token_gap_seconds",
-                 "continuo_queue_depth", 'continuo_stage_step_seconds{node="edge-a"}', 'continuo_node_up{node="edge-b"} 1.0'):
+                 "continuo_queue_depth", 'continuo_stage_step_seconds{layers="0-2",node="edge-a",window="60s"}',
+                 'continuo_node_up{node="edge-b"} 1.0'):
         assert name in m, name
     plan = httpx.get(server[1] + "/admin/plan").json()
     assert [s["node"] for s in plan["plan"]["stages"]] == ["edge-a", "edge-b"]
@@ -377,7 +378,7 @@ def test_metrics_outlive_a_stuck_worker_call_but_not_a_bug(local_app, monkeypatc
     svc, c = local_app
     monkeypatch.setattr(svc, "node_states", _boom(TimeoutError()))
     assert c.get("/metrics").status_code == 200 and c.get("/admin/nodes").json()["nodes"] == []
-    monkeypatch.setattr(svc, "node_states", _boom(ZeroDivisionError()))
+    monkeypatch.setattr(svc.telemetry, "snapshot", _boom(ZeroDivisionError()))
     assert c.get("/metrics").status_code == 500
 
 
