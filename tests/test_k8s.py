@@ -3,6 +3,7 @@ through the real client against a loopback API server), and rendering every scen
 that pass the Kubernetes 1.30+ schemas strictly, offline."""
 import functools
 import json
+import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -158,6 +159,12 @@ def test_bad_node_lists_and_overlays_name_the_file(tmp_path):
         k8s.load_overlay(ov)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class _FakeAPI(BaseHTTPRequestHandler):
     body: bytes = b""
     seen: list = []
@@ -182,9 +189,11 @@ def test_context_lists_nodes_through_the_kubernetes_client(tmp_path, capsys, mon
     try:
         (tmp_path / "kubeconfig").write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "other",
-            "clusters": [{"name": "edge", "cluster": {"server": f"http://127.0.0.1:{srv.server_port}"}}],
+            "clusters": [{"name": "edge", "cluster": {"server": f"http://127.0.0.1:{srv.server_port}"}},
+                         {"name": "gone", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
             "users": [{"name": "ops", "user": {"token": "t0ken"}}],
             "contexts": [{"name": "edge-ctx", "context": {"cluster": "edge", "user": "ops"}},
+                         {"name": "down", "context": {"cluster": "gone", "user": "ops"}},
                          {"name": "other", "context": {"cluster": "nowhere", "user": "ops"}}]}))
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
         rc, out, err = run_cli(capsys, monkeypatch, "k8s", "inventory", "--context", "edge-ctx")
@@ -195,6 +204,8 @@ def test_context_lists_nodes_through_the_kubernetes_client(tmp_path, capsys, mon
         assert back.name == "edge-ctx" and [n.model_dump() for n in back.nodes] == [n.model_dump() for n in c.nodes]
         rc, _, err = run_cli(capsys, monkeypatch, "k8s", "inventory", "--context", "missing-ctx")
         assert rc == 2 and "--context" in err and "missing-ctx" in err
+        rc, _, err = run_cli(capsys, monkeypatch, "k8s", "inventory", "--context", "down")
+        assert rc == 2 and "listing nodes of context down failed" in " ".join(err.split())
     finally:
         srv.shutdown()
 

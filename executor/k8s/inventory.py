@@ -398,7 +398,7 @@ def from_context(context: str | None) -> list[dict]:
     except (ConfigException, OSError) as e:
         raise InputError(f"kubeconfig: {e}", field="--context") from None
     try:
-        nodes = client.CoreV1Api(api).list_node()
+        nodes = client.CoreV1Api(api).list_node(_request_timeout=30)     # an unreachable API fails, not hangs
     except Exception as e:       # urllib3 / ApiException: unreachable or refused; the operator's to fix
         raise InputError(f"listing nodes of context {context or '(current)'} failed: {str(e).splitlines()[0]}",
                          field="--context") from None
