@@ -368,3 +368,9 @@ def test_render_refuses_what_cannot_run(tmp_path, capsys, monkeypatch):
                                          "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     assert all(d["metadata"].get("labels", {}).get(SERVICE_LABEL, "letters") == "letters" for d in docs)
     assert "kubectl -n continuo create secret generic letters-tokens" in " ".join(err.split())
+
+
+def test_the_k8s_package_needs_no_torch():
+    import subprocess
+    code = "import sys, executor.k8s; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
