@@ -5,6 +5,7 @@ Registered on the main app by agent/cli.py (`register(app, bench_app)`)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from policies import InputError, approve, load_cluster, load_intent_spec, load_model_spec, load_plan, load_policy
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def _ms(v) -> str:

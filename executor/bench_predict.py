@@ -6,7 +6,10 @@ plans x 2 loads, the real service's TTFT and TPOT p50 against:
   datasheet   the cost model before calibration (the `CPU` kind's datasheet figures)
   calibrated  the cost model with a profile measured here first (`continuo calibrate`, 1 thread: what
               each worker gets)
-  simulator   the simulator with the same profile, fed the very arrivals the load made
+  corrected   the calibrated cost model times correction factors: observed / calibrated TTFT and TPOT
+              of each plan's warm-up request, smoothed over the plans so far (Corrections.observe_plan),
+              as a controller corrects its model while serving (NVIDIA Dynamo's planner)
+  simulator   the simulator on the corrected cost model, fed the loads' own waves
 
 Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
 assumption), `4x` waves of 4 requests submitted together (prefilled in one step, decoded as a batch
@@ -31,7 +34,7 @@ from concurrent.futures import Future
 import torch
 
 from policies import IntentSpec, ModelSpec, PlacementPlan, Stage, Traffic, approve, load_cluster, load_policy
-from policies.costmodel import estimate
+from policies.costmodel import Corrections, estimate
 from policies.profile import ProfileSet, save_profile
 from policies.simulator import SimConfig, simulate
 from policies.traces import Trace
@@ -51,6 +54,7 @@ LOADS = {"1x": 1, "4x": 4}
 OUTPUT_TOKENS = 32
 PROMPTS = (48, 64, 80)
 TARGET = 0.15
+SIDES = ("datasheet", "calibrated", "corrected", "simulator")
 
 
 def _plan(stages, cluster, policy, spec, intent, current=None):
@@ -117,6 +121,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
     console.print(f"links: {links}", highlight=False)
     svc = Service.launch(cluster, _plan(plans[0], cluster, policy, spec, intent), source, ec, threads_per_worker=1,
                          **kw)
+    corrections = Corrections(alpha=0.5)
     sim_cfg = SimConfig(max_num_seqs=ec.max_num_seqs, max_waiting=ec.max_waiting,
                         max_prefill_tokens=ec.max_prefill_tokens, max_prefill_tokens_decoding=ec.max_prefill_tokens_decoding)
     load_before = os.getloadavg()[0]
@@ -130,7 +135,13 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     raise RuntimeError(f"reconfiguration to {v.plan.summary()} failed: {rep.error}")
             plan = svc.plan.plan
             driver = plan.stages[0].node if emulated else None   # the driver sits beside the first stage
-            _measure(svc, 1, 1, cfg.vocab_size, seed=99)       # warm-up after the move
+            # warm-up after the move; its TTFT and TPOT also feed the correction factors (observed /
+            # calibrated, smoothed over the plans measured so far), as a serving controller would
+            warm = _measure(svc, 1, 2, cfg.vocab_size, seed=99)[1:]
+            t1 = Traffic(concurrency=1, prompt_tokens=len(warm[0].prompt_ids), output_tokens=OUTPUT_TOKENS,
+                         context_tokens=512)
+            raw = estimate(plan, cluster, spec, t1, profiles=profiles, driver_node=driver)
+            corrections.observe_plan(raw, 1e3 * warm[0].ttft, 1e3 * warm[0].tpot)
             for load, width in LOADS.items():
                 outs = _measure(svc, width, max(requests, width) // width * width, cfg.vocab_size, seed=pi)
                 ttft = statistics.median(1e3 * o.ttft for o in outs)
@@ -140,46 +151,49 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                                   context_tokens=512)
                 sheet = estimate(plan, cluster, spec, traffic, prefill_rows=width, driver_node=driver)
                 cal = estimate(plan, cluster, spec, traffic, profiles=profiles, prefill_rows=width, driver_node=driver)
+                cor = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
+                               prefill_rows=width, driver_node=driver)
                 # the client waits for a wave before sending the next (a closed loop): each wave is
                 # simulated on its own, its requests arriving as they were measured to
                 sim_ttft, sim_tpot = [], []
                 for w in range(0, len(outs), width):
                     wave = outs[w:w + width]
-                    base = min(o.arrival for o in wave)
-                    trace = Trace([o.arrival - base for o in wave], [len(o.prompt_ids) for o in wave],
+                    # a wave is submitted in one call on the engine thread: the engine sees it all at once
+                    trace = Trace([0.0] * len(wave), [len(o.prompt_ids) for o in wave],
                                   [len(o.token_ids) for o in wave], "measured arrivals")
-                    sim = simulate(cluster, plan, spec, trace, profiles=profiles, intent=plan.intent,
-                                   driver_node=driver, config=sim_cfg)
+                    sim = simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
+                                   intent=plan.intent, driver_node=driver, config=sim_cfg)
                     sim_ttft += sim.ttft_ms
                     sim_tpot += sim.tpot_ms
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
                        "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
+                       "corrected_ttft_ms": cor.ttft_ms, "corrected_tpot_ms": cor.tpot_ms,
                        "simulator_ttft_ms": statistics.median(sim_ttft), "simulator_tpot_ms": statistics.median(sim_tpot),
                        "calibrated_source": cal.source, "requests": len(outs)}
-                for side in ("datasheet", "calibrated", "simulator"):
+                for side in SIDES:
                     for m in ("ttft", "tpot"):
                         row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
                 rows.append(row)
                 console.print(f"{row['plan']} {load}: measured TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms; "
-                              f"calibrated {cal.ttft_ms:.1f} / {cal.tpot_ms:.1f}; simulator {row['simulator_ttft_ms']:.1f} / "
+                              f"calibrated {cal.ttft_ms:.1f} / {cal.tpot_ms:.1f}; corrected {cor.ttft_ms:.1f} / "
+                              f"{cor.tpot_ms:.1f}; simulator {row['simulator_ttft_ms']:.1f} / "
                               f"{row['simulator_tpot_ms']:.1f}; datasheet {sheet.ttft_ms:.1f} / {sheet.tpot_ms:.1f}",
                               highlight=False)
     finally:
         svc.close()
     t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads; links: {links}")
-    for col in ("plan", "load", "TTFT ms", "datasheet", "calibrated", "simulator", "TPOT ms", "datasheet",
-                "calibrated", "simulator"):
+    for col in ("plan", "load", "TTFT ms", *SIDES, "TPOT ms", *SIDES):
         t.add_column(col, justify="right")
     pct = lambda e: f"{100 * e:+.0f}%"  # noqa: E731
     for r in rows:
         t.add_row(r["plan"], r["load"], f"{r['measured_ttft_ms']:.1f}",
-                  *(pct(r[f"{s}_ttft_err"]) for s in ("datasheet", "calibrated", "simulator")),
+                  *(pct(r[f"{s}_ttft_err"]) for s in SIDES),
                   f"{r['measured_tpot_ms']:.1f}",
-                  *(pct(r[f"{s}_tpot_err"]) for s in ("datasheet", "calibrated", "simulator")))
+                  *(pct(r[f"{s}_tpot_err"]) for s in SIDES))
     console.print(t)
     summary = {}
-    for side in ("datasheet", "calibrated", "simulator"):
+    for side in SIDES:
         errs = [abs(r[f"{side}_{m}_err"]) for r in rows for m in ("ttft", "tpot")]
         summary[side] = {"mean_abs_err": statistics.mean(errs), "max_abs_err": max(errs),
                          "within_15pct": sum(e <= TARGET for e in errs), "of": len(errs)}

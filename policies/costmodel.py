@@ -191,6 +191,14 @@ class Corrections:
         pred = stage_step_ms(model, shape, n, phase, tokens, context, prof)
         return self.observe(node, phase, measured_ms, pred)
 
+    def observe_plan(self, raw: Estimates, ttft_ms: float, tpot_ms: float) -> None:
+        """Fold measured TTFT and TPOT of a plan into every stage's prefill and decode factors (the
+        plan-wide form Dynamo's planner uses: observed / expected TTFT and inter-token latency).
+        `raw` are the plan's estimates without corrections."""
+        for st in raw.stages:
+            self.observe(st.node, "prefill", ttft_ms, raw.ttft_ms)
+            self.observe(st.node, "decode", tpot_ms, raw.tpot_ms)
+
     def factor(self, node: str, phase: str) -> float:
         return self.factors.get((node, phase), 1.0)
 
