@@ -141,13 +141,20 @@ def apply_plan_cmd(
 def bench_reconfig_cmd(as_json: bool = typer.Option(False, "--json"),
                        repeats: int = typer.Option(2, min=1, help="series of reconfigurations per method"),
                        method: Optional[list[str]] = typer.Option(
-                           None, help="only these methods (repeatable): live, stop_and_copy, recompute, restart")):
+                           None, help="only these methods (repeatable): live, stop_and_copy, recompute, restart"),
+                       emulate_links: bool = typer.Option(False, "--emulate-links", help="the workers talk over "
+                                                          "the cluster file's links (latency, bandwidth)"),
+                       cluster: Optional[Path] = typer.Option(
+                           None, "--cluster", "-c", help="cluster file with nodes edge-a, edge-b, cloud-1 (default: "
+                                                         "scenarios/local/cluster.yaml; scenarios/local/cluster-wan.yaml "
+                                                         "has 1 Gbps / 40 ms links)")):
     """Downtime, TTFT/TPOT overhead, bandwidth and correctness of live migration vs the baselines."""
     from executor.bench_reconfig import METHODS, run
     bad = [m for m in method or [] if m not in METHODS]
     if bad:
         raise typer.BadParameter(f"unknown method {bad[0]!r}; one of {', '.join(METHODS)}", param_hint="--method")
-    run(as_json=as_json, repeats=repeats, methods=method or None)
+    run(as_json=as_json, repeats=repeats, methods=method or None, emulate_links=emulate_links,
+        cluster_file=str(cluster) if cluster else None)
 
 
 @bench_app.command("faults", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -180,6 +187,10 @@ def serve_cmd(
                                          help="/metrics and /health take the admin token too (default: open)"),
     insecure: bool = typer.Option(False, "--insecure", help="serve on a non-loopback address without credentials: "
                                                             "anyone who reaches the port may reconfigure"),
+    emulate_links: bool = typer.Option(False, "--emulate-links", help="local workers talk as over the cluster "
+                                       "file's links: each pair's latency and bandwidth, per direction"),
+    driver_node: Optional[str] = typer.Option(None, help="with --emulate-links: the node the engine process sits "
+                                                         "beside (default: the plan's first stage's)"),
 ):
     """Serve the model over node workers with an OpenAI-compatible API (validated plan only)."""
     import uvicorn
@@ -199,7 +210,15 @@ def serve_cmd(
         raise InputError("--protect-metrics needs --admin-token (or $CONTINUO_ADMIN_TOKEN) to open them with",
                          field="--protect-metrics")
     _check_exposure(host, api_key, admin_token, insecure)
+    if emulate_links and join:
+        raise InputError("--emulate-links shapes the traffic of workers this command starts on this machine; "
+                         "workers that --join talk over their real network", field="--emulate-links")
+    if driver_node and not emulate_links:
+        raise InputError("--driver-node places the engine for --emulate-links; give both", field="--driver-node")
     c, p, pl = load_cluster(cluster), load_policy(policy), load_plan(plan_file)
+    if driver_node and not any(n.name == driver_node and n.state != "down" for n in c.nodes):
+        raise InputError(f"no up node {driver_node!r} in {cluster} (up: "
+                         f"{', '.join(n.name for n in c.nodes if n.state != 'down')})", field="--driver-node")
     src = open_source(weights)
     spec = ModelSpec.from_hf_config(src.config.to_hf(), name=pl.model, dtype="fp32")
     validated = approve(pl, c, p, None, spec)        # raises PlanRejected: exit 1 with the report
@@ -208,8 +227,12 @@ def serve_cmd(
         h, _, prt = join.rpartition(":")
         join_at = (h, int(prt))
         console.print(f"waiting for nodes {', '.join(n.name for n in c.nodes if n.state != 'down')} to join at {join}")
-    service = Service.launch(c, validated, weights, join_at=join_at, policy=p)
+    service = Service.launch(c, validated, weights, join_at=join_at, policy=p, emulate_links=emulate_links,
+                             driver_node=driver_node)
     console.print(f"serving {pl.model}: {pl.summary()} on http://{host}:{port}/v1")
+    if service.links:
+        from executor.service import describe_links
+        console.print(f"  emulated links: {describe_links(service.links)}")
     console.print(f"  /v1: {'API key' if api_key else 'open'}; /admin: "
                   f"{'admin token' if admin_token else 'closed (no admin token)' if api_key else 'open'}; "
                   f"/metrics, /health: {'admin token' if protect_metrics else 'open'}")
@@ -248,11 +271,13 @@ def worker_cmd(ctx: typer.Context):
 
 @app.command("demo")
 def demo_cmd(intent: Optional[Path] = typer.Option(None, help="intent file (default: scenarios/local/intents/"
-                                                                 "maintenance.md)")):
+                                                                 "maintenance.md)"),
+             emulate_links: bool = typer.Option(False, "--emulate-links", help="the workers talk over the local "
+                                                "cluster file's links (latency, bandwidth)")):
     """The main job: serve the embedded model over local workers under load, parse an intent, plan,
     validate and apply it live, and print what happened."""
     from .demo import run_demo
-    raise typer.Exit(run_demo(intent, console))
+    raise typer.Exit(run_demo(intent, console, emulate_links=emulate_links))
 
 
 # ---------------------------------------------------------------- the agent: intent files, apply, chat

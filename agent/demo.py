@@ -122,7 +122,7 @@ class ClientLoad:
                 "tpot_ms": 1e3 * statistics.median(tpot) if tpot else None}
 
 
-def run_demo(intent_path: Path | None = None, console: Console | None = None) -> int:
+def run_demo(intent_path: Path | None = None, console: Console | None = None, emulate_links: bool = False) -> int:
     import uvicorn
 
     from executor.api import create_app
@@ -148,7 +148,7 @@ def run_demo(intent_path: Path | None = None, console: Console | None = None) ->
     t = time.perf_counter()
     svc = Service.launch(cluster, validated, None, EngineConfig(max_num_seqs=8, max_model_len=1024,
                                                                  num_kv_blocks=256), threads_per_worker=1,
-                         policy=policy)
+                         policy=policy, emulate_links=emulate_links)
     port = free_port()
     # Credentials for this run only: /v1 takes the API key, /admin the admin token (never the key).
     api_key, admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)

@@ -2,7 +2,9 @@
 
 Both run side by side in one process on the same cores, with the same tensors (fp32, the
 GGUF dequantised once) and the same greedy workload: each request makes exactly
-`max_tokens` tokens (EOS ignored; 128 by default, a short chat reply). Throughput counts
+`max_tokens` tokens (EOS ignored; 128 by default, a short chat reply). Last, telemetry's cost: a
+2-stage service over worker processes serving the same streams with telemetry on and off, in
+alternating runs (telemetry_on_vs_off: throughput on / off). Throughput counts
 generated tokens over wall time, prefill included, for both; the decode-only figure counts the
 tokens after each request's first over the time after the last first token (prefill excluded). Each measurement is repeated and the best run kept, so a
 noisy neighbour on a shared machine hurts neither side more than the other.
@@ -60,7 +62,7 @@ def _hf_run(model, prompts, max_tokens: int, pad_id: int) -> float:
 
 
 def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int = 2,
-                     threads: int | None = None, pipeline: bool = True) -> dict:
+                     threads: int | None = None, pipeline: bool = True, telemetry: bool = True) -> dict:
     if threads:     # both sides run under the same setting
         torch.set_num_threads(threads)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -159,18 +161,114 @@ def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int
                   f"p99 {result[side + '_tpot_p99_ms']} ms")
         for w in result["pipeline2_workers"]:
             print(f"  worker {w['node']}: layers {w['layers']}, resident {w['rss_mb']} MB, weights {w['weights_mb']} MB")
+    if telemetry:
+        tel = run_telemetry_overhead(str(gguf.path), max_tokens=max_tokens, repeats=max(3, repeats + 1),
+                                     worker_threads=max(1, (os.cpu_count() or 2) // 2))
+        result.update(tel)
+        print(f"telemetry on vs off (2-stage service over workers, 8 streams, best of {tel['telemetry_repeats']} "
+              f"interleaved): {tel['telemetry_on_vs_off']:.3f}x throughput ({tel['telemetry_on_tok_s']:.1f} vs "
+              f"{tel['telemetry_off_tok_s']:.1f} tok/s); the driver's telemetry work alone: "
+              f"{tel['telemetry_driver_us_per_step']:.0f} us per step, {100 * tel['telemetry_driver_share_of_step']:.2f}% "
+              "of the mean step")
     if json_out:
         print(json.dumps(result))
     return result
 
 
+def run_telemetry_overhead(source=None, max_tokens: int = 128, repeats: int = 3, concurrency: int = 8,
+                           worker_threads: int | None = None) -> dict:
+    """Serving throughput of one service with telemetry on and off, in alternating runs of the same
+    workload (best of `repeats` each): the whole serving path (Service.submit, the engine loop, the
+    workers' step records riding on the activations and logits, the windows)."""
+    from policies import IntentSpec, ModelSpec, PlacementPlan, Stage, Traffic, approve, load_cluster, load_policy
+
+    from .bench_pipeline import PROMPTS, balanced_bounds
+    from .service import Listener, Service
+    from .weights import open_source
+    cluster, policy = load_cluster("scenarios/local/cluster.yaml"), load_policy("scenarios/local/policy.yaml")
+    src = open_source(source)
+    cfg, tok = src.config, src.tokenizer()
+    b = balanced_bounds(cfg)
+    plan = PlacementPlan(model="smollm2-135m", data_class="public", cluster_fingerprint=cluster.fingerprint(),
+                         stages=(Stage(node="edge-a", first_layer=0, last_layer=b[1] - 1),
+                                 Stage(node="edge-b", first_layer=b[1], last_layer=cfg.num_layers - 1)))
+    intent = IntentSpec(data_class="public", traffic=Traffic(concurrency=concurrency, context_tokens=512))
+    vp = approve(plan, cluster, policy, intent, ModelSpec.from_hf_config(cfg.to_hf(), name="smollm2-135m", dtype="fp32"))
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for p in PROMPTS][:concurrency]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)         # this process only schedules and samples
+    svc = Service.launch(cluster, vp, source, EngineConfig(max_num_seqs=concurrency, max_model_len=512),
+                         threads_per_worker=worker_threads)
+
+    def run(n_tokens: int) -> float:
+        from concurrent.futures import Future
+        futs = []
+        t = time.perf_counter()
+        for p in prompts:
+            f: Future = Future()
+            svc.submit(p, SamplingParams(max_tokens=n_tokens, ignore_eos=True),
+                       Listener(on_done=lambda out, err, f=f: f.set_result((out, err))))
+            futs.append(f)
+        outs = [f.result(600) for f in futs]
+        wall = time.perf_counter() - t
+        bad = [err for _, err in outs if err]
+        if bad:
+            raise RuntimeError(f"telemetry bench: a request failed: {bad[0]}")
+        return sum(len(o.token_ids) for o, _ in outs) / wall
+    best = {True: 0.0, False: 0.0}
+    try:
+        run(4)                                          # warm-up
+        for i in range(repeats):
+            for on in ((False, True) if i % 2 == 0 else (True, False)):     # alternate who goes first
+                svc.loop.call(lambda on=on: svc.set_telemetry(on))
+                best[on] = max(best[on], run(max_tokens))
+        steps = list(svc.telemetry.steps)
+    finally:
+        svc.close()
+        torch.set_num_threads(saved)
+    step_s = statistics.mean(s.wall_s for s in steps) if steps else float("nan")
+    cost = _telemetry_cost_s(concurrency)
+    return {"telemetry_on_vs_off": round(best[True] / best[False], 3), "telemetry_on_tok_s": round(best[True], 2),
+            "telemetry_off_tok_s": round(best[False], 2), "telemetry_repeats": repeats, "telemetry_steps": len(steps),
+            "telemetry_driver_us_per_step": round(1e6 * cost, 1),
+            "telemetry_driver_share_of_step": round(cost / step_s, 5)}
+
+
+def _telemetry_cost_s(rows: int, n: int = 2000) -> float:
+    """What the driver spends on telemetry per decode step of `rows` requests over 2 stages (parsing
+    the records that came with the logits, the step sample, one token count per row), timed alone:
+    a figure that noise from other processes on a shared machine cannot blur."""
+    from .stage import StepBatch
+    from .telemetry import Telemetry
+    from .transport import STEP_RECORD, Hop, Received
+    tel = Telemetry()
+    tel.node_of = {1: "a", 2: "b"}.get
+    route = (Hop(1, 0, 10), Hop(2, 10, 30))
+    rec = lambda rank: tuple(rank if k == "rank" else 1000 for k in STEP_RECORD)  # noqa: E731
+    got = [Received(4 * 49152 * rows, 0.001, rec(1) + rec(2))]
+    batch = StepBatch(list(range(rows)), [100] * rows, [1] * rows, torch.zeros(rows, 1, dtype=torch.long))
+    t = time.perf_counter()
+    for _ in range(n):
+        tel.pipeline_step(batch, route, got, 0.0, 0.01)
+        tel.step(0.01, 0, rows)
+        for _ in range(rows):
+            tel.token()
+    return (time.perf_counter() - t) / n
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m executor.bench")
-    p.add_argument("which", choices=["engine"])
+    p.add_argument("which", choices=["engine", "telemetry"],
+                   help="engine: everything; telemetry: only the telemetry on vs off figure")
     p.add_argument("--json", action="store_true", help="last line: one JSON object with the figures")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     a = p.parse_args(argv)
+    if a.which == "telemetry":
+        r = run_telemetry_overhead(max_tokens=a.max_tokens)
+        print(json.dumps(r) if a.json else r)
+        return
     run_engine_bench(json_out=a.json, max_tokens=a.max_tokens, threads=a.threads)
 
 

@@ -157,13 +157,14 @@ def _plain_copy_gbs(svc: Service, nbytes: int) -> float:
 
 
 def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurrency: int = 8,
-        source=None, methods: list[str] | None = None) -> dict:
+        source=None, methods: list[str] | None = None, emulate_links: bool = False,
+        cluster_file: str | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     from .weights import open_source
     console = Console()
-    cluster, policy = load_cluster(CLUSTER), load_policy(POLICY)
+    cluster, policy = load_cluster(cluster_file or CLUSTER), load_policy(POLICY)
     src = open_source(source)
     cfg = src.config
     spec = ModelSpec.from_hf_config(cfg.to_hf(), name="smollm2-135m", dtype="fp32")
@@ -173,9 +174,13 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
     # the plan's traffic sizes every stage's KV pool (the validator reserves it, the executor allocates
     # it): `concurrency` requests of up to 512 tokens, i.e. 256 blocks of 16
     intent = IntentSpec(data_class="public", traffic=Traffic(concurrency=concurrency, context_tokens=512))
-    console.print(f"starting 3 workers for {cfg.num_layers}-layer model; plan {steps[0]}")
+    console.print(f"starting 3 workers for {cfg.num_layers}-layer model; plan {steps[0]}"
+                  + (" behind emulated links" if emulate_links else ""))
     svc = Service.launch(cluster, _plan(steps[0], cluster, policy, spec, "smollm2-135m", intent), source, ec,
-                         threads_per_worker=1)
+                         threads_per_worker=1, emulate_links=emulate_links)
+    if svc.links:
+        from .service import describe_links
+        console.print(f"emulated links: {describe_links(svc.links)}")
     tok = svc.tokenizer
     topics = ["the sea", "a mountain", "bread", "trains", "winter", "a library", "bees", "the moon", "rain",
               "a garden", "chess", "a violin", "volcanoes", "owls", "a market", "snow"]
