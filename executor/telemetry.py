@@ -131,7 +131,9 @@ class Telemetry:
         self.tokens: deque[list] = deque()                      # [bin start, output tokens in it]
         self.steps: deque[StepSample] = deque()
         self.kv_now: dict[str, tuple[int, int]] = {}            # node -> (used, total) blocks, last seen
-        self._pending: dict[str, Any] | None = None             # the pipeline's part of the step under way
+        # the pipeline's part of the steps that finished since the engine loop last recorded one: with
+        # groups of requests in flight an engine step may finish none, one or (draining) several
+        self._pending: list[dict[str, Any]] = []
 
     # --- feeding (engine thread) ---------------------------------------------------------------
 
@@ -186,21 +188,22 @@ class Telemetry:
                                       recs[-1]["kv_used"], recs[-1]["kv_total"], s("in_bytes"),
                                       s("in_transfer_us") / 1e6, s("ctl_bytes"), s("ctl_transfer_us") / 1e6))
         rows = len(batch.req_ids)
-        self._pending = {
+        self._pending.append({
             "rows": rows, "tokens": sum(batch.num_new), "decode": all(k == 1 for k in batch.num_new),
             "context": sum(a + k for a, k in zip(batch.starts, batch.num_new)) / max(1, rows),
             "micro_batches": len(received), "forward_s": t1 - t0, "stages": tuple(stages),
             "out_node": self.node_of(route[-1].rank), "out_bytes": sum(g.nbytes for g in received),
-            "out_transfer_s": sum(g.transfer_s for g in received)}
+            "out_transfer_s": sum(g.transfer_s for g in received)})
 
     def step(self, wall_s: float, queue: int, running: int, local_kv: dict[str, tuple[int, int]] | None = None) -> None:
-        """An engine step ended (EngineLoop): the loop's figures, plus the pipeline's if it ran one."""
-        part, self._pending = self._pending, None
+        """An engine step ended (EngineLoop): the loop's figures, with the pipeline's part of every
+        pipeline step that finished meanwhile (one sample each), or alone."""
+        parts, self._pending = self._pending or [{}], []
         now = self.clock()
-        sample = StepSample(now, wall_s, queue, running, **(part or {}))
+        samples = [StepSample(now, wall_s, queue, running, **part) for part in parts]
         with self.lock:
-            self.steps.append(sample)
-            for st in sample.stages:
+            self.steps.extend(samples)
+            for st in (st for s in samples for st in s.stages):
                 self.kv_now[st.node] = (st.kv_used, st.kv_total)
             if local_kv:
                 self.kv_now.update(local_kv)

@@ -163,3 +163,16 @@ def test_telemetry_off_sends_no_records(svc):
         svc.loop.call(lambda: svc.set_telemetry(True))
     svc.generate([3, 4, 5], SamplingParams(max_tokens=2, ignore_eos=True), timeout=60)
     assert len(svc.telemetry.steps) > n
+
+
+def test_an_engine_step_may_finish_several_pipeline_steps_or_none():
+    """With groups of requests in flight a loop iteration finishes 0, 1 or (draining) several."""
+    tel = Telemetry(clock=Clock())
+    tel.node_of = {1: "a"}.get
+    route = (Hop(1, 0, 7),)
+    for _ in range(2):
+        tel.pipeline_step(_batch([1]), route, [Received(10, 0.001, _record(1, 0, 7, compute_us=1000))], 0.0, 0.01)
+    tel.step(0.02, queue=0, running=1)
+    tel.step(0.001, queue=0, running=1)
+    assert [len(s.stages) for s in tel.steps] == [1, 1, 0]
+    assert tel.stage_times()[0].steps == 2
