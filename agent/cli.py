@@ -470,15 +470,27 @@ def chat_cmd(
 
 @bench_app.command("intents")
 def bench_intents_cmd(
-    cluster: Path = typer.Option(..., "--cluster", "-c"),
-    policy: Path = typer.Option(..., "--policy", "-p"),
-    intents: Path = typer.Option(..., "--intents", "-i", help="labelled set: YAML list of {text, expect}"),
+    cluster: Optional[Path] = typer.Option(None, "--cluster", "-c"),
+    policy: Optional[Path] = typer.Option(None, "--policy", "-p"),
+    intents: Optional[Path] = typer.Option(None, "--intents", "-i",
+                                           help="labelled set: YAML list of {text, expect}; default: every "
+                                                "scenario's set"),
+    final: bool = typer.Option(False, "--final", help="score the untouched final sets (intent-final.yaml); "
+                                                       "aggregate figures only, no intent is printed"),
     use_llm: bool = typer.Option(True, "--llm/--no-llm", help="score the LLM backends, or the rules alone"),
     as_json: bool = typer.Option(False, "--json", help="last line: one JSON object with the figures"),
 ):
-    """Field accuracy (per field and overall) and seconds per intent of the intent parser on a labelled set."""
-    from .bench_intents import run
-    run(cluster, policy, intents, as_json=as_json, use_llm=use_llm)
+    """Field accuracy, precision and recall per field (every field scored) and seconds per intent."""
+    from .bench_intents import run, run_all
+    if intents is None:
+        if cluster or policy:
+            raise typer.BadParameter("--cluster/--policy go with --intents; without them every scenario's "
+                                     "set is scored")
+        run_all(as_json=as_json, use_llm=use_llm, final=final)
+        return
+    if cluster is None or policy is None:
+        raise typer.BadParameter("--intents needs --cluster and --policy")
+    run(cluster, policy, intents, as_json=as_json, use_llm=use_llm, verbose=not final)
 
 
 from .cli_speed import register as _register_speed  # noqa: E402  (calibrate, simulate, bench simulate/predict)

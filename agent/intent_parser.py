@@ -30,8 +30,6 @@ from .grounding import FIELDS, Inventory, Reading, build_schema, check, from_sch
 
 PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
 MAX_ATTEMPTS = 2                  # LLM answers that are not JSON are sent back once with the error
-EMBED_MIN_SCORE = 0.30            # cosine similarity of the text to a data class's examples
-EMBED_MIN_MARGIN = 0.02           # over the runner-up class
 
 
 @dataclass
@@ -56,43 +54,6 @@ class ParsedIntent:
 @lru_cache(maxsize=1)
 def _prompts() -> tuple[str, str]:
     return (PROMPTS / "intent_system.md").read_text().strip(), (PROMPTS / "intent_user.md").read_text().strip()
-
-
-# ---------------------------------------------------------------- data class by meaning
-
-
-_PROTOS: dict[int, tuple] = {}
-
-
-def classify_by_embedding(text: str, inv: Inventory) -> tuple[str, float] | None:
-    """The data class whose examples/description/words are nearest in meaning to the text, if clearly so."""
-    from .llm import LLMUnavailable, embed
-    key = id(inv.policy)
-    if key not in _PROTOS:
-        names, protos = [], []
-        for name, rule in inv.policy.data_classes.items():
-            for s in list(rule.examples) + ([rule.description] if rule.description else []) + \
-                    [f"{name} data: " + ", ".join(rule.words)]:
-                names.append(name)
-                protos.append(s)
-        try:
-            _PROTOS[key] = (inv.policy, names, embed(protos))
-        except LLMUnavailable:
-            return None
-    _, names, vecs = _PROTOS[key]
-    try:
-        sims = vecs @ embed([text])[0]
-    except LLMUnavailable:
-        return None
-    best: dict[str, float] = {}
-    for n, s in zip(names, sims):
-        best[n] = max(best.get(n, -1.0), float(s))
-    ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)
-    top, score = ranked[0]
-    runner = ranked[1][1] if len(ranked) > 1 else -1.0
-    if score >= EMBED_MIN_SCORE and score - runner >= EMBED_MIN_MARGIN:
-        return top, score
-    return None
 
 
 # ---------------------------------------------------------------- asking the LLM
@@ -203,7 +164,7 @@ def parse_intent(text: str, cluster: Cluster, policy: Policy, llm: BaseChatModel
     """
     t0 = time.perf_counter()
     inv = Inventory(cluster, policy)
-    reading = read_rules(text, inv, classify=classify_by_embedding)
+    reading = read_rules(text, inv)
     rules, dropped = check(reading.values, reading, inv)
     questions = list(reading.questions)
     llm_values = None
