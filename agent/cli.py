@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from policies import (InputError, PlanRejected, PlacementPlan, load_cluster, load_intent_spec, load_model_spec, load_plan,
                       load_policy, validate)
+from policies.profile import load_profiles   # measured speeds where `continuo calibrate` left them
 
 from .k8s_cli import k8s_app
 from .planner import Infeasible, plan as make_plan
@@ -58,7 +59,7 @@ def plan_cmd(
     m = _model_for(i.model, model)
     cur = load_plan(current) if current else None
     try:
-        proposal = make_plan(i, c, p, m, current=cur, max_stages=max_stages)
+        proposal = make_plan(i, c, p, m, current=cur, max_stages=max_stages, profiles=load_profiles())
     except Infeasible as e:
         if as_json:
             print(json.dumps({"ok": False, "reasons": e.reasons}))
@@ -97,7 +98,7 @@ def validate_cmd(
     c, p = load_cluster(cluster), load_policy(policy)
     i = load_intent_spec(intent) if intent else None
     m = _model_for(pl.model, model)
-    report = validate(pl, c, p, i, m, current=load_plan(current) if current else None)
+    report = validate(pl, c, p, i, m, current=load_plan(current) if current else None, profiles=load_profiles())
     if as_json:
         print(json.dumps({"ok": report.ok, "report": report.model_dump(mode="json")}))
     else:

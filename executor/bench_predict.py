@@ -182,16 +182,19 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                               highlight=False)
     finally:
         svc.close()
-    t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads; links: {links}")
-    for col in ("plan", "load", "TTFT ms", *SIDES, "TPOT ms", *SIDES):
+    t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads")
+    short = {"datasheet": "sheet", "calibrated": "calib", "corrected": "corr", "simulator": "sim"}
+    for col in ("plan", "load", "TTFT ms", *(short[s] for s in SIDES), "TPOT ms", *(short[s] for s in SIDES)):
         t.add_column(col, justify="right")
     pct = lambda e: f"{100 * e:+.0f}%"  # noqa: E731
+    names = list(dict.fromkeys(r["plan"] for r in rows))
     for r in rows:
-        t.add_row(r["plan"], r["load"], f"{r['measured_ttft_ms']:.1f}",
+        t.add_row(f"P{names.index(r['plan']) + 1}", r["load"], f"{r['measured_ttft_ms']:.1f}",
                   *(pct(r[f"{s}_ttft_err"]) for s in SIDES),
                   f"{r['measured_tpot_ms']:.1f}",
                   *(pct(r[f"{s}_tpot_err"]) for s in SIDES))
     console.print(t)
+    console.print("  ".join(f"P{i + 1} = {n}" for i, n in enumerate(names)), highlight=False)
     summary = {}
     for side in SIDES:
         errs = [abs(r[f"{side}_{m}_err"]) for r in rows for m in ("ttft", "tpot")]
