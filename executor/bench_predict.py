@@ -6,9 +6,11 @@ plans x 2 loads, the real service's TTFT and TPOT p50 against:
   datasheet   the cost model before calibration (the `CPU` kind's datasheet figures)
   calibrated  the cost model with a profile measured here first (`continuo calibrate`, 1 thread: what
               each worker gets)
-  corrected   the calibrated cost model times correction factors: observed / calibrated TTFT and TPOT
-              of each plan's warm-up request, smoothed over the plans so far (Corrections.observe_plan),
-              as a controller corrects its model while serving (NVIDIA Dynamo's planner)
+  corrected   the calibrated cost model times correction factors, smoothed over the plans so far, as a
+              controller corrects its model while serving (NVIDIA Dynamo's planner): each stage's
+              compute time in the service's telemetry during the plan's warm-up / calibrated
+              (Corrections.observe_stage_times); without telemetry, the warm-up's TTFT and TPOT
+              (Corrections.observe_plan)
   simulator   the simulator on the corrected cost model, fed the loads' own waves
 
 Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
@@ -27,6 +29,7 @@ import inspect
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import Future
@@ -96,7 +99,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
 
     from .calibrate import calibrate
     from .weights import open_source
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 130)
     cluster, policy = load_cluster(CLUSTER), load_policy(POLICY)
     src = open_source(source)
     cfg = src.config
@@ -140,8 +143,14 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
             warm = _measure(svc, 1, 2, cfg.vocab_size, seed=99)[1:]
             t1 = Traffic(concurrency=1, prompt_tokens=len(warm[0].prompt_ids), output_tokens=OUTPUT_TOKENS,
                          context_tokens=512)
-            raw = estimate(plan, cluster, spec, t1, profiles=profiles, driver_node=driver)
-            corrections.observe_plan(raw, 1e3 * warm[0].ttft, 1e3 * warm[0].tpot)
+            tel = getattr(svc, "telemetry", None)
+            if tel is not None and tel.enabled and corrections.observe_stage_times(
+                    tel.stage_times(), plan, cluster, spec, len(warm[0].prompt_ids) + OUTPUT_TOKENS // 2, profiles):
+                corrected_by = "each stage's measured compute time (telemetry) / calibrated"
+            else:
+                raw = estimate(plan, cluster, spec, t1, profiles=profiles, driver_node=driver)
+                corrections.observe_plan(raw, 1e3 * warm[0].ttft, 1e3 * warm[0].tpot)
+                corrected_by = "the warm-up's TTFT and TPOT / calibrated"
             for load, width in LOADS.items():
                 outs = _measure(svc, width, max(requests, width) // width * width, cfg.vocab_size, seed=pi)
                 ttft = statistics.median(1e3 * o.ttft for o in outs)
@@ -203,11 +212,12 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
         console.print(f"{side:<10}: mean |error| {100 * summary[side]['mean_abs_err']:.1f}%, max "
                       f"{100 * summary[side]['max_abs_err']:.1f}%, {summary[side]['within_15pct']}/{len(errs)} "
                       f"figures within {TARGET:.0%}", highlight=False)
+    console.print(f"corrected: {corrected_by}, smoothed over the plans measured so far", highlight=False)
     load_after = os.getloadavg()[0]
     console.print(f"machine load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on "
                   f"{os.cpu_count()} cores: other work on a shared machine slows the service and the calibration "
                   "unevenly", highlight=False)
-    result = {"links": links, "rows": rows, "summary": summary, "profile": str(path),
+    result = {"links": links, "corrected_by": corrected_by, "rows": rows, "summary": summary, "profile": str(path),
               "calibrate_s": prof.seconds, "loadavg": [load_before, load_after]}
     if as_json:
         print(json.dumps(result))

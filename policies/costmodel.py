@@ -199,6 +199,27 @@ class Corrections:
             self.observe(st.node, "prefill", ttft_ms, raw.ttft_ms)
             self.observe(st.node, "decode", tpot_ms, raw.tpot_ms)
 
+    def observe_stage_times(self, stage_times, plan: PlacementPlan, cluster: Cluster, model: ModelSpec,
+                            context: int, profiles: ProfileSet | None = None) -> int:
+        """Fold in the service's telemetry: `stage_times` as executor.telemetry.Telemetry.stage_times()
+        gives them (per stage: mean compute time of decode-only steps and rows per step, of steps with
+        prompt tokens and tokens per step). Stages of another plan (another layer range) are skipped;
+        `context` is the mean context of the decoding rows. Returns how many figures were folded in."""
+        ranges = {(s.node, s.start, s.stop) for s in plan.stages}
+        n = 0
+        for st in stage_times:
+            if (st.node, st.start, st.end) not in ranges:
+                continue
+            if st.decode_steps and st.decode_compute_s and st.decode_rows_per_step:
+                self.observe_stage(plan, cluster, model, st.node, "decode", 1e3 * st.decode_compute_s,
+                                   max(1, round(st.decode_rows_per_step)), context, profiles)
+                n += 1
+            if st.prefill_steps and st.prefill_compute_s and st.prefill_tokens_per_step:
+                self.observe_stage(plan, cluster, model, st.node, "prefill", 1e3 * st.prefill_compute_s,
+                                   max(1, round(st.prefill_tokens_per_step)), None, profiles)
+                n += 1
+        return n
+
     def factor(self, node: str, phase: str) -> float:
         return self.factors.get((node, phase), 1.0)
 

@@ -79,3 +79,21 @@ def test_observe_plan_corrects_ttft_and_tpot():
     # stage times scale by the factor; link times are not the stages' and stay
     assert fixed.ttft_ms == pytest.approx(2 * (raw.ttft_ms - hops_p) + hops_p)
     assert fixed.tpot_ms == pytest.approx(3 * (raw.tpot_ms - hops_d) + hops_d)
+
+
+def test_observe_stage_times_from_telemetry():
+    from types import SimpleNamespace as NS
+    cluster, model = load_cluster("scenarios/local/cluster.yaml"), load_model_spec("smollm2-135m")
+    ps, prof = ProfileSet([make_profile()]), make_profile()
+    dec_pred = prof.stage_decode_ms(15, False, True, 2, 100)
+    pre_pred = prof.stage_prefill_ms(15, True, False, 64)
+    times = [NS(node="edge-a", start=0, end=15, decode_steps=10, decode_compute_s=None, decode_rows_per_step=None,
+                prefill_steps=3, prefill_compute_s=3 * pre_pred / 1e3, prefill_tokens_per_step=64.0),
+             NS(node="edge-b", start=15, end=30, decode_steps=10, decode_compute_s=1.5 * dec_pred / 1e3,
+                decode_rows_per_step=2.0, prefill_steps=0, prefill_compute_s=None, prefill_tokens_per_step=None),
+             NS(node="cloud-1", start=0, end=30, decode_steps=5, decode_compute_s=1.0, decode_rows_per_step=1.0,
+                prefill_steps=0, prefill_compute_s=None, prefill_tokens_per_step=None)]   # another plan's stage
+    c = Corrections()
+    assert c.observe_stage_times(times, plan2(), cluster, model, context=100, profiles=ps) == 2
+    assert c.factor("edge-a", "prefill") == pytest.approx(3.0) and c.factor("edge-a", "decode") == 1.0
+    assert c.factor("edge-b", "decode") == pytest.approx(1.5) and c.factor("cloud-1", "decode") == 1.0
