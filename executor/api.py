@@ -552,9 +552,9 @@ class TelemetryCollector:
             put("queue_mean", [name], w["queue_depth"]["mean"])
             put("queue_max", [name], w["queue_depth"]["max"])
             put("running", [name], w["running"]["mean"])
-            for q in ("p50", "p99"):
-                put("ttft", [name, "0." + q[1:]], w["ttft_s"][q])
-                put("tpot", [name, "0." + q[1:]], w["tpot_s"][q])
+            for q, label in (("p50", "0.5"), ("p99", "0.99")):
+                put("ttft", [name, label], w["ttft_s"][q])
+                put("tpot", [name, label], w["tpot_s"][q])
             put("steps", [name], w["steps"]["per_s"])
             put("wall", [name], w["steps"]["wall_s"])
             for node, kv in w["kv_use"].items():
