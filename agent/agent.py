@@ -61,7 +61,10 @@ class NeedsClarification(AgentError):
 
     def __init__(self, parsed: ParsedIntent):
         self.parsed, self.questions = parsed, list(parsed.questions)
-        super().__init__("the intent is incomplete:\n" + "\n".join(f"- {q}" for q in self.questions))
+        head = ("the rules and the language model read the intent differently (" + ", ".join(parsed.conflicts) +
+                "); settle it in the front matter or the text" if parsed.spec is not None and parsed.conflicts
+                else "the intent is incomplete")
+        super().__init__(head + ":\n" + "\n".join(f"- {q}" for q in self.questions))
 
 
 # One row of the diff people see: a run of the validator's PlanDelta ('+' placed, '~' moved,
@@ -145,12 +148,14 @@ class Agent:
     def __init__(self, cluster: Cluster, policy: Policy, executor: Any = None, llm: BaseChatModel | None = None,
                  model: ModelSpec | None = None, mode: str = "confirm",
                  confirm: Callable[[Outcome], bool] | None = None, *, use_llm: bool = True, max_attempts: int = 3,
-                 max_steps: int = 12, method: str = "live"):
+                 max_steps: int = 12, method: str = "live", ask_on_conflict: bool = False):
         self.cluster, self.policy, self.executor = cluster, policy, executor
         self._llm, self.use_llm, self.model = llm, use_llm, model
         self.mode = self._check_mode(mode)
         self.confirm = confirm
         self.max_attempts, self.max_steps, self.method = max_attempts, max_steps, method
+        # non-interactive apply: a field the rules and the LLM read differently stops with the question
+        self.ask_on_conflict = ask_on_conflict
         self.applied: list[PlacementPlan] = []    # plans this agent applied, newest last (for rollback)
 
     @staticmethod
@@ -204,7 +209,7 @@ class Agent:
     def apply(self, text: str, mode: str | None = None, defaults: dict | None = None) -> Outcome:
         """Parse, plan and (as the mode allows) apply; raises NeedsClarification when the intent is incomplete."""
         parsed = self.read(text, defaults)
-        if parsed.spec is None:
+        if parsed.spec is None or (self.ask_on_conflict and parsed.conflicts):
             raise NeedsClarification(parsed)
         try:
             proposal = self.plan_spec(parsed.spec)
@@ -376,7 +381,7 @@ class Agent:
         if parsed.spec is not None:
             lines.append("If the operator asks for a placement, call propose_plan with these fields first.")
         lines += [f"Unclear, ask the operator: {q}" for q in parsed.questions]
-        lines += [f"Ignored, not yours to grant: '{s}'" for s in parsed.ignored]
+        lines += [f"Ignored, not yours to grant: '{x['text']}' ({x['reason']})" for x in parsed.ignored_why]
         return "\n".join(lines)
 
     @staticmethod

@@ -297,7 +297,9 @@ def _intent_inputs(intent_file: Path, cluster: Optional[Path], policy: Optional[
 
 
 def _front_defaults(f) -> dict:
-    return {k: f.front[k] for k in ("service", "model") if k in f.front}
+    """What the front matter sets for the parser: service, model, and any intent field it settles."""
+    from .intent_file import SETTLE_KEYS
+    return {k: f.front[k] for k in ("service", "model", *SETTLE_KEYS) if k in f.front}
 
 
 def _print_questions(e, as_json: bool) -> None:
@@ -361,7 +363,7 @@ def apply_cmd(
     model = load_model_spec(f.front["model"]) if f.front.get("model") else None
     executor = None if dry_run else RemoteService(server, admin_token=admin_token)
     agent = Agent(c, p, executor=executor, model=model, mode=mode,
-                  confirm=lambda out: _confirm(out, c, as_json), use_llm=use_llm)
+                  confirm=lambda out: _confirm(out, c, as_json), use_llm=use_llm, ask_on_conflict=True)
     try:
         out = agent.apply(f.body, defaults=_front_defaults(f))
     except NeedsClarification as e:
@@ -467,6 +469,36 @@ def chat_cmd(
             console.print(f"[red]{escape(str(e))}[/]", highlight=False)
         except RuntimeError as e:   # the service went away: say so and keep talking
             console.print(f"[red]error: {escape(str(e))}[/]", highlight=False)
+
+
+@app.command("explain-policy")
+def explain_policy_cmd(
+    policy: Path = typer.Argument(..., metavar="POLICY.yaml", help="policy pack file"),
+    as_json: bool = typer.Option(False, "--json", help="print the mapping as JSON"),
+):
+    """How the intent parser reads a policy pack: each data class mapped onto the shipped data taxonomy
+    (by name, words or meaning), strictest first; exit 1 when a class maps to nothing."""
+    from .grounding import map_policy, strictness, taxonomy
+    pol = load_policy(policy)
+    pm = map_policy(pol)
+    order = sorted(pol.data_classes, key=lambda c: strictness(pol, c), reverse=True)
+    rows = [{"data_class": c, "category": pm.classes[c].category, "how": pm.classes[c].how,
+             "detail": pm.classes[c].detail,
+             "category_description": taxonomy()[pm.classes[c].category].description if pm.classes[c].category
+             else None} for c in order]
+    if as_json:
+        print(json.dumps({"policy": pol.name, "strictest_first": order, "classes": rows,
+                          "unmapped": pm.unmapped()}))
+    else:
+        console.print(f"[bold]{escape(pol.name)}[/]: {len(order)} data classes, strictest first")
+        for r in rows:
+            cat = r["category"] or "[yellow]nothing[/]"
+            console.print(f"  {escape(r['data_class']):<16} -> {cat:<22} ({r['how']}: {escape(r['detail'])})",
+                          highlight=False)
+        for c in pm.unmapped():
+            err.print(f"[yellow]warning:[/] class '{escape(c)}' maps onto no category: intents can name it only "
+                      "by its own name and words", highlight=False)
+    raise typer.Exit(1 if pm.unmapped() else 0)
 
 
 @bench_app.command("intents")

@@ -19,6 +19,10 @@ import yaml
 from policies.loading import InputError, parse_yaml
 
 FRONT_KEYS = ("cluster", "policy", "service", "model", "mode")
+# intent fields the front matter may set, to settle what the text leaves open or the rules and the LLM read
+# differently; the parser still never lets them lower privacy
+SETTLE_KEYS = {"data_class": str, "objective": str, "prefer_tier": str, "min_trust": str, "max_ttft_ms": float,
+               "max_tpot_ms": float, "allowed_jurisdictions": list, "exclude_nodes": list}
 MODES = ("read-only", "suggest", "confirm", "auto")
 
 
@@ -57,9 +61,20 @@ def parse_intent_text(text: str, file: str = "<input>") -> tuple[dict, str]:
                              f"{type(data).__name__}", file=file, line=2)
         for k, v in (data or {}).items():
             key_line = _line_of(node, k) + 1
+            if k in SETTLE_KEYS:
+                want = SETTLE_KEYS[k]
+                ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                   if want is float else isinstance(v, str) or
+                                   (want is list and isinstance(v, list) and all(isinstance(x, str) for x in v)))
+                if not ok:
+                    raise InputError(f"'{k}' must be " + {"float": "a positive number of milliseconds",
+                                                          "list": "a name or a list of names",
+                                                          "str": "a string"}[want.__name__] + f", got {v!r}",
+                                     file=file, line=key_line, field=str(k))
+                continue
             if k not in FRONT_KEYS:
-                raise InputError(f"unknown key '{k}' (known: {', '.join(FRONT_KEYS)})", file=file, line=key_line,
-                                 field=str(k))
+                raise InputError(f"unknown key '{k}' (known: {', '.join(FRONT_KEYS + tuple(SETTLE_KEYS))})",
+                                 file=file, line=key_line, field=str(k))
             if v is not None and not isinstance(v, str):
                 raise InputError(f"'{k}' must be a string, got {v!r}", file=file, line=key_line, field=str(k))
             if k == "mode" and v not in MODES:

@@ -9,7 +9,7 @@
 """
 from .extractors import (EXTRACTORS, FIELDS, OBJECTIVES, Reading, data_class_by_words, find_models,  # noqa: F401
                          find_services, polarity, read_rules, strip_injections)
-from .places import Inventory, Mention, find_mentions, gazetteer  # noqa: F401
+from .places import Inventory, Mention, find_mentions, gazetteer, strictness  # noqa: F401
 from .privacy import PolicyMappingWarning, class_evidence, map_policy, taxonomy  # noqa: F401
 from .quantities import Duration, find_durations, latency_limits, which_latency  # noqa: F401
 from .schema import build_schema, check, from_schema, narrow_only  # noqa: F401

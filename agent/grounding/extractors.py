@@ -47,7 +47,12 @@ class Reading:
 
 def extract_data_class(r: Reading, inv: Inventory, classify=None) -> None:
     """The strictest class the text gives evidence for; with none, the nearest by meaning (weak)."""
-    r.evidence = privacy.class_evidence(r.text, inv.policy)
+    # node and place names are no evidence of what the data is ('basel-qc-1' is not quality data)
+    t = r.text
+    for m in r.mentions:
+        if m.kind in ("node", "group", "place"):
+            t = t[:m.start] + " " * (m.end - m.start) + t[m.end:]
+    r.evidence = privacy.class_evidence(t, inv.policy)
     classes = sorted({e.data_class for e in r.evidence}, key=inv.strictness, reverse=True)
     r.candidates["data_class"] = classes or list(inv.policy.data_classes)
     if classes:
@@ -90,7 +95,7 @@ OBJECTIVE_CUES = {
     "latency": r"latency|latencies|latency[- ]sensitive|latency[- ]critical|fast|faster|fastest|quick|quickly|"
                r"quicker|snappy|snappier|responsive|speed|speedy|low[- ]lag|lag|sluggish|slow|interactive|"
                r"real[- ]time|asap|as soon as possible|minimi[sz]e (?:the )?(?:delay|wait)|waiting|instant",
-    "throughput": r"throughput|volume|volumes|batch jobs?|batches|batched|as many (?:requests|users|tokens)|"
+    "throughput": r"throughput|volume|volumes|batch(?! (?:records?|manufacturing|release|numbers?))|batches|batched|as many (?:requests|users|tokens)|"
                   r"tokens per second|requests per second|tokens/s|req/s|rps|qps|scale out|bulk|"
                   r"max(?:imi[sz]e)? (?:the )?(?:number|load|capacity)|capacity|heavy load|overnight jobs?|"
                   r"crunch|backlog|traffic spike|peak load|lots of requests|many requests",
@@ -128,6 +133,9 @@ def extract_objective(r: Reading, inv: Inventory, classify=None) -> None:
         for m in re.finditer(r"(?<![\w-])(?:" + pat + r")(?![\w-])", t, re.I):
             if any(d.start <= m.start() < d.end for d in r.durations) or any(a <= m.start() < b for a, b in losers):
                 continue
+            if any(0 <= m.start() - d.end <= 12 and re.fullmatch(r"\s*(?:each\s+)?or\s+", t[d.end:m.start()], re.I)
+                   for d in r.durations):
+                continue    # 'every 40 ms or faster': part of the bound, not an objective
             if obj == "cost" and m.group(0).lower() == "budget" and _TIME_BUDGET.search(t[max(0, m.start() - 20):m.end()]):
                 continue
             if obj == "cost" and m.group(0).lower() == "budget" and re.search(

@@ -72,14 +72,19 @@ class Inventory:
 
     def strictness(self, data_class: str) -> tuple:
         """How strict a data class is; on doubt between two, the stricter one is taken."""
-        r = self.policy.data_classes[data_class]
-        n_j = len(r.allowed_jurisdictions) if r.allowed_jurisdictions is not None else 99
-        return (r.min_trust.rank, (r.trusted_ends or r.min_trust).rank, -n_j, r.private_prefix_layers,
-                r.encrypt_cross_boundary)
+        return strictness(self.policy, data_class)
 
     def covering(self, countries: set[str]) -> frozenset[str]:
         """The cluster's jurisdictions that lie in any of these ISO countries (or are a group holding one)."""
         return frozenset(j for j in self.jurisdictions if _covers(j) & countries)
+
+
+def strictness(policy: Policy, data_class: str) -> tuple:
+    """How strict a class of the pack is, by its own rules: trust floor, trusted ends, fewer places, prefix."""
+    r = policy.data_classes[data_class]
+    n_j = len(r.allowed_jurisdictions) if r.allowed_jurisdictions is not None else 99
+    return (r.min_trust.rank, (r.trusted_ends or r.min_trust).rank, -n_j, r.private_prefix_layers,
+            r.encrypt_cross_boundary)
 
 
 def _covers(code: str) -> set[str]:
@@ -204,7 +209,7 @@ def _add_jurisdictions(text: str, inv: Inventory, cands: list[Mention]) -> None:
         nodes = inv.where(lambda n, cs=codes: n.jurisdiction in cs)
         if word.isalpha() and len(word) <= 3:
             # short codes: upper case only ('US', 'EU', 'DE'); lower-case 'us' is a pronoun, 'de' a particle
-            pat, flags = r"(?<![\w-])" + re.escape(word.upper()) + r"(?![\w-])", 0
+            pat, flags = r"(?<![\w-])" + re.escape(word.upper()) + r"(?!\w)", 0    # 'EU-resident' too
         else:
             pat, flags = r"(?<![\w-])" + r"\s+".join(map(re.escape, word.split())) + r"(?![\w-])", re.I
         for m in re.finditer(pat, text, flags):

@@ -98,7 +98,8 @@ class PolicyMap:
 
 def _term_regex(term: str) -> str:
     parts = [re.escape(p) for p in re.split(r"[\s-]+", term) if p]
-    return r"(?<![\w-])" + r"[\s-]+".join(parts) + r"(?:s|es)?(?![\w-])"
+    # a hyphen bounds a word too: 'tax-assessment service', 'cdr-insights', 'EU-resident'
+    return r"(?<!\w)" + r"[\s-]+".join(parts) + r"(?:s|es)?(?!\w)"
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ DOWN_AFTER = r"maintenance|down|offline|broken|flaky|closed|shut|drained|drainin
              r"moved|migrated|drained)|getting (?:a |an )?(?:new|replacement|firmware|upgrade|patch)\w*|" \
              r"excluded|banned|forbidden|not allowed|re-imaged|reimaged|in a maintenance window|" \
              r"unhealthy|degraded|is out|are out|must not|should not|shouldn't|mustn't|out of the rotation|" \
-             r"out of rotation"
+             r"out of rotation|reserved|busy|fully booked|in use|full"
 ONLY = r"only|just|exclusively|solely|restrict(?:ed)? to|pin(?:ned)? to|nowhere but|nothing but"
 PLACE_CUE = r"in|inside|within|stay|stays|keep|kept|remain|remains|resident|residency|on|at|to|only|" \
             r"prefer|preferably|favour|favor|run|use|leave|outside|local|locally|over|across|onto|spread"
@@ -141,40 +141,53 @@ _CLAUSE = re.compile(r"\([^()]*\)|[^,()]+", re.S)
 _TAIL = re.compile(r"^\s*(?:incl|including|even|especially|such as|like|plus|e g)\b", re.I)
 
 
+_JUSTIFY = re.compile(r"^\s*(?:it'?s|it is|they'?re|they are|that'?s|this is|because|since|as (?:it|they|this)|so|"
+                      r"which|thanks|trust me|no problem|(?:and |then )?(?:use|run|put|send|move|place|deploy|go|"
+                      r"schedule|try|onto|on|in|to)\b)\b", re.I)
+
+
+def _span(sent: str, m: re.Match, whole: bool) -> tuple[int, int]:
+    """What of the sentence a loosening match takes: the whole sentence (a speaker line), its parenthetical,
+    or its clause, from the last ',' or ':' before it to the next ',' (and any clause that only justifies
+    it: 'use the Virginia node, it's faster')."""
+    if whole:
+        return 0, len(sent)
+    par = next((p for p in re.finditer(r"\([^()]*\)", sent) if p.start() <= m.start() < p.end()), None)
+    if par:
+        return par.start(), par.end()
+    start = max(sent.rfind(",", 0, m.start()), sent.rfind(":", 0, m.start()), sent.rfind("(", 0, m.start())) + 1
+    end = sent.find(",", m.end())
+    while end != -1:
+        nxt = sent.find(",", end + 1)
+        clause = sent[end + 1:nxt if nxt != -1 else len(sent)]
+        if not (_JUSTIFY.match(clause) or _TAIL.match(clause)):
+            break
+        end = nxt
+    return start, (end if end != -1 else len(sent))
+
+
 def find_loosening(text: str) -> list[Loosening]:
     """Every span of the text that tries to loosen the policy or the mode, each with why it sets nothing."""
-    text = normalise(text)
-    out: list[Loosening] = []
+    orig, text = text, normalise(text)
+    spans: list[tuple[int, int, str]] = []
     for s in _SENTENCE.finditer(text):
         sent, base = s.group(0), s.start()
-        for pat, why in _SENTENCE_PATTERNS:
-            if re.search(pat, sent, re.I):
-                # inside parentheses, only the parenthetical goes
-                m = re.search(pat, sent, re.I)
-                par = next((p for p in re.finditer(r"\([^()]*\)", sent) if p.start() <= m.start() < p.end()),
-                           None)
-                a, b = (par.start(), par.end()) if par else (0, len(sent))
-                out.append(Loosening(base + a, base + b, sent[a:b].strip(), why))
-                break
-        else:
-            clauses = list(_CLAUSE.finditer(sent))
-            i = 0
-            while i < len(clauses):
-                c = clauses[i]
-                hit = None
-                for pat, why in _CLAUSE_PATTERNS:
-                    m = re.search(pat, c.group(0), re.I)
-                    # 'don't use any node outside the EU' narrows: a negated widening is not one
-                    if m and not (why.startswith("widens") and _NEGATED.search(c.group(0)[:m.start()])):
-                        hit = why
-                        break
-                if hit:
-                    end = c.end()
-                    while i + 1 < len(clauses) and _TAIL.match(clauses[i + 1].group(0)):
-                        i += 1
-                        end = clauses[i].end()
-                    out.append(Loosening(base + c.start(), base + end, sent[c.start():end].strip(" ,"), hit))
-                i += 1
+        for i, (pat, why) in enumerate(_SENTENCE_PATTERNS + _CLAUSE_PATTERNS):
+            for m in re.finditer(pat, sent, re.I):
+                clause_start = max(sent.rfind(",", 0, m.start()), sent.rfind(":", 0, m.start())) + 1
+                # 'don't use any node outside the EU' narrows: a negated widening is not one
+                if why.startswith("widens") and _NEGATED.search(sent[clause_start:m.start()]):
+                    continue
+                a, b = _span(sent, m, whole=i < 2)
+                spans.append((base + a, base + b, why))
+    out: list[Loosening] = []
+    for a, b, why in sorted(spans):
+        if out and a < out[-1].end:          # overlapping spans become one, with the first reason
+            if b > out[-1].end:
+                p = out.pop()
+                out.append(Loosening(p.start, b, orig[p.start:b].strip(" ,"), p.reason))
+            continue
+        out.append(Loosening(a, b, orig[a:b].strip(" ,"), why))
     return out
 
 
