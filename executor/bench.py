@@ -142,32 +142,41 @@ def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int
           f"(mean TPOT {statistics.mean(tpot):.1f} ms)")
     if pipeline:
         from .bench_pipeline import run_pipeline_bench
-        # The 1-stage side runs with the same torch threads as above (the best setting on this machine);
-        # the 2-stage side gets one worker per stage with the cores split between them.
-        pipe = run_pipeline_bench(max_tokens=max_tokens, source=str(gguf.path), cores=torch.get_num_threads(),
-                                  worker_threads=max(1, (os.cpu_count() or 2) // 2))
-        result["pipeline2_vs_stage1"] = round(pipe["pipeline2_vs_stage1"], 3)
-        result["pipeline2_vs_stage1_all_steps_microbatched"] = round(pipe["pipeline2_vs_stage1_all_steps_microbatched"], 3)
-        for side in ("stage1", "pipeline2"):
-            for k in ("tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"):
-                result[f"{side}_{k}"] = round(pipe[side][k], 2)
-        result["pipeline2_workers"] = pipe["pipeline2"]["workers"]
-        print(f"2 stages on 2 worker processes ({os.cpu_count()} cores) vs 1 stage ({torch.get_num_threads()} threads): "
-              f"{result['pipeline2_vs_stage1']:.2f}x throughput (prefill micro-batched); every step cut in 2 "
-              f"micro-batches: {result['pipeline2_vs_stage1_all_steps_microbatched']:.2f}x")
-        for side in ("stage1", "pipeline2"):
-            print(f"  {side:<10} {result[side + '_tok_s']:7.1f} tok/s; TTFT p50 {result[side + '_ttft_p50_ms']} ms, "
-                  f"p99 {result[side + '_ttft_p99_ms']} ms; TPOT p50 {result[side + '_tpot_p50_ms']} ms, "
-                  f"p99 {result[side + '_tpot_p99_ms']} ms")
-        for w in result["pipeline2_workers"]:
-            print(f"  worker {w['node']}: layers {w['layers']}, resident {w['rss_mb']} MB, weights {w['weights_mb']} MB")
+        # k stages on k worker processes of one thread each vs one process of 1 thread and of all
+        # threads, same requests (see bench_pipeline); groups of requests in flight unless said
+        for conc in (8, 16):
+            pipe = run_pipeline_bench(max_tokens=max_tokens, source=str(gguf.path), cores=torch.get_num_threads(),
+                                      worker_threads=1, concurrency=conc)
+            tag = f"_c{conc}"
+            n = pipe["cores"]
+            for key in ("pipeline2_vs_stage1_t1", f"pipeline2_vs_stage1_t{n}", "pipeline3_vs_stage1_t1",
+                        "pipeline2_groups_vs_one_group"):
+                result[key + tag] = round(pipe[key], 3)
+            if conc == 8:
+                result["pipeline2_vs_stage1"] = round(pipe["pipeline2_vs_stage1"], 3)
+            result["pipeline_identical_to_one_process" + tag] = pipe["identical_to_one_process"]
+            result["pipeline_sides" + tag] = {
+                side: {k: (round(v, 2) if isinstance(v, float) else v) for k, v in f.items()}
+                for side, f in pipe["sides"].items()}
+            print(f"{conc} concurrent, greedy, {max_tokens} tokens each: 2 stages (1 thread each) vs one 1-thread "
+                  f"process {pipe['pipeline2_vs_stage1_t1']:.2f}x, vs one {n}-thread process "
+                  f"{pipe[f'pipeline2_vs_stage1_t{n}']:.2f}x; 3 stages vs 1 thread {pipe['pipeline3_vs_stage1_t1']:.2f}x; "
+                  f"2 groups in flight vs 1 {pipe['pipeline2_groups_vs_one_group']:.2f}x; identical to one process: "
+                  f"{all(pipe['identical_to_one_process'].values())}")
+            for side, f in pipe["sides"].items():
+                est = (f"; estimated {f['est_tok_s']:.1f} tok/s, TPOT {f['est_tpot_ms']:.1f} ms ({f['est_source']})"
+                       if "est_tok_s" in f else "")
+                print(f"  {side:<13} {f['tok_s']:7.1f} tok/s; TTFT p50 {f['ttft_p50_ms']:.0f} ms, p99 "
+                      f"{f['ttft_p99_ms']:.0f} ms; TPOT p50 {f['tpot_p50_ms']:.1f} ms, p99 {f['tpot_p99_ms']:.1f} ms"
+                      + (f"; layers {f['bounds']}" if "bounds" in f else "") + est)
     if telemetry:
         tel = run_telemetry_overhead(str(gguf.path), max_tokens=max_tokens, repeats=max(3, repeats + 1),
                                      worker_threads=max(1, (os.cpu_count() or 2) // 2))
         result.update(tel)
         print(f"telemetry on vs off (2-stage service over workers, 8 streams, best of {tel['telemetry_repeats']} "
               f"interleaved): {tel['telemetry_on_vs_off']:.3f}x throughput ({tel['telemetry_on_tok_s']:.1f} vs "
-              f"{tel['telemetry_off_tok_s']:.1f} tok/s); the driver's telemetry work alone: "
+              f"{tel['telemetry_off_tok_s']:.1f} tok/s; median of back-to-back pairs "
+              f"{tel['telemetry_on_vs_off_pairs_median']:.3f}x); the driver's telemetry work alone: "
               f"{tel['telemetry_driver_us_per_step']:.0f} us per step, {100 * tel['telemetry_driver_share_of_step']:.2f}% "
               "of the mean step")
     if json_out:
@@ -217,19 +226,27 @@ def run_telemetry_overhead(source=None, max_tokens: int = 128, repeats: int = 3,
             raise RuntimeError(f"telemetry bench: a request failed: {bad[0]}")
         return sum(len(o.token_ids) for o, _ in outs) / wall
     best = {True: 0.0, False: 0.0}
+    pairs = []
     try:
         run(4)                                          # warm-up
         for i in range(repeats):
+            got = {}
             for on in ((False, True) if i % 2 == 0 else (True, False)):     # alternate who goes first
                 svc.loop.call(lambda on=on: svc.set_telemetry(on))
-                best[on] = max(best[on], run(max_tokens))
+                got[on] = run(max_tokens)
+                best[on] = max(best[on], got[on])
+            pairs.append(got[True] / got[False])
         steps = list(svc.telemetry.steps)
     finally:
         svc.close()
         torch.set_num_threads(saved)
     step_s = statistics.mean(s.wall_s for s in steps) if steps else float("nan")
     cost = _telemetry_cost_s(concurrency)
-    return {"telemetry_on_vs_off": round(best[True] / best[False], 3), "telemetry_on_tok_s": round(best[True], 2),
+    # two figures: best on / best off, and the median over back-to-back pairs (a slow spell of the
+    # machine hits both runs of a pair, and the median drops the pair it split)
+    return {"telemetry_on_vs_off": round(best[True] / best[False], 3),
+            "telemetry_on_vs_off_pairs_median": round(statistics.median(pairs), 3),
+            "telemetry_on_tok_s": round(best[True], 2),
             "telemetry_off_tok_s": round(best[False], 2), "telemetry_repeats": repeats, "telemetry_steps": len(steps),
             "telemetry_driver_us_per_step": round(1e6 * cost, 1),
             "telemetry_driver_share_of_step": round(cost / step_s, 5)}
