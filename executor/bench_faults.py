@@ -191,7 +191,9 @@ class Fault:
         pid = self.proc.pid
         if self.kind == "kill":
             os.kill(pid, signal.SIGKILL)
-            self.proc.wait(5)
+            # reaped before the reconfiguration goes on (a big process takes seconds to exit on a
+            # busy machine: waiting 5 s once raised here, inside the engine loop, in CI)
+            self.proc.wait(60)
         elif self.kind == "timeout":
             os.kill(pid, signal.SIGSTOP)
             self.timer = threading.Timer(self.stop_s, self.resume)

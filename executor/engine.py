@@ -2,6 +2,13 @@
 
     step(): schedule -> run stages in order -> sample -> collect finished
 
+With a pipeline of k stages on other processes (DistributedPipeline) the running requests are
+split into k groups, each stepped on its own, and up to k steps are in flight at once (as vLLM's
+virtual engines): while stage 2 computes group 0, stage 1 already computes group 1, so every stage
+works on a whole batch of some group and no weight is read twice for one group's step.
+
+    step(): launch every idle group that has work -> wait for the oldest in flight -> sample it
+
 Requests join and leave between steps. A step is either a prefill step (prompt chunks of
 newly admitted requests) or a decode step (one token for every running request), as in
 nano-vllm. KV memory for a request's whole budget (prompt + max_tokens) is reserved when it
@@ -79,8 +86,13 @@ class EngineConfig:
     max_prefill_tokens_decoding: int = 8
     num_kv_blocks: int = 2048
     block_size: int = 16
+    # groups of requests in flight through a pipeline at once; None: one per pipeline stage (a
+    # pipeline of one stage, or stages in this process, run one group: nothing to overlap)
+    pipeline_groups: int | None = None
 
     def __post_init__(self):
+        if self.pipeline_groups is not None and self.pipeline_groups < 1:
+            raise ValueError(f"pipeline_groups must be at least 1, not {self.pipeline_groups}")
         if self.max_prefill_tokens < 1 or self.max_prefill_tokens_decoding < 1:
             raise ValueError("max_prefill_tokens and max_prefill_tokens_decoding must be at least 1")
         if self.max_model_len > self.num_kv_blocks * self.block_size:
@@ -137,6 +149,7 @@ class Request:
     generator: torch.Generator | None = None
     guide: Guide | None = None          # where the request stands in its grammar
     logprobs: list[TokenLogprob] | None = None
+    group: int = 0                      # which group of running requests it is stepped with
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -198,9 +211,11 @@ class Scheduler:
                 raise QueueFull(f"{len(self.waiting)} requests already waiting (max {self.cfg.max_waiting})")
             self.waiting.append(seq)
 
-    def take_cancelled(self) -> list[Request]:
+    def take_cancelled(self, busy: set[int] = frozenset()) -> list[Request]:
+        """Cancelled requests leave, except those of a group whose step is in flight (next time)."""
         with self.lock:
-            gone = [s for s in itertools.chain(self.waiting, self.running) if s.cancelled]
+            gone = [s for s in itertools.chain(self.waiting, self.running)
+                    if s.cancelled and not (s.status == Status.RUNNING and s.group in busy)]
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
         for s in gone:
             self.finish(s, "cancelled")
@@ -212,22 +227,29 @@ class Scheduler:
             self.free_blocks += self.blocks(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
-    def schedule(self) -> tuple[list[Request], StepBatch] | None:
-        """One decode token for every running request that has its prompt in the cache, plus prompt
-        chunks (up to max_prefill_tokens) of those that do not, admitting waiting requests FIFO while
-        seats and KV allow. Mixing them means a newcomer's prefill never stalls the others' streams
-        for a whole step; the stage packs the ragged rows, so short decode rows cost no padding."""
+    def schedule(self, group: int = 0, groups: int = 1) -> tuple[list[Request], StepBatch] | None:
+        """One decode token for every running request of `group` that has its prompt in the cache,
+        plus prompt chunks (up to max_prefill_tokens) of those that do not, admitting waiting
+        requests FIFO while seats and KV allow (each into the group with the fewest). Mixing them
+        means a newcomer's prefill never stalls the others' streams for a whole step; the stage
+        packs the ragged rows, so short decode rows cost no padding."""
         with self.lock:
+            sizes = self._group_sizes(groups)
             while (self.waiting and len(self.running) < self.cfg.max_num_seqs
                    and self.blocks(self.waiting[0]) <= self.free_blocks):
                 seq = self.waiting.popleft()
                 seq.status = Status.RUNNING
+                # the group with the most room; this one on a tie (it is about to step)
+                seq.group = min(range(groups), key=lambda g: (sizes[g], g != group))
+                sizes[seq.group] += 1
                 self.free_blocks -= self.blocks(seq)
                 self.running.append(seq)
-        decoding = any(not seq.prefilling for seq in self.running)
+            self._rebalance(group, sizes)
+        mine = [seq for seq in self.running if seq.group == group]
+        decoding = any(not seq.prefilling for seq in mine)
         budget = self.cfg.max_prefill_tokens_decoding if decoding else self.cfg.max_prefill_tokens
         rows = []
-        for seq in self.running:
+        for seq in mine:
             if not seq.prefilling:
                 rows.append((seq, seq.output_ids[-1:]))                   # decode
             elif budget > 0:
@@ -241,6 +263,24 @@ class Scheduler:
         tokens = torch.tensor([t + [0] * (width - len(t)) for _, t in rows])     # [B, width]
         return seqs, StepBatch([s.req_id for s in seqs], [s.num_computed for s in seqs],
                                [len(t) for _, t in rows], tokens)
+
+    def _group_sizes(self, groups: int) -> list[int]:
+        sizes = [0] * groups
+        for seq in self.running:
+            if seq.group >= groups:          # fewer groups now (a pipeline with fewer stages)
+                seq.group = seq.group % groups
+            sizes[seq.group] += 1
+        return sizes
+
+    def _rebalance(self, group: int, sizes: list[int]) -> None:
+        """As requests finish the groups drift apart; the group about to step (none of its requests
+        is in flight) hands requests to the smallest until they differ by at most one."""
+        small = min(range(len(sizes)), key=sizes.__getitem__)
+        spare = [seq for seq in self.running if seq.group == group]
+        while sizes[group] > sizes[small] + 1 and spare:
+            spare.pop().group = small
+            sizes[group] -= 1
+            sizes[small] += 1
 
 
 def _logprob(lp: torch.Tensor, tok: int, k: int) -> TokenLogprob:
@@ -273,6 +313,15 @@ def sample(logits: torch.Tensor, seqs: Sequence[Request]) -> list[int]:
     return out
 
 
+@dataclass
+class Flight:
+    """A group's step, launched into the pipeline and not yet back."""
+    group: int
+    seqs: list[Request]
+    batch: StepBatch
+    ticket: Any
+
+
 class Engine:
     def __init__(self, stages: Sequence[Stage], config: EngineConfig = EngineConfig(),
                  tokenizer: Any = None, eos_token_ids: Iterable[int] = (), vocab_size: int | None = None):
@@ -282,6 +331,7 @@ class Engine:
         self.scheduler = Scheduler(config)
         self.seqs: dict[int, Request] = {}
         self._guidance: Guidance | None = None
+        self.inflight: deque[Flight] = deque()  # launched group steps, oldest first
 
     @property
     def guidance(self) -> Guidance:
@@ -324,18 +374,65 @@ class Engine:
         return ids
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.inflight)
+
+    @property
+    def groups(self) -> int:
+        """Groups stepped in flight at once: one per stage of a pipeline that can launch steps
+        without waiting for them (see the module docstring), else 1."""
+        stage = self.stages[0]
+        if len(self.stages) != 1 or not hasattr(stage, "launch"):
+            return 1
+        return self.config.pipeline_groups or max(1, stage.depth)
 
     # --- the loop --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """One iteration; returns the requests that finished in it."""
-        done = self.scheduler.take_cancelled()
-        scheduled = self.scheduler.schedule()
-        if scheduled is not None:
-            seqs, batch = scheduled
-            logits = self.run_stages(batch)
-            done += self.postprocess(seqs, batch, logits)
+        if self.groups == 1 and not self.inflight:
+            done = self.scheduler.take_cancelled()
+            scheduled = self.scheduler.schedule()
+            if scheduled is not None:
+                seqs, batch = scheduled
+                logits = self.run_stages(batch)
+                done += self.postprocess(seqs, batch, logits)
+            return self._finish(done)
+        # groups in flight: launch every idle group that has work, then take the oldest flight
+        busy = {f.group for f in self.inflight}
+        done = self.scheduler.take_cancelled(busy)
+        k = self.groups
+        for g in range(k):
+            if g in busy:
+                continue
+            scheduled = self.scheduler.schedule(g, k)
+            if scheduled is not None:
+                seqs, batch = scheduled
+                self.inflight.append(Flight(g, seqs, batch, self.stages[0].launch(batch)))
+        if self.inflight:
+            f = self.inflight.popleft()
+            logits = self.stages[0].finish(f.ticket)
+            done += self.postprocess(f.seqs, f.batch, logits)
+        return self._finish(done)
+
+    def drain(self) -> list[RequestOutput]:
+        """Finish every step in flight (before anything that talks to the workers out of turn: a
+        reconfiguration's round, a call); returns the requests that finished meanwhile."""
+        done: list[Request] = []
+        while self.inflight:
+            f = self.inflight.popleft()
+            done += self.postprocess(f.seqs, f.batch, self.stages[0].finish(f.ticket))
+        return self._finish(done)
+
+    def abandon(self) -> None:
+        """The pipeline broke: forget the steps in flight (their requests are failed by the caller)."""
+        while self.inflight:
+            f = self.inflight.popleft()
+            try:
+                self.stages[0].abandon(f.ticket)
+            except RuntimeError:
+                pass            # the sends to a dead worker fail; nothing is waiting for them
+
+    def _finish(self, done: list[Request]) -> list[RequestOutput]:
         for stage in self.stages:
             stage.free([s.req_id for s in done])
         for s in done:

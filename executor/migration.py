@@ -448,8 +448,9 @@ class Migrator:
         m.pending = LocalStage(model, cache)
 
     def _read(self, cache: KVCache, layers: tuple[int, int], since: dict) -> dict:
-        reqs = [r for r in since if r in cache.lens]     # finished meanwhile: nothing to send
-        return cache.read(reqs, range(*layers), {r: since[r] for r in reqs})
+        with self.worker.kv_lock:       # not freed under us by the main thread (Worker.free)
+            reqs = [r for r in since if r in cache.lens]     # finished meanwhile: nothing to send
+            return cache.read(reqs, range(*layers), {r: since[r] for r in reqs})
 
     def _write(self, m: Migration, payload: dict) -> None:
         if m.pending is None:         # its Prepare failed or it was aborted: received, dropped

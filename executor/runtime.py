@@ -318,6 +318,16 @@ class NodeRuntime:
             dist.destroy_process_group()
 
 
+@dataclass
+class Ticket:
+    """A step launched into the pipeline (DistributedPipeline.launch)."""
+    batch: StepBatch
+    route: tuple
+    parts: int              # micro-batches: logits come back in this many pieces
+    pending: list           # its sends, settled when its logits are in
+    t0: float
+
+
 def split_rows(batch: StepBatch, parts: int) -> list[StepBatch]:
     """Cut a step's rows into up to `parts` micro-batches of near-equal size."""
     n = len(batch.req_ids)
@@ -348,11 +358,17 @@ class DistributedPipeline:
             return self.micro_batches
         return stages if sum(batch.num_new) >= stages * self.min_tokens else 1
 
-    def forward(self, batch: StepBatch, x: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def depth(self) -> int:
+        """Stages a step runs through: the engine keeps this many groups of requests in flight."""
+        return len(self.rt.placement)
+
+    def launch(self, batch: StepBatch) -> "Ticket":
+        """Send one step into the pipeline and return at once; finish() waits for its logits. Steps
+        launched one after the other are taken in that order by every stage (one channel each)."""
         route = self.rt.route()
         ranks = list(dict.fromkeys(h.rank for h in route))
         mbs = split_rows(batch, self.parts(batch, len(route)))
-        last = self.rt.node_of[route[-1].rank]
         t0 = time.perf_counter()
         with self.rt.lock:
             self.rt.reap()
@@ -364,12 +380,31 @@ class DistributedPipeline:
                     msg = Step(mb, route, self.on_step is not None)
                     for r in ranks:
                         pending += self.rt._guard(self.rt.node_of[r], lambda r=r: send_obj(msg, r))
-                got = [self.rt._guard(last, lambda: recv_tensor_info(route[-1].rank)) for _ in mbs]
-            finally:
+            except BaseException:
                 settle(pending)                       # never drop a send half-way (see settle)
+                raise
+        return Ticket(batch, route, len(mbs), pending, t0)
+
+    def finish(self, t: "Ticket") -> torch.Tensor:
+        """The logits of a launched step: [B, vocab]."""
+        last = self.rt.node_of[t.route[-1].rank]
+        with self.rt.lock:
+            try:
+                got = [self.rt._guard(last, lambda: recv_tensor_info(t.route[-1].rank)) for _ in range(t.parts)]
+            finally:
+                settle(t.pending)
         if self.on_step is not None:                  # telemetry: the stages' records came with the logits
-            self.on_step(batch, route, [g for _, g in got], t0, time.perf_counter())
-        return torch.cat([t for t, _ in got])         # [B, vocab]
+            self.on_step(t.batch, t.route, [g for _, g in got], t.t0, time.perf_counter())
+        return torch.cat([x for x, _ in got])         # [B, vocab]
+
+    def abandon(self, t: "Ticket") -> None:
+        """A launched step whose logits will never come (the pipeline broke): settle its sends."""
+        failed = settle(t.pending)
+        if failed is not None:
+            raise failed
+
+    def forward(self, batch: StepBatch, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.finish(self.launch(batch))
 
     def free(self, req_ids: Sequence) -> None:
         if not req_ids:

@@ -73,50 +73,75 @@ class EngineLoop(threading.Thread):
         self.broken: Exception | None = None
         self.reconfig = None                 # a Reconfiguration under way, ticked between steps
 
-    def call(self, fn: Callable[[], Any], timeout: float | None = 60.0) -> Any:
-        """Run fn() on the engine thread between two steps and return its result."""
+    def call(self, fn: Callable[[], Any], timeout: float | None = 60.0, quiet: bool = True) -> Any:
+        """Run fn() on the engine thread between two steps and return its result. quiet: with no
+        step in flight (fn talks to the workers); False for what only touches the engine's own state."""
         if threading.current_thread() is self:
             return fn()
         fut: Future = Future()
-        self.calls.put((fn, fut))
+        self.calls.put((fn, fut, quiet))
         self.wake.set()
         return fut.result(timeout)
 
     def run(self) -> None:
         while not self.stopped:
-            while not self.calls.empty():
-                fn, fut = self.calls.get()
-                try:
-                    fut.set_result(fn())
-                except BaseException as e:  # handed back to the caller
-                    fut.set_exception(e)
-            rc = self.reconfig
-            if rc is not None and not rc.done and self.broken is None:
-                try:
-                    rc.tick()               # a named phase between two steps, never inside one
-                except WorkerDied as e:
-                    self.fail_all(e)
-                    continue
-            if self.broken is None and self.engine.has_unfinished():
-                try:
-                    t0 = time.perf_counter()
-                    done = self.engine.step()
-                    if self.telemetry.enabled:
-                        self.observe(time.perf_counter() - t0, done)
-                except WorkerDied as e:
-                    self.fail_all(e)
-                    continue
-                except Exception as e:      # our bug: say so loudly, fail what is in flight, never hang
-                    traceback.print_exc()
-                    self.fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
-                    continue
-                for out in done:
-                    lst = self.listeners.pop(out.req_id, None)
-                    if lst and lst.on_done:
-                        lst.on_done(out, None)
-            else:
-                self.wake.wait(0.002 if rc is not None and not rc.done else 0.05)
-                self.wake.clear()
+            try:
+                self._iterate()
+            except Exception as e:          # noqa: BLE001 -- whatever it was, nothing may hang on a dead loop
+                traceback.print_exc()
+                self.fail_all(RuntimeError(f"engine loop failed: {type(e).__name__}: {e}"))
+
+    def _iterate(self) -> None:
+        """One turn of the loop: calls, a reconfiguration's tick, a step (or a short wait)."""
+        rc = self.reconfig
+        reconfiguring = rc is not None and not rc.done and self.broken is None
+        # Calls and reconfiguration rounds talk to the workers out of turn: with groups of
+        # requests in flight (Engine.groups) the pipeline is drained first.
+        if self.engine.inflight and (reconfiguring or any(q for _, _, q in list(self.calls.queue))):
+            if self._guarded(self.engine.drain) is None:
+                return
+        while not self.calls.empty():
+            fn, fut, _ = self.calls.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed back to the caller
+                fut.set_exception(e)
+        if reconfiguring:
+            try:
+                rc.tick()               # a named phase between two steps, never inside one
+            except WorkerDied as e:
+                self.fail_all(e)
+                return
+            except Exception as e:      # our bug, or a callback's: end the reconfiguration with it,
+                traceback.print_exc()   # never leave it (and its waiter) unfinished with the loop gone
+                rc.fail(f"reconfiguration failed in {rc.state}: {type(e).__name__}: {e}")
+                return
+        if self.broken is None and self.engine.has_unfinished():
+            t0 = time.perf_counter()
+            done = self._guarded(self.engine.step)
+            if done is not None and self.telemetry.enabled:
+                self.observe(time.perf_counter() - t0, done)
+        else:
+            self.wake.wait(0.002 if rc is not None and not rc.done else 0.05)
+            self.wake.clear()
+
+    def _guarded(self, step: Callable[[], list[RequestOutput]]) -> list[RequestOutput] | None:
+        """Run a step (or a drain) and hand its finished requests to their listeners; a failure
+        fails everything in flight and returns None."""
+        try:
+            done = step()
+        except WorkerDied as e:
+            self.fail_all(e)
+            return None
+        except Exception as e:      # our bug: say so loudly, fail what is in flight, never hang
+            traceback.print_exc()
+            self.fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+            return None
+        for out in done:
+            lst = self.listeners.pop(out.req_id, None)
+            if lst and lst.on_done:
+                lst.on_done(out, None)
+        return done
 
     def observe(self, wall_s: float, done: list[RequestOutput]) -> None:
         """Telemetry of the step that just ended (its pipeline part came with the logits)."""
@@ -132,6 +157,7 @@ class EngineLoop(threading.Thread):
         self.broken = err
         for _ in self.listeners:
             self.telemetry.finished(None, "error")
+        self.engine.abandon()
         rc = self.reconfig
         if rc is not None and not rc.done:
             try:
@@ -279,7 +305,7 @@ class Service:
             if self.telemetry.enabled:
                 self.telemetry.arrival(len(self.engine.seqs[req_id].prompt_ids))
             return req_id
-        req_id = self.loop.call(add)
+        req_id = self.loop.call(add, quiet=False)     # engine state only: no need to drain the pipeline
         self.loop.wake.set()
         return req_id
 

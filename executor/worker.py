@@ -15,6 +15,7 @@ import os
 import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -41,6 +42,8 @@ class Worker:
         self.cfg = None
         self.step_ms: list[float] = []
         self.pending: list = []                              # sends in flight (kept alive until done)
+        # a request's KV is freed here (Free) while the migrator's thread may be reading it to send
+        self.kv_lock = threading.Lock()
         self.migrator = Migrator(self, transport.BULK, store, node)
         self.last_msg = None                                 # how the driver's last message came (Received)
 
@@ -160,7 +163,8 @@ class Worker:
 
     def free(self, msg: Free) -> None:
         if self.stage is not None:
-            self.stage.free(msg.req_ids)
+            with self.kv_lock:
+                self.stage.free(msg.req_ids)
         self.migrator.free(msg.req_ids)
 
     def inject_fault(self, msg: InjectFault) -> Reply:

@@ -193,3 +193,81 @@ def test_a_bug_in_a_step_fails_the_requests_instead_of_hanging(stages):
             svc.submit([1], GREEDY, Listener())
     finally:
         svc.close()
+
+
+# --- groups of requests in flight (a pipeline that stays full) ---------------------------------------
+
+class Deferred:
+    """A stage that launches steps without running them: each runs when its logits are asked for,
+    in the order they were launched (what a pipeline of `depth` stages on other processes does)."""
+
+    def __init__(self, stages, depth: int):
+        self.stages, self.depth = stages, depth
+        self.launched = self.finished = 0
+        self.max_in_flight = 0
+
+    def launch(self, batch):
+        self.launched += 1
+        self.max_in_flight = max(self.max_in_flight, self.launched - self.finished)
+        return batch
+
+    def finish(self, batch):
+        self.finished += 1
+        x = None
+        for st in self.stages:
+            x = st.forward(batch, x)
+        return x
+
+    def abandon(self, batch):
+        self.finished += 1
+
+    def forward(self, batch, x=None):
+        return self.finish(self.launch(batch))
+
+    def free(self, ids):
+        for st in self.stages:
+            st.free(ids)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_groups_in_flight_keep_greedy_and_seeded_outputs(stages, depth):
+    ref = alone(stages, PROMPTS, GREEDY)
+    seeded = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=i) for i in range(len(PROMPTS))]
+    ref_seeded = [engine(stages).generate([p], sp)[0].token_ids for p, sp in zip(PROMPTS, seeded)]
+    pipe = Deferred(stages, depth)
+    eng = Engine([pipe], EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=64, max_prefill_tokens=8),
+                 CharTokenizer(), CFG.eos_token_ids)
+    assert eng.groups == depth
+    assert [o.token_ids for o in eng.generate(PROMPTS, GREEDY)] == ref
+    assert pipe.max_in_flight == depth              # the pipeline was full, not stepped one group at a time
+    assert [o.token_ids for o in eng.generate(PROMPTS, seeded)] == ref_seeded
+    assert not eng.inflight and eng.scheduler.free_blocks == 64
+
+
+def test_newcomers_join_the_group_with_most_room_and_groups_rebalance(stages):
+    from executor.engine import Request, Scheduler
+    sched = Scheduler(EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=64))
+    reqs = [Request([1, 2], SamplingParams(max_tokens=2)) for _ in range(5)]
+    for r in reqs:
+        sched.add(r)
+    seqs, batch = sched.schedule(group=0, groups=2)
+    sizes = [sum(r.group == g for r in sched.running) for g in range(2)]
+    assert sizes == [3, 2]                          # 5 admitted, spread; the stepping group takes the tie
+    assert all(r.group == 0 for r in seqs) and len(seqs) == 3     # a group steps only its own requests
+    for r in [r for r in sched.running if r.group == 1]:
+        sched.finish(r, "stop")                     # group 1 empties
+    sched.schedule(group=0, groups=2)
+    assert sorted(r.group for r in sched.running) == [0, 0, 1]     # group 0 handed one over
+
+
+def test_a_cancel_in_a_group_in_flight_waits_for_its_step(stages):
+    from executor.engine import Request, Scheduler
+    sched = Scheduler(EngineConfig(num_kv_blocks=64, block_size=4, max_model_len=64))
+    a, b = Request([1], SamplingParams(max_tokens=3)), Request([2], SamplingParams(max_tokens=3))
+    sched.add(a)
+    sched.add(b)
+    sched.schedule(group=0, groups=2)
+    a.cancelled = b.cancelled = True
+    gone = sched.take_cancelled(busy={a.group})
+    assert gone == [b] and a in sched.running       # a's step is in flight: it leaves after it
+    assert sched.take_cancelled() == [a]

@@ -36,9 +36,17 @@ def run_all(service, prompts, params):
 def test_pipelined_service_matches_one_process(stages, reference):
     svc = Service.launch(CLUSTER, validated(stages), SRC, EC)
     try:
+        pipe, depth = svc.engine.stages[0], [0, 0]      # steps launched, most in flight at once
+        launch, finish = pipe.launch, pipe.finish
+        pipe.launch = lambda b: (depth.__setitem__(0, depth[0] + 1),
+                                 depth.__setitem__(1, max(depth)), launch(b))[-1]
+        pipe.finish = lambda t: (depth.__setitem__(0, depth[0] - 1), finish(t))[-1]
         results = run_all(svc, PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
         assert [err for _, err in results] == [None] * len(PROMPTS)
         assert [out.token_ids for out, _ in results] == reference
+        # one group of requests per stage in flight at once (activations of different groups share
+        # every link, in launch order, with no deadlock)
+        assert svc.engine.groups == len(stages) and depth[1] == len(stages)
         nodes = {n["node"]: n for n in svc.node_states()}
         # Each worker holds only its own layers; the idle node holds none.
         for n, a, b in stages:
