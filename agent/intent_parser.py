@@ -190,28 +190,38 @@ def to_spec(values: dict) -> IntentSpec | None:
 
 
 def parse_intent(text: str, cluster: Cluster, policy: Policy, llm: BaseChatModel | None = None, *,
-                 use_llm: bool = True, defaults: dict | None = None) -> ParsedIntent:
+                 use_llm: bool = True, defaults: dict | None = None, consult: str = "uncertain") -> ParsedIntent:
     """Parse a plain-language intent into a grounded IntentSpec, with questions for what stays unclear.
 
     llm: any langchain chat model; None takes `get_llm()` (the embedded default unless configured).
     use_llm=False parses with the rules alone. defaults (e.g. an intent file's front matter: service,
-    model) fill fields the text leaves unset.
+    model) fill fields the text leaves unset. consult="uncertain" (default) asks the LLM only about the
+    fields the rules read with low confidence (no data word, a limit or place with no cue word, a tie),
+    and only when there is one; "always" asks it about every field with grounded candidates.
     """
+    if consult not in ("uncertain", "always"):
+        raise ValueError(f"consult must be 'uncertain' or 'always', not {consult!r}")
     t0 = time.perf_counter()
     inv = Inventory(cluster, policy)
     reading = read_rules(text, inv)
     rules, dropped = check(reading.values, reading, inv)
     questions = list(reading.questions)
     llm_values = None
-    if use_llm:
+    asked = None if consult == "always" else set(reading.weak) | ({"data_class"} if "data_class" not in rules
+                                                                  else set())
+    if asked and asked & {"max_ttft_ms", "max_tpot_ms"}:
+        asked |= {"max_ttft_ms", "max_tpot_ms"}      # an uncued limit may belong to either metric
+    if use_llm and (asked is None or asked):
         if llm is None:
             from .llm import get_llm
             llm = get_llm()
-        raw, errors = ask_llm(llm, reading, build_schema(reading),
+        raw, errors = ask_llm(llm, reading, build_schema(reading, asked),
                               grade=lambda v: check(from_schema(v), reading, inv))
         dropped += errors
         if raw is not None:
             llm_values, llm_dropped = check(from_schema(raw), reading, inv)
+            if asked is not None:      # what it was not asked about is not its to change
+                llm_values = {k: v for k, v in llm_values.items() if k in asked}
             dropped += [f"(llm) {d}" for d in llm_dropped]
     values, sources, more, conflicts = merge(rules, reading.weak, llm_values, inv)
     questions += more
@@ -253,5 +263,9 @@ def _front_matter(values: dict, sources: dict, front: dict, inv: Inventory) -> t
                 continue
         out[k], sources[k] = v, "front matter"
         settled.add(k)
+        other = {"max_ttft_ms": "max_tpot_ms", "max_tpot_ms": "max_ttft_ms"}.get(k)
+        if other and other not in front and _same(out.get(other), v):
+            del out[other]        # the one limit the text gave is the front matter's metric, not both
+            settled.add(other)
     out, more = narrow_only(out, inv)
     return out, settled, dropped + more

@@ -227,7 +227,7 @@ def test_objective(telecom, text, obj):
 
 def test_ungrounded_answer_is_sent_back_with_the_errors(telecom):
     llm = scripted({"data_class": "cpni", "max_ttft_ms": 123}, {"data_class": "cpni", "max_ttft_ms": 400})
-    p = parse_intent("Subscriber call records, first token under 400 ms.", telecom.cluster, telecom.policy, llm=llm)
+    p = parse_intent("Subscriber call records, first token under 400 ms.", telecom.cluster, telecom.policy, llm=llm, consult="always")
     assert p.llm_values == {"data_class": "cpni", "max_ttft_ms": 400}
     assert any("re-asked" in d and "123" in d for d in p.dropped)
 
@@ -235,7 +235,7 @@ def test_ungrounded_answer_is_sent_back_with_the_errors(telecom):
 def test_a_grounded_llm_only_value_is_adopted(telecom):
     # the rules find no data word here; the model's class is a class of the pack: adopted, and asked
     llm = scripted({"data_class": "ops", "model": None})
-    p = parse_intent("Summarise the change board's weekly notes.", telecom.cluster, telecom.policy, llm=llm)
+    p = parse_intent("Summarise the change board's weekly notes.", telecom.cluster, telecom.policy, llm=llm, consult="always")
     assert p.spec.data_class in ("ops", p.rule_values.get("data_class"))
     if "data_class" not in p.rule_values:
         assert p.sources["data_class"] == "llm"
@@ -245,22 +245,22 @@ def test_disagreement_stops_a_non_interactive_apply(tmp_path, capsys, monkeypatc
     import agent.agent as agent_mod
     f = tmp_path / "i.md"
     f.write_text(f"---\ncluster: {S / 'telecom/cluster.yaml'}\npolicy: {S / 'telecom/policy.yaml'}\n---\n"
-                 "Network tickets on llama-3-8b, edge only.\n")
+                 "Network tickets on llama-3-8b, 300 ms.\n")     # a limit with no cue word: the LLM is asked
     real = agent_mod.Agent.__init__
 
     def with_llm(self, *a, **kw):
-        kw["llm"], kw["use_llm"] = scripted({"data_class": "ops", "prefer_tier": "cloud"}), True
+        kw["llm"], kw["use_llm"] = scripted({"max_ttft_ms": None, "max_tpot_ms": 300}), True
         real(self, *a, **kw)
     monkeypatch.setattr(agent_mod.Agent, "__init__", with_llm)
     code, out, _ = run_cli(capsys, monkeypatch, "apply", f, "--dry-run", "--json")
     res = json.loads(out.strip().splitlines()[-1])
-    assert code == 1 and res["status"] == "needs-clarification" and res["conflicts"] == ["prefer_tier"]
-    assert any("prefer_tier" in q for q in res["questions"])
+    assert code == 1 and res["status"] == "needs-clarification" and res["conflicts"] == ["max_tpot_ms"]
+    assert any("max_tpot_ms" in q for q in res["questions"])
     # the front matter settles it
-    f.write_text(f.read_text().replace("---\nNetwork", "prefer_tier: edge\n---\nNetwork"))
+    f.write_text(f.read_text().replace("---\nNetwork", "max_tpot_ms: 300\n---\nNetwork"))
     code, out, _ = run_cli(capsys, monkeypatch, "apply", f, "--dry-run", "--json")
     res = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and res["spec"]["prefer_tier"] == "edge"
+    assert code == 0 and res["spec"]["max_tpot_ms"] == 300 and res["spec"]["max_ttft_ms"] is None
 
 
 def test_front_matter_cannot_lower_the_class(telecom):

@@ -61,7 +61,7 @@ def test_openai_compatible_endpoint_gets_the_grounded_schema(hospital):
 
     llm = ChatOpenAI(model="m", base_url="http://endpoint/v1", api_key="k",
                      http_client=httpx.Client(transport=httpx.MockTransport(handler)), max_retries=0)
-    p = parse_intent("Patient triage, first token within 300 ms, ward-a-edge is down.", *hospital, llm=llm)
+    p = parse_intent("Patient triage, first token within 300 ms, ward-a-edge is down.", *hospital, llm=llm, consult="always")
     schema = seen[0]["response_format"]["json_schema"]["schema"]
     assert seen[0]["response_format"]["type"] == "json_schema"
     assert schema["properties"]["max_ttft_ms"]["enum"] == [300.0, None]
@@ -122,7 +122,7 @@ def test_embedded_with_structured_output_and_auto_tools(embedded):
     "Contract review as cheap as possible, 100 ms per token, stay off the Frankfurt boxes.",
 ])
 def test_end_to_end_on_the_embedded_model(hospital, embedded, text):
-    p = parse_intent(text, *hospital, llm=embedded)
+    p = parse_intent(text, *hospital, llm=embedded, consult="always")
     assert p.llm_values is not None and p.seconds < 60
     cluster = hospital[0]
     # whatever the model said, only grounded values reach the spec

@@ -83,7 +83,7 @@ def data_class_by_words(text: str, inv: Inventory) -> tuple[list[str], dict[str,
 
 def extract_latency(r: Reading, inv: Inventory, classify=None) -> None:
     """max_ttft_ms / max_tpot_ms: each limit bounds the metric written next to it."""
-    r.values.update(latency_limits(r.text, r.durations))
+    r.values.update(latency_limits(r.text, r.durations, r.weak))
     ms = sorted({d.ms for d in r.durations})
     if ms:
         r.candidates["max_ttft_ms"] = r.candidates["max_tpot_ms"] = ms
@@ -149,6 +149,8 @@ def extract_objective(r: Reading, inv: Inventory, classify=None) -> None:
         best = max(scores.values())
         top = [o for o in OBJECTIVES if scores.get(o) == best]
         r.values["objective"] = top[0] if len(top) == 1 else "balanced"
+        if len(top) > 1:
+            r.weak.add("objective")
         r.candidates["objective"] = [o for o in OBJECTIVES if o in scores]
 
 
@@ -198,11 +200,14 @@ def extract_places(r: Reading, inv: Inventory, classify=None) -> None:
         elif m.kind == "jurisdiction":
             juris_cands |= m.codes
             if not cue:
+                r.weak.add("allowed_jurisdictions")
                 continue
             keep = set(m.codes) if sign > 0 else set(inv.jurisdictions) - set(m.codes)
             allowed = keep if allowed is None else (allowed | keep if sign > 0 else allowed & keep)
         elif m.kind == "tier":
             tier_cands.add(m.value)
+            if not (cue or only):
+                r.weak.add("prefer_tier")
             if cue or only:
                 tier = m.value if sign > 0 else next((x for x in ("edge", "cloud") if x != m.value), None)
         elif m.kind == "trust" and cue:
@@ -289,6 +294,7 @@ def extract_model(r: Reading, inv: Inventory, classify=None) -> None:
         if len(models) == 1:
             r.values["model"] = models[0]
         else:
+            r.weak.add("model")
             r.questions.append(f"Which model do you mean: {', '.join(models)}?")
 
 

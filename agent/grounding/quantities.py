@@ -102,6 +102,11 @@ _CONNECTOR = re.compile(r"^\s*(?:,|and\b|plus\b|with\b|while\b|but\b)", re.I)
 
 
 def which_latency(text: str, d: Duration, prev: Duration | None = None, nxt: Duration | None = None) -> str:
+    """'max_ttft_ms' or 'max_tpot_ms' for a duration (see _which)."""
+    return _which(text, d, prev, nxt)[0]
+
+
+def _which(text: str, d: Duration, prev: Duration | None = None, nxt: Duration | None = None) -> tuple[str, bool]:
     """'max_ttft_ms' or 'max_tpot_ms' for a duration, by the nearest cue in its clause.
 
     A cue between two limits belongs to one of them only: the clause is cut at the neighbouring limits,
@@ -123,14 +128,18 @@ def which_latency(text: str, d: Duration, prev: Duration | None = None, nxt: Dur
             dist = m.start() + 1
             if best is None or dist < best[0]:
                 best = (dist, fld)
-    return best[1] if best else "max_ttft_ms"
+    return (best[1], True) if best else ("max_ttft_ms", False)
 
 
-def latency_limits(text: str, durations: list[Duration]) -> dict[str, float]:
-    """{max_ttft_ms, max_tpot_ms}: the first limit written for each metric."""
+def latency_limits(text: str, durations: list[Duration], uncued: set | None = None) -> dict[str, float]:
+    """{max_ttft_ms, max_tpot_ms}: the first limit written for each metric. A limit with no cue word is
+    taken as TTFT and its field added to `uncued`."""
     out: dict[str, float] = {}
     for i, d in enumerate(durations):
         prev = durations[i - 1] if i else None
         nxt = durations[i + 1] if i + 1 < len(durations) else None
-        out.setdefault(which_latency(text, d, prev, nxt), d.ms)
+        fld, cued = _which(text, d, prev, nxt)
+        if fld not in out and not cued and uncued is not None:
+            uncued.add(fld)
+        out.setdefault(fld, d.ms)
     return out

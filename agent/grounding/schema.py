@@ -15,8 +15,10 @@ from .extractors import FIELDS, OBJECTIVES, Reading
 from .places import Inventory
 
 
-def build_schema(r: Reading) -> dict:
-    """A JSON schema whose fields can only take values grounded in this text or the inventory (or null)."""
+def build_schema(r: Reading, fields=None) -> dict:
+    """A JSON schema whose fields can only take values grounded in this text or the inventory (or null).
+
+    fields: only these (default: every field with candidates)."""
     props: dict[str, Any] = {}
     c = r.candidates
     props["data_class"] = {"enum": list(c["data_class"]) + [None]}
@@ -31,6 +33,8 @@ def build_schema(r: Reading) -> dict:
     for f in ("prefer_tier", "model", "service", "concurrency"):
         if f in c:
             props[f] = {"enum": list(c[f]) + [None]}
+    if fields is not None:
+        props = {k: v for k, v in props.items() if k in fields}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 
