@@ -325,7 +325,9 @@ def test_a_running_service_is_usable_as_the_agents_llm(server, monkeypatch):
     monkeypatch.setenv("CONTINUO_LLM_BASE_URL", server[1] + "/v1")
     monkeypatch.setenv("CONTINUO_LLM_MODEL", "tiny-smol")
     cluster, policy = load_cluster("scenarios/local/cluster.yaml"), load_policy("scenarios/local/policy.yaml")
-    p = parse_intent("Public FAQ bot; edge-b goes into maintenance.", cluster, policy, llm=get_llm())
+    # consult="always": the rules read this text with confidence, and would not ask the LLM at all
+    p = parse_intent("Public FAQ bot; edge-b goes into maintenance.", cluster, policy, llm=get_llm(),
+                     consult="always")
     assert p.llm_values is not None            # the random model's JSON parsed and was grounded
     assert p.spec.data_class in policy.data_classes
 
