@@ -35,6 +35,7 @@ from policies import (Cluster, IntentSpec, LayerRun, ModelSpec, PlacementPlan, P
                       ValidatedPlan, load_model_spec, review)
 
 from .intent_file import MODES
+from .journal import Journal
 from .intent_parser import ParsedIntent, parse_intent
 from .planner import Infeasible, PlanProposal, plan as make_plan
 from .remote import RemoteError
@@ -148,8 +149,11 @@ class Agent:
     def __init__(self, cluster: Cluster, policy: Policy, executor: Any = None, llm: BaseChatModel | None = None,
                  model: ModelSpec | None = None, mode: str = "confirm",
                  confirm: Callable[[Outcome], bool] | None = None, *, use_llm: bool = True, max_attempts: int = 3,
-                 max_steps: int = 12, method: str = "live", ask_on_conflict: bool = False):
+                 max_steps: int = 12, method: str = "live", ask_on_conflict: bool = False,
+                 journal: Journal | None = None):
         self.cluster, self.policy, self.executor = cluster, policy, executor
+        # journal (issue 16): a person's applies are recorded beside the autopilot's decisions
+        self.journal = journal
         self._llm, self.use_llm, self.model = llm, use_llm, model
         self.mode = self._check_mode(mode)
         self.confirm = confirm
@@ -211,9 +215,11 @@ class Agent:
         parsed = self.read(text, defaults)
         if parsed.spec is None or (self.ask_on_conflict and parsed.conflicts):
             raise NeedsClarification(parsed)
+        self._journal("intent", {"source": "human", "text": text, "spec": parsed.spec.model_dump(mode="json")})
         try:
             proposal = self.plan_spec(parsed.spec)
         except Infeasible as e:
+            self._journal("plan", {"source": "human", "status": "infeasible", "reasons": e.reasons})
             return Outcome("infeasible", parsed.spec, current=self.live_plan(), parsed=parsed, reasons=e.reasons,
                            message="no valid plan: " + "; ".join(e.reasons))
         out = self.gate(proposal.plan, parsed.spec, mode, validated=proposal.validated)
@@ -227,7 +233,35 @@ class Agent:
         """Validate (once), diff, and apply only if the mode, the validator and (in confirm mode) the operator allow it.
 
         `validated`: the validator's sealed plan from an earlier check (the planner's); used instead
-        of validating again when it proves this plan against the live plan and cluster as they are."""
+        of validating again when it proves this plan against the live plan and cluster as they are.
+        With a journal, the plan, the validator's report and the result are appended to it."""
+        out = self._gate(plan, spec, mode, validated)
+        self._journal_outcome(out, mode or self.mode)
+        return out
+
+    # ---- journal (issue 16): what a person asked for and what the gate did with it
+    def _journal(self, kind: str, data: dict) -> None:
+        if self.journal is not None:
+            self.journal.append(kind, data)
+
+    def _journal_outcome(self, out: Outcome, mode: str) -> None:
+        if self.journal is None:
+            return
+        nodes = sorted(set(out.plan.nodes)) if out.plan else []
+        self.journal.append("plan", {"source": "human", "mode": mode, "summary": out.plan.summary() if out.plan else None,
+                                     "nodes": nodes, "plan": out.plan.model_dump(mode="json") if out.plan else None,
+                                     "from": out.current.summary() if out.current else None,
+                                     "diff": [r.text() for r in out.diff]})
+        if out.report is not None:
+            self.journal.append("validation", {"source": "human", "ok": out.report.ok,
+                                               "report": out.report.model_dump(mode="json")})
+        self.journal.append("apply", {"source": "human", "mode": mode, "status": out.status, "ok": out.ok,
+                                      "message": out.message, "summary": out.plan.summary() if out.plan else None,
+                                      "reconfig": out.reconfig})
+    # ---- end journal
+
+    def _gate(self, plan: PlacementPlan, spec: IntentSpec | None, mode: str | None,
+              validated: ValidatedPlan | None) -> Outcome:
         mode = self._check_mode(mode or self.mode)
         current = self.live_plan()
         model = self.model_for(spec)
@@ -304,6 +338,8 @@ class Agent:
         if not self.applied:
             raise AgentError("nothing to roll back: this agent has applied no plan")
         previous = self.applied[-1]
+        self._journal("rollback", {"source": "human", "to": previous.summary(),
+                                   "from": (self.live_plan().summary() if self.live_plan() else None)})
         out = self.gate(previous, previous.intent, mode)
         if out.applied:
             self.applied = self.applied[:-2]   # gate pushed the plan we rolled away from; drop both

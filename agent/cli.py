@@ -135,7 +135,15 @@ def apply_plan_cmd(
     """Apply a plan to a running service as a live reconfiguration (validated there first).
     Exit 0 applied, 1 refused or aborted, 2 bad input (unreachable, or the admin token missing or wrong)."""
     from .apply_plan import apply_plan
-    raise typer.Exit(apply_plan(load_plan(plan_file), server, method, as_json, console, admin_token=admin_token))
+    from .journal import Journal
+    plan = load_plan(plan_file)
+    rc = apply_plan(plan, server, method, as_json, console, admin_token=admin_token)
+    # a person's apply goes into the journal beside the autopilot's (issue 16)
+    Journal().append("apply", {"source": "human", "command": "apply-plan", "server": server, "method": method,
+                               "summary": plan.summary(), "nodes": sorted(set(plan.nodes)),
+                               "plan": plan.model_dump(mode="json"), "ok": rc == 0, "exit_code": rc,
+                               "status": {0: "applied", 1: "refused or aborted"}.get(rc, "unreachable or unauthorised")})
+    raise typer.Exit(rc)
 
 
 @bench_app.command("reconfig")
@@ -362,8 +370,10 @@ def apply_cmd(
         mode = "auto"   # nothing serves, so the gate stops at "dry-run" before asking
     model = load_model_spec(f.front["model"]) if f.front.get("model") else None
     executor = None if dry_run else RemoteService(server, admin_token=admin_token)
+    from .journal import Journal
     agent = Agent(c, p, executor=executor, model=model, mode=mode,
-                  confirm=lambda out: _confirm(out, c, as_json), use_llm=use_llm, ask_on_conflict=True)
+                  confirm=lambda out: _confirm(out, c, as_json), use_llm=use_llm, ask_on_conflict=True,
+                  journal=Journal())
     try:
         out = agent.apply(f.body, defaults=_front_defaults(f))
     except NeedsClarification as e:
@@ -453,7 +463,8 @@ def chat_cmd(
         elif kind == "diff":
             console.print(diff_table(data))
 
-    agent = Agent(c, p, executor=remote, mode=mode, confirm=confirm)
+    from .journal import Journal
+    agent = Agent(c, p, executor=remote, mode=mode, confirm=confirm, journal=Journal())
     console.print(f"[bold]Continuo chat[/] on {c.name}, policy {p.name}, mode {mode}. Empty line or 'exit' ends.")
     history = None
     while True:
@@ -529,6 +540,8 @@ def bench_intents_cmd(
 from .cli_speed import register as _register_speed  # noqa: E402  (calibrate, simulate, bench simulate/predict)
 
 _register_speed(app, bench_app)
+from .journal_cli import register as _register_journal  # noqa: E402  (journal, journal verify, bench adapt --sim)
+_register_journal(app, bench_app)
 
 
 def main() -> None:

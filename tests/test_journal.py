@@ -138,3 +138,62 @@ def test_parse_since():
     assert parse_since("2026-12-02T14:02:00Z") == parse_since("2026-12-02T14:02")
     with pytest.raises(ValueError, match="--since 'yesterday'"):
         parse_since("yesterday")
+
+
+# -- the CLI and human applies --------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from tiny_service import run_cli  # noqa: E402
+
+S = Path(__file__).resolve().parent.parent / "scenarios" / "local"
+
+
+def test_cli_reads_and_verifies_and_names_the_edited_entry(capsys, monkeypatch, tmp_path):
+    j = _filled(tmp_path)
+    monkeypatch.setenv("CONTINUO_JOURNAL", str(j.path))
+    rc, out, _ = run_cli(capsys, monkeypatch, "journal", "--json")
+    assert rc == 0 and [json.loads(x)["seq"] for x in out.splitlines()] == [0, 1, 2, 3, 4]
+    rc, out, _ = run_cli(capsys, monkeypatch, "journal", "--since", "1h")
+    assert rc == 0 and "step 4" in out
+    rc, out, _ = run_cli(capsys, monkeypatch, "journal", "--since", "2099-01-01T00:00")
+    assert rc == 0 and "no entries" in out
+    rc, out, _ = run_cli(capsys, monkeypatch, "journal", "verify")
+    assert rc == 0 and "5 entries" in out
+    _rewrite(j.path, lambda ls: ls[:3] + [ls[3].replace("step 3", "step 33")] + ls[4:])
+    rc, out, _ = run_cli(capsys, monkeypatch, "journal", "verify", "--json")
+    body = json.loads(out)
+    assert rc == 1 and body["bad_seq"] == 3 and body["bad_line"] == 4 and not body["ok"]
+    rc, _, err = run_cli(capsys, monkeypatch, "journal", "--since", "last tuesday")
+    assert rc == 2 and "--since" in err
+
+
+def test_human_applies_and_rollback_go_into_the_journal(tmp_path):
+    from agent import Agent
+    from policies import approve, load_cluster, load_model_spec, load_plan, load_policy
+    from tests.test_agent import PHI, RecordingExecutor
+
+    cluster, policy = load_cluster(S / "cluster.yaml"), load_policy(S / "policy.yaml")
+    ex = RecordingExecutor(approve(load_plan(S / "plan-2stage.yaml"), cluster, policy, None,
+                                   load_model_spec("smollm2-135m")))
+    j = Journal(tmp_path / "j.jsonl")
+    a = Agent(cluster, policy, executor=ex, use_llm=False, mode="auto", journal=j)
+    out = a.apply(PHI)
+    assert out.applied
+    a.rollback()
+    kinds = [e["kind"] for e in j.entries()]
+    assert kinds == ["intent", "plan", "validation", "apply", "rollback", "plan", "validation", "apply"]
+    es = j.entries()
+    assert es[0]["data"]["text"] == PHI and es[0]["data"]["spec"]["data_class"] == "phi"
+    assert "edge-b" not in es[1]["data"]["nodes"] and es[1]["data"]["from"] == out.current.summary()
+    assert es[2]["data"]["ok"] is True
+    assert es[3]["data"]["status"] == "applied" and es[3]["data"]["reconfig"]["pause_ms"] == 1.5
+    assert es[7]["data"]["status"] == "applied" and "edge-b" in es[5]["data"]["nodes"]
+    assert j.verify().ok
+    # a rejected plan is journalled too, with the validator's verdict
+    bad = ex.plan.plan.model_copy(update={"stages": (ex.plan.plan.stages[0].model_copy(
+        update={"node": "cloud-1", "last_layer": 29}),)})
+    a.gate(bad, None)
+    last = j.entries()[-2:]
+    assert last[0]["kind"] == "validation" and last[0]["data"]["ok"] is False
+    assert last[1]["data"]["status"] == "rejected" and "trusted-ends" in last[1]["data"]["message"]
