@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from policies.loading import InputError, parse_yaml
 
 MODES = ("advisory", "confirm", "auto")
 
 
-class AutopilotConfigError(ValueError):
-    """A knob with a value the controller cannot use; the message names the knob, the value and the source."""
+class AutopilotConfigError(InputError):
+    """A knob with a value the controller cannot use; the message names the file, line, knob and value."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,9 @@ class AutopilotConfig:
     min_gain: float = 0.10          # a cheaper plan must save at least this fraction of the cost per hour
     headroom: float = 0.80          # a plan carries at most this fraction of its throughput (scale-up above it)
     scale_down_headroom: float = 0.60   # survivors must carry the load at or under this fraction (the band stops flips)
-    alpha: float = 0.5              # forecaster: level smoothing
-    beta: float = 0.3               # forecaster: trend smoothing
+    alpha: float = 0.3              # forecaster: level smoothing
+    beta: float = 0.1               # forecaster: trend smoothing
+    damping_s: float = 60.0         # forecaster: the trend's projection fades with this time constant
     window: str = "10s"             # the /admin/stats window the load is read from
     max_stages: int = 8             # the planner's bound on stages
     pause_s: float = 0.05           # expected pause of a switch until one has been measured
@@ -48,13 +54,14 @@ class AutopilotConfig:
     def __post_init__(self):
         self.check()
 
-    def check(self, source: str = "autopilot config") -> None:
-        """Raise AutopilotConfigError naming the first bad knob."""
+    def check(self, source: str | None = None, lines: dict[str, int] | None = None) -> None:
+        """Raise AutopilotConfigError naming the first bad knob (and its file and line when known)."""
         def bad(knob, why):
-            raise AutopilotConfigError(f"{source}: autopilot.{knob} = {getattr(self, knob)!r}: {why}")
+            raise AutopilotConfigError(f"{getattr(self, knob)!r} {why}", file=source,
+                                       line=(lines or {}).get(knob), field=f"autopilot.{knob}")
         if self.mode not in MODES:
             bad("mode", f"must be one of {', '.join(MODES)}")
-        for knob in ("interval_s", "horizon_s", "pause_s"):
+        for knob in ("interval_s", "horizon_s", "pause_s", "damping_s"):
             v = getattr(self, knob)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(knob, "must be a positive number of seconds")
@@ -79,21 +86,75 @@ class AutopilotConfig:
             bad("window", "must be one of the telemetry windows: 10s, 60s")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, source: str = "autopilot config",
+    def from_dict(cls, data: Any, source: str | None = None, lines: dict[str, int] | None = None,
                   **overrides: Any) -> "AutopilotConfig":
-        """Knobs from a dict (the front matter's `autopilot:` mapping); unknown knobs are errors."""
-        data = dict(data or {})
+        """Knobs from a mapping (the front matter's `autopilot:`), then `overrides` that are not None
+        (command-line options); unknown knobs and bad values are errors naming the file, line and knob."""
+        if data is None:
+            data = {}
         if not isinstance(data, dict):
-            raise AutopilotConfigError(f"{source}: autopilot must be a mapping of knobs, not {data!r}")
-        known = {f.name: f for f in fields(cls)}
+            raise AutopilotConfigError(f"must be a mapping of knobs, not {data!r}", file=source,
+                                       line=(lines or {}).get(""), field="autopilot")
+        known = [f.name for f in fields(cls)]
         for k in data:
             if k not in known:
-                raise AutopilotConfigError(f"{source}: unknown knob autopilot.{k} (known: {', '.join(known)})")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**data)
-        except AutopilotConfigError as e:      # say where the value came from
-            raise AutopilotConfigError(str(e).replace("autopilot config", source, 1)) from None
+                raise AutopilotConfigError(f"unknown knob (known: {', '.join(known)})", file=source,
+                                           line=(lines or {}).get(k), field=f"autopilot.{k}")
+        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        for k, v in merged.items():           # a whole number where seconds are asked is fine
+            if isinstance(getattr(cls, k), float) and isinstance(v, int) and not isinstance(v, bool):
+                merged[k] = float(v)
+        obj = cls.__new__(cls)
+        for k in known:
+            object.__setattr__(obj, k, merged.get(k, getattr(cls, k)))
+        obj.check(source, {k: line for k, line in (lines or {}).items() if k not in overrides or
+                           overrides[k] is None})
+        return obj
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def read_intent_file(path: str | Path, **overrides: Any):
+    """An intent file and the autopilot knobs in its front matter: (IntentFile, AutopilotConfig).
+
+    The `autopilot:` block is taken out of the front matter (its lines blanked, so every other line
+    keeps its number for the intent file's own errors), checked here, and the rest is read as
+    agent.intent_file reads any intent file."""
+    from ..intent_file import IntentFile, parse_intent_text
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read intent file: {e.strerror}", file=str(path)) from None
+    text, knobs, lines = split_autopilot(text, str(path))
+    front, body = parse_intent_text(text, str(path))
+    return IntentFile(front, body, path), AutopilotConfig.from_dict(knobs, str(path), lines, **overrides)
+
+
+def split_autopilot(text: str, file: str = "<input>") -> tuple[str, dict | None, dict[str, int]]:
+    """(the text with the front matter's `autopilot:` block blanked out, that block, knob -> line)."""
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return text, None, {}
+    end = next((i for i in range(1, len(lines)) if lines[i].strip() in ("---", "...")), None)
+    if end is None:
+        return text, None, {}             # the intent file's reader says what is wrong
+    try:
+        data, node = parse_yaml("\n".join(lines[1:end]), file)
+    except InputError:
+        return text, None, {}
+    if not isinstance(node, yaml.MappingNode):
+        return text, None, {}
+    for k, v in node.value:
+        if k.value != "autopilot":
+            continue
+        first = k.start_mark.line + 1                 # 0-based in the file: +1 for the opening '---'
+        last = v.end_mark.line + 1 + (0 if v.end_mark.column == 0 else 1)   # one past its last line, in the file
+        where = {"": first + 1}
+        if isinstance(v, yaml.MappingNode):
+            where.update({kk.value: kk.start_mark.line + 2 for kk, _ in v.value})
+        block = data.get("autopilot") if isinstance(data, dict) else None
+        kept = lines[:first] + [""] * (max(last, first + 1) - first) + lines[max(last, first + 1):]
+        return "\n".join(kept) + ("\n" if text.endswith("\n") else ""), block, where
+    return text, None, {}

@@ -1,18 +1,54 @@
 """The closed loop: each interval, read the Target, forecast the load, decide, and maybe apply.
 
-INTERFACE COMMIT: Decision, the Autopilot constructor and its methods' signatures, so the
-simulator side can code against them; the decision itself lands in the next commit.
+    tick():
+      1. observe     snapshot (the /admin/stats window), the live plan, the cluster, lost nodes
+      2. forecast    Holt's forecaster of the arrival rate; the peak over the horizon, plus the backlog
+      3. candidates  the planner's plans for this cluster state (cached until the cluster changes):
+                     for k = 1..max_stages, the cheapest and the fastest plan with at most k stages
+      4. assess      every candidate and the live plan at the forecast load, with the cost model
+                     (calibrated profiles where they exist, corrections from measured TTFT/TPOT)
+      5. choose      (`_choose`, the whole policy in one screen)
+                     - a node of the live plan lost: the cheapest plan that keeps the SLOs, now
+                     - the live plan would miss the SLOs or run past `headroom`: the cheapest that keeps them
+                     - else a plan cheaper by at least `min_gain`, counting the move, that carries the
+                       whole forecast load at or under `scale_down_headroom` (scale-down judged on the
+                       survivors' load, and the band between the two headrooms stops flips)
+                     - else hold
+      6. gate        hysteresis (the same recommendation `hysteresis` ticks running), cooldown after a
+                     change; a lost node bypasses both. The plan is validated against the live plan
+                     (policies.review, the validator every plan passes) and handed to Agent.gate, the
+                     gate a person's plan goes through; the mode is the gate's: advisory -> suggest
+                     (never applied), confirm (asks `confirm(decision)`), auto
+      7. journal     the Decision: what was seen, forecast, considered, chosen and why
+
+What a plan costs is its nodes' price per hour (costmodel: nodes that carry no stage cost nothing).
+What a move costs: the layers that travel (PlanDelta weight bytes, plus the KV of the requests in
+flight) over each link's bandwidth, pairs in parallel, plus the expected pause; while it runs both
+plans' nodes are held and during the pause the old ones serve nothing. That cost is spread over
+the horizon: gain = (cost_now - cost_new) * horizon - move cost, as a fraction of cost_now * horizon.
+
+The load is the arrival rate (requests per second); a request's shape (prompt and output tokens)
+is the intent's traffic. A plan carries a load when its throughput at the intent's concurrency
+(the seats its KV reservation holds), in requests per second, is at least load / headroom, and the
+TTFT / TPOT the cost model predicts at the concurrency that load keeps busy (Little's law) are
+within the intent's bounds.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from policies import IntentSpec, ModelSpec, PlacementPlan, Policy
+from policies import Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, ValidatedPlan, review
+from policies.costmodel import Corrections, decode_context, estimate, node_price
 
 from .config import AutopilotConfig
+from .forecast import Holt
 from .target import Target
+
+GATE_MODE = {"advisory": "suggest", "confirm": "confirm", "auto": "auto"}   # autopilot mode -> Agent.gate mode
+MIN_SLO_SAMPLES = 5          # measured TTFT/TPOT feed the corrections only from this many requests in the window
 
 
 @dataclass
@@ -27,39 +63,402 @@ class Decision:
     action: str
     status: str
     reason: str
-    load: dict = field(default_factory=dict)          # measured now: arrival rate, tokens/s, queue, TTFT/TPOT
-    forecast: dict = field(default_factory=dict)      # rate over the horizon (level, trend, peak)
+    load: dict = field(default_factory=dict)          # measured now: arrival rate, tokens/s, queue, running
+    forecast: dict = field(default_factory=dict)      # rate over the horizon (level, trend, peak, the rate planned for)
     current: PlacementPlan | None = None
     chosen: PlacementPlan | None = None
-    alternatives: list[dict] = field(default_factory=list)   # each: plan summary, cost, predicted SLOs, why not
-    predicted: dict = field(default_factory=dict)     # the current plan's predicted TTFT/TPOT at the forecast
-    measured: dict = field(default_factory=dict)      # TTFT/TPOT p50/p99 measured in the window
+    alternatives: list[dict] = field(default_factory=list)   # each: plan, cost, capacity, predicted SLOs, verdict
+    predicted: dict = field(default_factory=dict)     # the current plan's predicted TTFT/TPOT at the load now
+    measured: dict = field(default_factory=dict)      # TTFT/TPOT p50/p99 measured in the window (ms)
     streak: int = 0                                   # consecutive ticks with this recommendation
+    lost: dict = field(default_factory=dict)          # node -> why it cannot serve
+    validation: str = ""                              # the validator's report on the chosen plan
     apply: dict | None = None                         # the Target's apply report
 
     @property
     def applied(self) -> bool:
         return self.status == "applied"
 
+    def as_json(self) -> dict:
+        """JSON-ready, for the journal and `--json`."""
+        return {"t": self.t, "action": self.action, "status": self.status, "reason": self.reason,
+                "load": self.load, "forecast": self.forecast,
+                "current": self.current.summary() if self.current else None,
+                "chosen": self.chosen.summary() if self.chosen else None,
+                "chosen_plan": self.chosen.model_dump(mode="json", exclude={"estimates"}) if self.chosen else None,
+                "alternatives": self.alternatives, "predicted": self.predicted, "measured": self.measured,
+                "streak": self.streak, "lost": self.lost, "validation": self.validation, "apply": self.apply}
+
+
+@dataclass
+class Assessment:
+    """A plan at a load: what it costs, what it can carry, and the TTFT/TPOT predicted at that load."""
+    plan: PlacementPlan
+    cost: float                 # price per hour of the nodes it uses
+    capacity_rps: float         # requests per second at the intent's concurrency
+    util: float                 # load / capacity
+    concurrency: int            # sequences the load keeps busy (Little's law)
+    ttft_ms: float
+    tpot_ms: float
+    slo_ok: bool
+
+    def keeps(self, headroom: float) -> bool:
+        """Whether the plan keeps the SLOs with the load at or under `headroom` of its capacity."""
+        return self.slo_ok and self.util <= headroom
+
+    def row(self) -> dict:
+        return {"plan": self.plan.summary(), "nodes": len(set(self.plan.nodes)), "cost_per_hour": round(self.cost, 4),
+                "capacity_rps": round(self.capacity_rps, 3), "util": round(self.util, 3),
+                "concurrency": self.concurrency, "ttft_ms": round(self.ttft_ms, 1), "tpot_ms": round(self.tpot_ms, 2),
+                "slo_ok": self.slo_ok}
+
+
+class _TargetExecutor:
+    """The Target seen as an Agent's executor (`.plan`, `.reconfigure`), so plans pass Agent.gate."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    @property
+    def plan(self) -> PlacementPlan | None:
+        return self.target.live_plan()
+
+    def reconfigure(self, validated: ValidatedPlan, method: str = "live") -> dict:
+        rep = dict(self.target.apply(validated))
+        rep.setdefault("state", "done" if rep.get("ok") else "aborted")
+        return rep
+
 
 class Autopilot:
-    """The controller over one service: `tick()` is one interval, `run(stop)` loops until stop is set."""
+    """The controller over one service: `tick()` is one interval, `run(stop)` loops until stop is set.
+
+    intent: what the operator asked (its SLOs, data class and traffic shape; never changed here).
+    groups_in_flight: None as the engine runs by default (one group of requests per stage), or a fixed count.
+    confirm(decision) -> bool is asked in confirm mode. journal: an agent.journal.Journal, or None.
+    """
 
     def __init__(self, target: Target, intent: IntentSpec, policy: Policy, model: ModelSpec,
                  config: AutopilotConfig | None = None, journal: Any = None,
                  confirm: Callable[[Decision], bool] | None = None, *, profiles: Any = None,
-                 corrections: Any = None, prices: dict[str, float] | None = None, groups_in_flight: int = 1):
+                 corrections: Corrections | None = None, prices: dict[str, float] | None = None,
+                 groups_in_flight: int | None = None):
         self.target, self.intent, self.policy, self.model = target, intent, policy, model
         self.config = config or AutopilotConfig()
         self.journal, self.confirm = journal, confirm
-        self.profiles, self.corrections, self.prices = profiles, corrections, prices
-        self.groups_in_flight = groups_in_flight
+        self.profiles, self.prices, self.groups_in_flight = profiles, prices, groups_in_flight
+        self.corrections = corrections if corrections is not None else Corrections()
+        self.forecaster = Holt(self.config.alpha, self.config.beta, self.config.damping_s)
         self.decisions: list[Decision] = []
+        self._candidates: tuple[str, list[PlacementPlan]] | None = None   # (cluster state + lost, plans)
+        self._recommendation: str | None = None      # what the last tick recommended, and for how many ticks
+        self._streak = 0
+        self._last_change: float | None = None       # when the last change was applied
+        self._pause_s = self.config.pause_s          # expected switch pause, then the last one measured
+        self._pending: Decision | None = None
+        self._journal("autopilot", {"event": "start", "config": self.config.as_dict(),
+                                    "intent": intent.model_dump(mode="json")})
 
-    def tick(self) -> Decision:
-        """One interval: read the snapshot, forecast, decide, and (as the mode allows) apply."""
-        raise NotImplementedError("the decision lands in the next commit")
+    # ------------------------------------------------------------------ the loop
 
     def run(self, stop: threading.Event, on_decision: Callable[[Decision], None] | None = None) -> None:
-        """Tick every interval until `stop` is set."""
-        raise NotImplementedError("the loop lands in the next commit")
+        """Tick every interval until `stop` is set (wall clock: for a live server)."""
+        while not stop.is_set():
+            d = self.tick()
+            if on_decision:
+                on_decision(d)
+            stop.wait(self.config.interval_s)
+        self._journal("autopilot", {"event": "stop", "decisions": len(self.decisions)})
+
+    def tick(self) -> Decision:
+        """One interval: observe, forecast, assess, choose, gate, journal."""
+        cfg = self.config
+        t = self.target.now()
+        snap, live, cluster = self.target.snapshot(), self.target.live_plan(), self.target.cluster()
+        lost = self._lost(cluster, live)
+        load, measured = _read_load(snap, cfg.window)
+        self.forecaster.observe(t, load["arrival_rate"])
+        rate_now = load["arrival_rate"]
+        # plan for the peak the horizon may bring, plus the backlog the queue holds, drained over the horizon
+        rate = max(cfg.min_rate, self.forecaster.peak(cfg.horizon_s) + load["queue"] / cfg.horizon_s)
+        forecast = {"level": self.forecaster.level, "trend_per_s": self.forecaster.trend,
+                    "at_horizon": self.forecaster.forecast(cfg.horizon_s), "rate": rate, "horizon_s": cfg.horizon_s}
+        if live is None:
+            return self._record(Decision(t, "hold", "held", "nothing serves: the autopilot adapts a running plan",
+                                         load, forecast, lost=lost))
+        self._correct(live, cluster, load, measured)
+        now_view = self._assess(live, cluster, rate_now)
+        predicted = {"ttft_ms": now_view.ttft_ms, "tpot_ms": now_view.tpot_ms, "util": now_view.util,
+                     "capacity_rps": now_view.capacity_rps}
+        plans = self._plans(cluster, lost)
+        assessed = [self._assess(p, cluster, rate) for p in plans]
+        current = self._assess(live, cluster, rate)
+        action, choice, reason, rows = self._choose(current, assessed, lost, cluster, load)
+        d = Decision(t, action, "held", reason, load, forecast, live, choice.plan if choice else None, rows,
+                     predicted, measured, lost=lost)
+        return self._record(self._gate(d, choice, cluster, live, bool(lost)))
+
+    # ------------------------------------------------------------------ observe
+
+    def _lost(self, cluster: Cluster, live: PlacementPlan | None) -> dict[str, str]:
+        """Nodes that cannot serve: down or draining in the cluster, or named by the Target's lost_nodes()."""
+        lost = {n.name: n.state for n in cluster.nodes if n.state != "up"}
+        extra = getattr(self.target, "lost_nodes", None)
+        if callable(extra):
+            lost.update(extra())
+        return lost
+
+    def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict) -> None:
+        """Fold the measured TTFT/TPOT (p50) into the corrections, against the raw estimate at the measured load
+        (Dynamo's measured / expected)."""
+        if min(measured.get("ttft_n", 0), measured.get("tpot_n", 0)) < MIN_SLO_SAMPLES:
+            return
+        if not (measured.get("ttft_p50_ms") and measured.get("tpot_p50_ms")):
+            return
+        conc = max(1, min(self.intent.traffic.concurrency, round(load["running"] or 1)))
+        raw = estimate(live, cluster, self.model, self.intent.traffic.model_copy(update={"concurrency": conc}),
+                       self.prices, self.profiles, None, self._groups(live))
+        self.corrections.observe_plan(raw, measured["ttft_p50_ms"], measured["tpot_p50_ms"])
+
+    # ------------------------------------------------------------------ candidates and their assessment
+
+    def _groups(self, plan: PlacementPlan) -> int:
+        return self.groups_in_flight or len(plan.stages)
+
+    def _plans(self, cluster: Cluster, lost: dict[str, str]) -> list[PlacementPlan]:
+        """The planner's plans for this cluster state, lost nodes excluded: for k = 1..max_stages, the cheapest
+        and the fastest with at most k stages. Planned once per cluster state: the load only changes which wins."""
+        from ..planner import Infeasible, plan as make_plan
+        key = cluster.fingerprint() + "|" + ",".join(sorted(lost))
+        if self._candidates is not None and self._candidates[0] == key:
+            return self._candidates[1]
+        spec = self._planning_intent(lost)
+        found: dict[str, PlacementPlan] = {}
+        for k in range(1, self.config.max_stages + 1):
+            for objective in ("cost", "throughput"):
+                try:
+                    p = make_plan(spec.model_copy(update={"objective": objective}), cluster, self.policy, self.model,
+                                  max_stages=k, prices=self.prices, profiles=self.profiles,
+                                  groups_in_flight=self.groups_in_flight or k)
+                except Infeasible:
+                    continue
+                found.setdefault(p.plan.placement_key(), p.plan.model_copy(update={"intent": spec}))
+        self._candidates = (key, list(found.values()))
+        return self._candidates[1]
+
+    def _planning_intent(self, lost: dict[str, str]) -> IntentSpec:
+        """The operator's intent with the lost nodes excluded (the service's cluster state stays as it is)."""
+        if not lost:
+            return self.intent
+        return self.intent.model_copy(update={"exclude_nodes": tuple(dict.fromkeys(
+            self.intent.exclude_nodes + tuple(sorted(lost))))})
+
+    def _assess(self, plan: PlacementPlan, cluster: Cluster, rate: float) -> Assessment:
+        """A plan at `rate` requests per second (see the module docstring)."""
+        t = self.intent.traffic
+        g = self._groups(plan)
+        speed = dict(prices=self.prices, profiles=self.profiles, corrections=self.corrections, groups_in_flight=g)
+        full = estimate(plan, cluster, self.model, t, **speed)
+        capacity = full.throughput_tok_s / t.output_tokens
+        # Little's law: in flight = rate * time in the system; that time depends on how many are in flight
+        n, est = 1, None
+        for _ in range(8):
+            est = full if n == t.concurrency else estimate(plan, cluster, self.model,
+                                                           t.model_copy(update={"concurrency": n}), **speed)
+            busy = rate * (est.ttft_ms + (t.output_tokens - 1) * est.tpot_ms) / 1e3
+            nxt = max(1, min(t.concurrency, math.ceil(busy)))
+            if nxt == n:
+                break
+            n = nxt
+        slo = ((self.intent.max_ttft_ms is None or est.ttft_ms <= self.intent.max_ttft_ms)
+               and (self.intent.max_tpot_ms is None or est.tpot_ms <= self.intent.max_tpot_ms))
+        cost = sum(node_price(cluster.node(x), self.prices) for x in dict.fromkeys(plan.nodes))
+        util = rate / capacity if capacity > 0 else math.inf
+        return Assessment(plan, cost, capacity, util, n, est.ttft_ms, est.tpot_ms, slo)
+
+    def _move(self, live: PlacementPlan, new: PlacementPlan, cluster: Cluster, load: dict) -> tuple[float, float]:
+        """(seconds, price) of moving from `live` to `new`: the bytes each (src, dst) pair sends over its link,
+        pairs in parallel, plus the expected pause; the price holds both plans' nodes while it runs and
+        counts the old plan's nodes as serving nothing during the pause."""
+        from policies import PlanDelta
+        delta = PlanDelta.between(live, new, self.model)
+        in_flight_tokens = (load["running"] or 0) * decode_context(self.intent.traffic)
+        per_pair: dict[tuple[str, str], float] = {}
+        for r in delta.moves:
+            link = cluster.link(r.src, r.dst)
+            bw = (link.bandwidth_gbps * 1e9 / 8) if link else 1e9 / 8
+            lat = (link.latency_ms / 1e3) if link else 0.0
+            per_pair[(r.src, r.dst)] = per_pair.get((r.src, r.dst), lat) + \
+                (r.weight_bytes + r.kv_bytes_per_token * in_flight_tokens) / bw
+        seconds = max(per_pair.values(), default=0.0) + (self._pause_s if delta.changed else 0.0)
+        both = sum(node_price(cluster.node(x), self.prices) for x in dict.fromkeys(live.nodes + new.nodes)
+                   if cluster.has_node(x))
+        old = sum(node_price(cluster.node(x), self.prices) for x in dict.fromkeys(live.nodes) if cluster.has_node(x))
+        price = both * seconds / 3600 + old * self._pause_s / 3600
+        return seconds, price
+
+    # ------------------------------------------------------------------ choose: the whole policy
+
+    def _choose(self, current: Assessment, assessed: list[Assessment], lost: dict[str, str], cluster: Cluster,
+                load: dict) -> tuple[str, Assessment | None, str, list[dict]]:
+        """(action, the chosen assessment or None to hold, the reason, every alternative with its verdict)."""
+        cfg, live = self.config, current.plan
+        horizon_h = cfg.horizon_s / 3600
+        rows, scored = [], []
+        for a in assessed:
+            if a.plan.placement_key() == live.placement_key():
+                continue
+            move_s, move_price = self._move(live, a.plan, cluster, load)
+            total = a.cost * horizon_h + move_price                  # what the horizon costs on this plan
+            gain = ((current.cost * horizon_h - total) / (current.cost * horizon_h)) if current.cost > 0 else 0.0
+            scored.append((a, move_s, total, gain))
+        by_total = sorted(scored, key=lambda s: (s[2], len(set(s[0].plan.nodes)), -s[0].capacity_rps))
+        live_lost = [n for n in live.nodes if n in lost]
+
+        def table(chosen: Assessment | None, verdict) -> list[dict]:
+            out = [{**current.row(), "verdict": "current plan" + (" (chosen: hold)" if chosen is None else "")}]
+            for a, move_s, total, gain in scored:
+                out.append({**a.row(), "move_s": round(move_s, 3), "gain": round(gain, 4),
+                            "verdict": "chosen" if a is chosen else verdict(a, gain)})
+            return out
+
+        if live_lost:
+            ok = [s for s in by_total if s[0].keeps(cfg.headroom)]
+            pick = ok[0][0] if ok else max((s[0] for s in scored), key=lambda a: a.capacity_rps, default=None)
+            if pick is None:
+                return "replan", None, f"{', '.join(live_lost)} lost ({', '.join(lost[n] for n in live_lost)}) " \
+                    "and no valid plan avoids it", table(None, lambda a, g: "not valid")
+            why = ("the cheapest plan that keeps the SLOs at the forecast" if ok else
+                   "no plan keeps the SLOs at the forecast: the one with the most capacity")
+            return "replan", pick, f"{', '.join(live_lost)} lost ({', '.join(lost[n] for n in live_lost)}): {why}", \
+                table(pick, lambda a, g: "costs more" if a.keeps(cfg.headroom) else "would miss the SLOs or overload")
+        if not current.keeps(cfg.headroom):
+            miss = (f"the forecast {current.util:.0%} of its capacity is over the {cfg.headroom:.0%} headroom"
+                    if current.slo_ok else f"predicted TTFT {current.ttft_ms:.0f} ms / TPOT {current.tpot_ms:.1f} ms "
+                                           "miss the intent's bounds")
+            ok = [s for s in by_total if s[0].keeps(cfg.headroom)]
+            if ok:
+                pick = ok[0][0]
+                return "change", pick, f"scale up: on the live plan {miss}; the cheapest plan that keeps the " \
+                    f"SLOs carries it at {pick.util:.0%}", \
+                    table(pick, lambda a, g: "costs more" if a.keeps(cfg.headroom) else "would miss the SLOs or overload")
+            best = max((s[0] for s in scored), key=lambda a: a.capacity_rps, default=None)
+            if best is not None and best.capacity_rps > current.capacity_rps * (1 + cfg.min_gain):
+                return "change", best, f"scale up: on the live plan {miss}; no plan keeps the SLOs at the " \
+                    f"forecast, this one has the most capacity ({best.capacity_rps:.2f} req/s)", \
+                    table(best, lambda a, g: "less capacity")
+            return "hold", None, f"on the live plan {miss}, but no valid plan does better", \
+                table(None, lambda a, g: "no better")
+        # the live plan keeps the SLOs: is there a cheaper one that carries the whole load with margin?
+        cheaper = [s for s in by_total if s[0].keeps(cfg.scale_down_headroom) and s[3] >= cfg.min_gain]
+        if cheaper:
+            pick, _, _, gain = cheaper[0]
+            return "change", pick, f"consolidate: {pick.plan.summary()} carries the forecast alone at " \
+                f"{pick.util:.0%} of its capacity (under the {cfg.scale_down_headroom:.0%} scale-down headroom) " \
+                f"and saves {gain:.0%} of the cost over the horizon, the move counted", \
+                table(pick, lambda a, g: _why_not(a, g, cfg))
+        return "hold", None, f"the live plan keeps the SLOs at the forecast ({current.util:.0%} of its capacity) " \
+            "and no plan is cheaper by the gain threshold with the survivors' load under the scale-down headroom", \
+            table(None, lambda a, g: _why_not(a, g, cfg))
+
+    # ------------------------------------------------------------------ gate
+
+    def _gate(self, d: Decision, choice: Assessment | None, cluster: Cluster, live: PlacementPlan,
+              urgent: bool) -> Decision:
+        """Hysteresis and cooldown (a lost node bypasses both), then the validator and Agent.gate."""
+        cfg = self.config
+        key = choice.plan.placement_key() if choice else "hold"
+        self._streak = self._streak + 1 if key == self._recommendation else 1
+        self._recommendation = key
+        d.streak = self._streak
+        if choice is None:
+            d.status = "infeasible" if d.action == "replan" else "held"
+            return d
+        node_lost = d.action == "replan"
+        if not node_lost and self._last_change is not None and d.t - self._last_change < cfg.cooldown_s:
+            d.status = "cooldown"
+            d.reason += f" (cooling down: {cfg.cooldown_s - (d.t - self._last_change):.0f} s left)"
+            return d
+        if not node_lost and self._streak < cfg.hysteresis:
+            d.status = "waiting"
+            d.reason += f" (recommended {self._streak} of {cfg.hysteresis} ticks in a row)"
+            return d
+        spec = choice.plan.intent or self.intent
+        speed = dict(profiles=self.profiles, corrections=self.corrections, groups_in_flight=self._groups(choice.plan))
+        report, validated = review(choice.plan, cluster, self.policy, spec, self.model, current=live,
+                                   prices=self.prices, **speed)
+        d.validation = report.text()
+        if validated is None:
+            d.status = "rejected"
+            self._candidates = None          # plan again next tick: this state's candidates are not all valid
+            return d
+        self._pending = d                    # what confirm(decision) is asked about
+        out = self._agent(cluster).gate(validated.plan, spec, GATE_MODE[cfg.mode], validated=validated)
+        d.apply = out.reconfig
+        d.status = {"suggested": "advised", "applied": "applied", "declined": "declined", "rejected": "rejected",
+                    "unchanged": "held", "failed": "failed", "refused": "advised", "dry-run": "advised"}[out.status]
+        if out.status == "failed":
+            d.reason += f"; the apply failed: {out.message}"
+        if d.applied:
+            self._last_change = self.target.now()
+            self._streak, self._recommendation = 0, None
+            pause = (out.reconfig or {}).get("pause_ms")
+            if isinstance(pause, (int, float)) and pause > 0:
+                self._pause_s = pause / 1e3
+        return d
+
+    def _agent(self, cluster: Cluster):
+        from ..agent import Agent
+        return Agent(cluster, self.policy, executor=_TargetExecutor(self.target), model=self.model,
+                     mode=GATE_MODE[self.config.mode], use_llm=False,
+                     confirm=(lambda outcome: bool(self.confirm and self.confirm(self._pending))))
+
+    # ------------------------------------------------------------------ record
+
+    def _record(self, d: Decision) -> Decision:
+        self.decisions.append(d)
+        self._journal("decision", d.as_json())
+        if d.apply is not None:
+            self._journal("apply", {"t": d.t, "plan": d.chosen.summary() if d.chosen else None, "status": d.status,
+                                    "report": d.apply})
+        return d
+
+    def _journal(self, kind: str, data: dict) -> None:
+        if self.journal is not None:
+            self.journal.append(kind, data)
+
+    def why(self, at: float) -> Decision | None:
+        """The last change applied (or recommended, in advisory mode) at or before time `at`."""
+        acted = [d for d in self.decisions if d.t <= at and d.status in ("applied", "advised", "declined", "failed")]
+        return acted[-1] if acted else None
+
+
+def _why_not(a: Assessment, gain: float, cfg: AutopilotConfig) -> str:
+    if not a.slo_ok:
+        return "would miss the SLOs"
+    if a.util > cfg.scale_down_headroom:
+        return f"would carry the forecast at {a.util:.0%} of its capacity (over {cfg.scale_down_headroom:.0%})"
+    if gain <= 0:
+        return "costs more" if gain < 0 else "costs the same"
+    return f"saves {gain:.0%} only (under the {cfg.min_gain:.0%} threshold)"
+
+
+def _read_load(snap: dict, window: str) -> tuple[dict, dict]:
+    """The load and the measured SLOs from an /admin/stats document; raises ValueError naming what is missing."""
+    try:
+        w = snap["windows"][window]
+    except (KeyError, TypeError):
+        have = ", ".join((snap or {}).get("windows", {}) or ()) if isinstance(snap, dict) else type(snap).__name__
+        raise ValueError(f"telemetry snapshot has no window {window!r} (it has: {have or 'none'}); is telemetry on?") \
+            from None
+    now = snap.get("now") or {}
+    queue = now.get("queue_depth")
+    running = now.get("running")
+    load = {"arrival_rate": float(w["arrival_rate"]), "output_tokens_per_s": float(w.get("output_tokens_per_s", 0.0)),
+            "queue": float(queue if queue is not None else (w.get("queue_depth") or {}).get("mean") or 0),
+            "running": float(running if running is not None else (w.get("running") or {}).get("mean") or 0),
+            "window": window, "span_s": w.get("span_s")}
+    ttft, tpot = w.get("ttft_s") or {}, w.get("tpot_s") or {}
+    ms = lambda v: None if v is None else 1e3 * v  # noqa: E731
+    measured = {"ttft_p50_ms": ms(ttft.get("p50")), "ttft_p99_ms": ms(ttft.get("p99")), "ttft_n": ttft.get("n", 0),
+                "tpot_p50_ms": ms(tpot.get("p50")), "tpot_p99_ms": ms(tpot.get("p99")), "tpot_n": tpot.get("n", 0)}
+    return load, measured

@@ -9,9 +9,14 @@ and a negative load then looked like room to scale down to nothing).
 
     level_t = alpha * x_t + (1 - alpha) * (level_{t-1} + trend_{t-1} * dt)
     trend_t = beta * (level_t - level_{t-1}) / dt + (1 - beta) * trend_{t-1}
-    forecast(h) = max(0, level_t + trend_t * h)
+    forecast(h) = max(0, level_t + trend_t * tau * (1 - exp(-h / tau)))      (tau = damping_s)
 
-Observations may come at uneven times (dt in seconds), so the trend is per second.
+The trend is damped (Gardner & McKenzie's damped-trend method, in continuous time): projected
+undamped over a whole horizon, the noise of a measured arrival rate (a Poisson count over a short
+window) becomes swings of several times the load, and the controller would flip plans on them.
+With damping the projection is at most trend * tau; a real ramp still shows within a few ticks.
+damping_s=None projects the trend undamped. Observations may come at uneven times (dt in
+seconds), so the trend is per second.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class Holt:
     """Holt's linear forecaster over (time, value) observations; values and forecasts are >= 0."""
     alpha: float = 0.5
     beta: float = 0.3
+    damping_s: float | None = 60.0
     level: float | None = None
     trend: float = 0.0                  # per second
     last_t: float | None = None
@@ -34,6 +40,8 @@ class Holt:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"Holt.{name} must be in (0, 1], not {v!r}")
+        if self.damping_s is not None and not (isinstance(self.damping_s, (int, float)) and self.damping_s > 0):
+            raise ValueError(f"Holt.damping_s must be a positive number of seconds or None, not {self.damping_s!r}")
 
     def observe(self, t: float, x: float) -> None:
         """Fold in the value x measured at time t (seconds, increasing)."""
@@ -54,7 +62,10 @@ class Holt:
         """The expected value horizon_s seconds after the last observation, never below 0."""
         if self.level is None:
             raise ValueError("nothing observed yet: call observe() first")
-        return max(0.0, self.level + self.trend * horizon_s)
+        if self.damping_s is None:
+            return max(0.0, self.level + self.trend * horizon_s)
+        tau = self.damping_s
+        return max(0.0, self.level + self.trend * tau * -math.expm1(-horizon_s / tau))
 
     def peak(self, horizon_s: float) -> float:
         """The highest value expected over [now, now + horizon]: the trend is linear, so one end or the other."""

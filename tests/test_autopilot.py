@@ -1,0 +1,288 @@
+"""The autopilot's controller against a scripted Target: the local scenario's real cluster, policy and
+model spec, real plans from the planner, the real validator and Agent.gate; only the load is scripted
+(an /admin/stats-shaped snapshot) and apply moves the Target's live plan to the validated one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.autopilot import Autopilot, AutopilotConfig, AutopilotConfigError
+from agent.autopilot.config import read_intent_file
+from agent.journal import Journal
+from policies import IntentSpec, PlacementPlan, Stage, approve, load_cluster, load_model_spec, load_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = load_cluster(ROOT / "scenarios/local/cluster.yaml")
+POLICY = load_policy(ROOT / "scenarios/local/policy.yaml")
+MODEL = load_model_spec("smollm2-135m")
+INTENT = IntentSpec(data_class="internal", max_tpot_ms=400)
+
+
+def plan_of(*stages, cluster=CLUSTER, intent=INTENT) -> PlacementPlan:
+    p = PlacementPlan(model=MODEL.name, data_class=intent.data_class, cluster_fingerprint=cluster.fingerprint(),
+                      intent=intent, stages=tuple(Stage(node=n, first_layer=a, last_layer=b) for n, a, b in stages))
+    return approve(p, cluster, POLICY, intent, MODEL).plan
+
+
+TWO = [("edge-a", 0, 14), ("edge-b", 15, 29)]
+
+
+class ScriptedTarget:
+    """A Target whose load is scripted; apply accepts only a sealed ValidatedPlan, as a service does."""
+
+    def __init__(self, plan: PlacementPlan, cluster=CLUSTER):
+        self.t, self.rate, self.queue, self.plan, self._cluster = 0.0, 0.0, 0, plan, cluster
+        self.applied: list[str] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def snapshot(self) -> dict:
+        return {"now": {"queue_depth": self.queue, "running": 0},
+                "windows": {"10s": {"arrival_rate": self.rate, "output_tokens_per_s": 0.0, "span_s": 10.0,
+                                    "ttft_s": {"p50": None, "p99": None, "n": 0},
+                                    "tpot_s": {"p50": None, "p99": None, "n": 0}}}}
+
+    def live_plan(self) -> PlacementPlan:
+        return self.plan
+
+    def cluster(self):
+        return self._cluster
+
+    def apply(self, validated) -> dict:
+        validated.verify()                       # a forged or changed plan raises here
+        self.plan = validated.plan
+        self.applied.append(validated.plan.summary())
+        return {"ok": True, "state": "done", "pause_ms": 20.0}
+
+
+def pilot(target, mode="auto", journal=None, confirm=None, **knobs) -> Autopilot:
+    cfg = AutopilotConfig(**{"mode": mode, "hysteresis": 3, "cooldown_s": 60.0, **knobs})
+    return Autopilot(target, INTENT, POLICY, MODEL, cfg, journal=journal, confirm=confirm)
+
+
+def run(ap, target, rates, dt=10.0):
+    out = []
+    for r in rates:
+        target.rate = r
+        out.append(ap.tick())
+        target.t += dt
+    return out
+
+
+def capacity(ap, *stages) -> float:
+    """What the controller's own cost model says a plan carries (requests per second)."""
+    return ap._assess(plan_of(*stages), CLUSTER, 0.0).capacity_rps
+
+
+# ------------------------------------------------------------------ hysteresis, cooldown, no flips
+
+def test_hysteresis_acts_only_after_n_consecutive_ticks():
+    tg = ScriptedTarget(plan_of(*TWO))
+    ap = pilot(tg, hysteresis=3)
+    ds = run(ap, tg, [0.05] * 2)
+    assert [d.status for d in ds] == ["waiting", "waiting"] and tg.applied == []
+    ds += run(ap, tg, [0.05] * 2)
+    assert ds[2].status == "applied" and ds[2].action == "change" and "consolidate" in ds[2].reason
+    assert len(tg.plan.stages) == 1 and tg.applied == [tg.plan.summary()]
+    assert ds[3].status == "held"
+    assert [d.streak for d in ds[:3]] == [1, 2, 3]
+
+
+def test_a_recommendation_that_changes_restarts_the_count():
+    tg = ScriptedTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=2, alpha=1.0, beta=0.01)
+    one = capacity(ap, ("edge-a", 0, 29))
+    # over the headroom on one node, then back to idle, then over again: never two in a row
+    ds = run(ap, tg, [one * 0.95, 0.0, one * 0.95, 0.0])
+    assert tg.applied == [] and all(d.status in ("waiting", "held") for d in ds)
+    assert [d.streak for d in ds if d.status == "waiting"] == [1, 1]
+
+
+def test_cooldown_after_a_change():
+    tg = ScriptedTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=1, cooldown_s=60.0, alpha=1.0, beta=0.01)
+    one = capacity(ap, ("edge-a", 0, 29))
+    ds = run(ap, tg, [one * 0.95])                       # spread out at once (hysteresis 1)
+    assert ds[0].status == "applied" and len(tg.plan.stages) > 1
+    ds = run(ap, tg, [0.0] * 8)         # idle at t = 10, 20, ...: consolidating waits until t = 60
+    assert [d.status for d in ds[:5]] == ["cooldown"] * 5 and "cooling down" in ds[0].reason
+    assert ds[5].status == "applied" and ds[5].t == 60.0 and len(tg.plan.stages) == 1
+    assert len(tg.applied) == 2
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.65, 0.75, 0.9])
+@pytest.mark.parametrize("start", ["one", "two"])
+def test_no_flips_under_constant_load(share, start):
+    """A constant rate, measured as a Poisson count over the 10 s window (the noise a real service shows)."""
+    import numpy as np
+    tg = ScriptedTarget(plan_of(*TWO) if start == "two" else plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=3, cooldown_s=60.0)
+    rate = share * capacity(ap, ("edge-a", 0, 29))
+    run(ap, tg, list(np.random.default_rng(7).poisson(rate * 10, size=40) / 10))
+    # at most one change, to the plan that suits the load, then it stays
+    assert len(tg.applied) <= 1, tg.applied
+
+
+# ------------------------------------------------------------------ elastic: consolidate, spread, survivors
+
+def test_scale_down_is_judged_on_the_load_the_survivors_carry():
+    tg = ScriptedTarget(plan_of(*TWO))
+    ap = pilot(tg, hysteresis=1, alpha=1.0, beta=0.01)
+    one, two = capacity(ap, ("edge-a", 0, 29)), capacity(ap, *TWO)
+    rate = 0.7 * one        # each of the two nodes is far from busy, but one node alone would run at 70%
+    assert rate / two < 0.8
+    d = run(ap, tg, [rate])[0]
+    assert d.status == "held" and tg.applied == []
+    single = [a for a in d.alternatives if a["nodes"] == 1]
+    assert single and all("over 60%" in a["verdict"] for a in single), single
+    # at 40% for the survivor it consolidates
+    d = run(ap, tg, [0.4 * one])[0]
+    assert d.status == "applied" and len(set(tg.plan.nodes)) == 1
+
+
+def test_spreads_when_load_rises_and_consolidates_when_it_falls():
+    tg = ScriptedTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=2, cooldown_s=30.0)
+    one = capacity(ap, ("edge-a", 0, 29))
+    run(ap, tg, [0.2 * one] * 3 + [1.0 * one] * 6)
+    assert len(tg.plan.stages) > 1 and tg.applied
+    spread = len(tg.applied)
+    run(ap, tg, [0.0] * 12)
+    assert len(tg.plan.stages) == 1 and len(tg.applied) == spread + 1
+
+
+def test_idle_service_shrinks_to_one_node():
+    tg = ScriptedTarget(plan_of(("edge-a", 0, 9), ("edge-b", 10, 19), ("cloud-1", 20, 29)))
+    ap = pilot(tg, hysteresis=2)
+    run(ap, tg, [0.0] * 3)
+    assert len(tg.plan.stages) == 1
+
+
+# ------------------------------------------------------------------ node loss
+
+def test_node_draining_replans_at_once_bypassing_hysteresis_and_cooldown():
+    tg = ScriptedTarget(plan_of(*TWO))
+    ap = pilot(tg, hysteresis=5, cooldown_s=600.0, min_rate=0.0)
+    ap._last_change = 0.0                                 # as if a change was just applied
+    tg._cluster = CLUSTER.with_state("edge-b", "draining")
+    d = run(ap, tg, [0.1])[0]
+    assert d.action == "replan" and d.status == "applied" and d.streak == 1
+    assert "edge-b" not in tg.plan.nodes and "edge-b lost (draining)" in d.reason
+    assert d.lost == {"edge-b": "draining"}
+
+
+def test_a_lost_idle_node_changes_nothing():
+    tg = ScriptedTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=1)
+    tg._cluster = CLUSTER.with_state("cloud-1", "down")
+    d = run(ap, tg, [0.05])[0]
+    assert d.action == "hold" and tg.applied == [] and d.lost == {"cloud-1": "down"}
+
+
+def test_lost_nodes_from_the_target_are_planned_around():
+    class DeadWorker(ScriptedTarget):
+        def lost_nodes(self):
+            return {"edge-b": "dead: process exited with code -9"}
+    tg = DeadWorker(plan_of(*TWO))
+    d = run(pilot(tg, hysteresis=4), tg, [0.1])[0]
+    assert d.status == "applied" and "edge-b" not in tg.plan.nodes
+    assert "edge-b" in tg.plan.intent.exclude_nodes     # the validator's exclusions rule keeps it off
+
+
+# ------------------------------------------------------------------ modes and the gate
+
+def test_advisory_never_acts():
+    tg = ScriptedTarget(plan_of(*TWO))
+    ap = pilot(tg, mode="advisory", hysteresis=1)
+    one = capacity(ap, ("edge-a", 0, 29))
+    ds = run(ap, tg, [0.0] * 3 + [one] * 3)
+    tg._cluster = CLUSTER.with_state("edge-a", "draining")
+    ds += run(ap, tg, [0.1] * 2)
+    assert tg.applied == [] and tg.plan.summary() == plan_of(*TWO).summary()
+    assert "advised" in {d.status for d in ds} and not any(d.applied for d in ds)
+    assert ap.why(tg.t).status == "advised"
+
+
+def test_confirm_asks_with_the_decision_and_a_no_applies_nothing():
+    asked = []
+    tg = ScriptedTarget(plan_of(*TWO))
+    ap = pilot(tg, mode="confirm", hysteresis=1, confirm=lambda d: asked.append(d) or False)
+    d = run(ap, tg, [0.0])[0]
+    assert d.status == "declined" and tg.applied == [] and asked == [d] and asked[0].chosen is not None
+    ap.confirm = lambda d: True
+    d = run(ap, tg, [0.0])[0]
+    assert d.status == "applied" and len(tg.plan.stages) == 1
+
+
+def test_a_plan_the_validator_rejects_is_never_applied():
+    """However a candidate comes about, it passes the validator before the gate: here one on a node the
+    intent excludes (a bug in candidate generation must not reach the service)."""
+    intent = INTENT.model_copy(update={"exclude_nodes": ("cloud-1",)})
+    bad = PlacementPlan(model=MODEL.name, data_class="internal", cluster_fingerprint=CLUSTER.fingerprint(),
+                        intent=intent, stages=(Stage(node="cloud-1", first_layer=0, last_layer=29),))
+
+    class BadCandidates(Autopilot):
+        def _plans(self, cluster, lost):
+            return [bad]
+    tg = ScriptedTarget(plan_of(*TWO, intent=intent))
+    ap = BadCandidates(tg, intent, POLICY, MODEL, AutopilotConfig(mode="auto", hysteresis=1))
+    ds = run(ap, tg, [0.0] * 3)
+    assert tg.applied == [] and {d.status for d in ds} == {"rejected"}
+    assert "[exclusions]" in ds[0].validation
+
+
+# ------------------------------------------------------------------ the journal and the decision's content
+
+def test_every_decision_is_journaled_with_what_was_seen_and_considered(tmp_path):
+    j = Journal(tmp_path / "journal.jsonl")
+    tg = ScriptedTarget(plan_of(*TWO))
+    ap = pilot(tg, journal=j, hysteresis=2)
+    run(ap, tg, [0.05] * 3)
+    decisions = j.entries(kinds={"decision"})
+    assert len(decisions) == 3 and j.verify().ok
+    last = decisions[1]["data"]
+    assert last["status"] == "applied" and last["forecast"]["rate"] >= 0 and last["load"]["arrival_rate"] == 0.05
+    verdicts = [a["verdict"] for a in last["alternatives"]]
+    assert "chosen" in verdicts and any(v.startswith("current plan") for v in verdicts)
+    assert len(j.entries(kinds={"apply"})) == 1 and j.entries(kinds={"autopilot"})
+
+
+def test_a_snapshot_without_the_window_is_a_clear_error():
+    tg = ScriptedTarget(plan_of(*TWO))
+    tg.snapshot = lambda: {"windows": {"60s": {}}}
+    with pytest.raises(ValueError, match="no window '10s' .*60s"):
+        pilot(tg).tick()
+
+
+# ------------------------------------------------------------------ knobs
+
+@pytest.mark.parametrize("knobs, field, value", [
+    ({"hysteresis": 0}, "autopilot.hysteresis", "0"),
+    ({"mode": "yolo"}, "autopilot.mode", "'yolo'"),
+    ({"headroom": 1.5}, "autopilot.headroom", "1.5"),
+    ({"interval_s": -1}, "autopilot.interval_s", "-1"),
+    ({"scale_down_headroom": 0.9, "headroom": 0.8}, "autopilot.scale_down_headroom", "0.9"),
+    ({"window": "5m"}, "autopilot.window", "'5m'"),
+    ({"bogus": 1}, "autopilot.bogus", "unknown knob"),
+])
+def test_bad_knobs_name_the_knob_and_value(knobs, field, value):
+    with pytest.raises(AutopilotConfigError) as e:
+        AutopilotConfig.from_dict(knobs, "intent.md")
+    assert field in str(e.value) and value in str(e.value) and str(e.value).startswith("intent.md")
+
+
+def test_knobs_from_the_front_matter_with_file_and_line(tmp_path):
+    f = tmp_path / "intent.md"
+    f.write_text("---\ncluster: c.yaml\nautopilot:\n  mode: auto\n  cooldown_s: 30\n  hysteresis: two\n"
+                 "policy: p.yaml\n---\nKeep it running.\n")
+    with pytest.raises(AutopilotConfigError, match=r"intent.md:6: autopilot.hysteresis: 'two'"):
+        read_intent_file(f)
+    intent_file, cfg = read_intent_file(f, hysteresis=2, mode=None)
+    assert (cfg.mode, cfg.cooldown_s, cfg.hysteresis) == ("auto", 30.0, 2)
+    assert intent_file.front == {"cluster": "c.yaml", "policy": "p.yaml"} and intent_file.body == "Keep it running."
+    # the intent file's own errors keep their line numbers
+    f.write_text("---\nautopilot:\n  mode: auto\nbogus: 1\n---\nx\n")
+    with pytest.raises(Exception, match=r"intent.md:4: bogus"):
+        read_intent_file(f)
