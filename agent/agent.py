@@ -345,6 +345,15 @@ class Agent:
             self.applied = self.applied[:-2]   # gate pushed the plan we rolled away from; drop both
         return out
 
+    # ------------------------------------------------------------ the closed loop (agent/autopilot)
+
+    def autopilot(self, intent: IntentSpec | str, target: Any = None, config: Any = None, journal: Any = None,
+                  **kw: Any):
+        """A controller that keeps the service inside `intent` (an IntentSpec, or text to parse) as load and nodes
+        change; target: an agent.autopilot Target (default: over this agent's executor). Call tick() or run(stop)."""
+        from .autopilot import autopilot_for
+        return autopilot_for(self, intent, target, config, journal, **kw)
+
     # ------------------------------------------------------------ the chat path: the LLM with tools
 
     def chat(self, message: str, history: list[BaseMessage] | None = None, mode: str | None = None,

@@ -542,6 +542,8 @@ from .cli_speed import register as _register_speed  # noqa: E402  (calibrate, si
 _register_speed(app, bench_app)
 from .journal_cli import register as _register_journal  # noqa: E402  (journal, journal verify, bench adapt --sim)
 _register_journal(app, bench_app)
+from .autopilot.cli import register as _register_autopilot  # noqa: E402  (autopilot: the closed loop, issue 16)
+_register_autopilot(app, bench_app)
 
 
 def main() -> None:

@@ -10,4 +10,18 @@ from .controller import Autopilot, Decision
 from .forecast import Holt
 from .target import Target
 
-__all__ = ["MODES", "Autopilot", "AutopilotConfig", "AutopilotConfigError", "Decision", "Holt", "Target"]
+__all__ = ["MODES", "Autopilot", "autopilot_for", "AutopilotConfig", "AutopilotConfigError", "Decision", "Holt", "Target"]
+
+
+def autopilot_for(agent, intent, target=None, config=None, journal=None, **kw) -> Autopilot:
+    """Agent.autopilot: an Autopilot with the agent's cluster, policy, model and confirm callback.
+    config: an AutopilotConfig, or None for the defaults in the agent's mode (read-only/suggest -> advisory)."""
+    from policies import IntentSpec
+
+    from .server_target import target_for
+    spec = intent if isinstance(intent, IntentSpec) else agent.parse(intent)
+    if config is None:
+        config = AutopilotConfig(mode={"confirm": "confirm", "auto": "auto"}.get(agent.mode, "advisory"))
+    confirm = kw.pop("confirm", None) or ((lambda d: bool(agent.confirm(d))) if agent.confirm else None)
+    return Autopilot(target or target_for(agent.executor, agent.cluster), spec, agent.policy, agent.model_for(spec),
+                     config, journal=journal, confirm=confirm, **kw)

@@ -3,8 +3,12 @@
     ServerTarget   (agent/autopilot/server_target.py) HTTP against `continuo serve` (admin token)
     SimTarget      (policies/simulator.py side, by the simulator's owner) simulated time and load
 
-The controller (agent/autopilot/controller.py) only ever calls these five methods; a Target is a
-mechanism and decides nothing.
+The controller (agent/autopilot/controller.py) only ever calls these five methods, and one optional
+one: `lost_nodes() -> dict[str, str]` (node -> why), nodes that cannot serve although cluster()
+says they are up: a dead worker, or a node the cluster file now marks draining, while the service
+still validates against the cluster state it was started with. The controller plans around them
+(the intent's exclusions), as it does around nodes cluster() marks down or draining. A Target is
+a mechanism and decides nothing.
 """
 from __future__ import annotations
 
