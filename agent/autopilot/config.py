@@ -17,6 +17,7 @@ A bad value is an error that names the knob and the value (AutopilotConfigError)
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ class AutopilotConfig:
     alpha: float = 0.3              # forecaster: level smoothing
     beta: float = 0.1               # forecaster: trend smoothing
     damping_s: float = 60.0         # forecaster: the trend's projection fades with this time constant
-    window: str = "10s"             # the /admin/stats window the load is read from
+    window: str = "10s"             # the /admin/stats window the load is read from (a service keeps 10s and 60s)
     max_stages: int = 8             # the planner's bound on stages
     pause_s: float = 0.05           # expected pause of a switch until one has been measured
     min_rate: float = 0.0           # arrivals per second assumed at least (0: an idle service may shrink to one node)
@@ -82,8 +83,8 @@ class AutopilotConfig:
         if self.scale_down_headroom > self.headroom:
             bad("scale_down_headroom", f"must not exceed headroom ({self.headroom}): without the band between "
                                        "them a plan could flip back and forth under constant load")
-        if self.window not in ("10s", "60s"):
-            bad("window", "must be one of the telemetry windows: 10s, 60s")
+        if not (isinstance(self.window, str) and re.fullmatch(r"\d+(\.\d+)?s", self.window)):
+            bad("window", "must name a telemetry window as /admin/stats does, e.g. 10s or 60s")
 
     @classmethod
     def from_dict(cls, data: Any, source: str | None = None, lines: dict[str, int] | None = None,
