@@ -193,19 +193,85 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
                            "layer_ms": [[round(v, 4) for v in row] for row in layer_dec]})
 
 
+def _existing(model_name: str, kind: str, node: str | None, folder) -> Path | None:
+    from policies.profile import load_profiles
+    for p in load_profiles(folder).profiles:
+        if p.model == model_name and (p.node == node if node and p.node else p.kind == kind and not p.node):
+            return Path(folder or default_dir()) / p.file_name()
+    return None
+
+
 def ensure_profile(config: ModelConfig, model_name: str, device: str, threads: int | None = None,
                    kind: str | None = None, node: str | None = None, folder: str | Path | None = None,
-                   log=print) -> Path:
-    """The hook for a worker at start: calibrate and save unless a profile for this model and node
-    (or its kind) is already in the folder. Returns the profile's path."""
-    from policies.profile import load_profiles
+                   log=print, dtype: str = "float32", **grid) -> Path:
+    """Calibrate and save unless a profile for this model and node (or its kind) is already in the
+    folder; returns the profile's path. Several workers of one kind starting at once on one host
+    calibrate once: the first takes a lock file in the folder, the others wait for it and then find
+    its profile (and their timings do not disturb its measurement). `grid`: calibrate()'s tables."""
+    import fcntl
     k = kind or gpu_kind(device)
-    have = load_profiles(folder)
-    for p in have.profiles:
-        if p.model == model_name and (p.node == node if node and p.node else p.kind == k and not p.node):
-            return Path(folder or default_dir()) / p.file_name()
-    prof = calibrate(config, model_name, device, threads, k, node, log=log)
-    return save_profile(prof, folder)
+    found = _existing(model_name, k, node, folder)
+    if found is not None:
+        return found
+    d = Path(folder) if folder is not None else default_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".calibrate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)          # released when the file closes, also if we die
+        found = _existing(model_name, k, node, folder)
+        if found is not None:
+            return found
+        prof = calibrate(config, model_name, device, threads, k, node, dtype=dtype, log=log, **grid)
+        return save_profile(prof, d)
+
+
+# At worker start the grid is smaller than `continuo calibrate`'s: the sizes an engine with its default
+# limits reaches (16 running requests, 512-token prefill chunks), three timings per point. It takes a
+# few seconds for SmolLM2 on one CPU thread; `continuo calibrate` measures a finer grid when wanted.
+START_GRID = dict(decode_batch=(1, 4, 16), decode_context=(64, 512), prefill_tokens=(32, 128, 512),
+                  head_rows=(1, 4, 16), repeats=3)
+AT_START_ENV = "CONTINUO_CALIBRATE_AT_START"    # 0 / false / no / off: a worker never calibrates itself
+
+
+def model_name_of(config: ModelConfig) -> str | None:
+    """The shipped model spec whose shape `config` has (profiles are per model name), else None."""
+    from policies.modelspec import builtin_models
+    shape = lambda c: (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,  # noqa: E731
+                       c.num_kv_heads, c.head_dim)
+    for name in sorted(builtin_models()):
+        if shape(model_config(name)) == shape(config):
+            return name
+    return None
+
+
+def at_worker_start(config: ModelConfig, device: str, threads: int | None, node: str, dtype: str = "float32",
+                    log=None) -> Path | None:
+    """The worker's hook after it loads a stage: make sure a profile of this model on this node's
+    kind exists (calibrating it now if not, on this device, at the worker's thread count). Skipped,
+    returning None, when $CONTINUO_CALIBRATE_AT_START says so or the model is no shipped spec (a
+    profile is found by the plan's model name, which the worker only knows for those)."""
+    if os.environ.get(AT_START_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    name = model_name_of(config)
+    if name is None:
+        if log:
+            log(f"{node}: no calibration at start: the model matches no shipped spec")
+        return None
+    from policies.loading import InputError
+    t0 = time.perf_counter()
+    try:
+        path = ensure_profile(config, name, device, threads, node=None, log=log, dtype=dtype, **START_GRID)
+    except (InputError, OSError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        # the stage is loaded and can serve: a calibration that cannot run (a bad profile file in the
+        # folder, a read-only folder, no memory to spare) leaves the cost model on datasheet figures
+        if log:
+            log(f"{node}: no calibration at start: {type(e).__name__}: {e}")
+        return None
+    finally:
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    if log:
+        log(f"{node}: profile of {name} on this node's kind: {path} ({time.perf_counter() - t0:.1f} s)")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,12 @@ class Worker:
         self.cfg = src.config
         self.stage = build_stage(src, msg.start, msg.end, msg.num_kv_blocks, msg.block_size, getattr(torch, msg.dtype),
                                  self.device)
+        # --- calibration at start: a profile of this model on this node's kind, measured here once
+        # (seconds) if none exists yet; $CONTINUO_CALIBRATE_AT_START=0 turns it off (executor/calibrate.py)
+        from .calibrate import at_worker_start
+        at_worker_start(self.cfg, str(self.device), self.threads, self.node, msg.dtype,
+                        log=lambda m: print(f"continuo worker {m}", file=sys.stderr, flush=True))
+        # --- end of calibration at start
         return Reply(True, self.info())
 
     def step(self, msg: Step) -> None:

@@ -55,3 +55,75 @@ def test_model_config_errors_and_kind():
     with pytest.raises(InputError, match="--model"):
         model_config("no-such-model")
     assert gpu_kind("cpu") == "CPU"
+
+
+# --- calibration at worker start ------------------------------------------------------------------
+
+SMALL = dict(decode_batch=(1, 2), decode_context=(16,), prefill_tokens=(8,), head_rows=(1, 2), repeats=1)
+
+
+def test_model_name_of_finds_shipped_specs_only():
+    from executor.calibrate import model_name_of
+    assert model_name_of(model_config("smollm2-135m")) == "smollm2-135m"
+    assert model_name_of(TINY) is None
+
+
+def test_at_worker_start_calibrates_once_and_can_be_turned_off(tmp_path, monkeypatch):
+    import executor.calibrate as cal
+    monkeypatch.setenv("CONTINUO_PROFILES", str(tmp_path))
+    monkeypatch.setattr(cal, "START_GRID", SMALL)
+    monkeypatch.setattr(cal, "model_name_of", lambda cfg: "tiny" if cfg is TINY else None)
+    calls, logs = [], []
+    real = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setenv(cal.AT_START_ENV, "0")
+    assert cal.at_worker_start(TINY, "cpu", 1, "edge-a") is None and not calls and not list(tmp_path.iterdir())
+    monkeypatch.delenv(cal.AT_START_ENV)
+    path = cal.at_worker_start(TINY, "cpu", 1, "edge-a", log=logs.append)
+    assert path == tmp_path / "tiny--CPU.yaml" and load_profile(path).threads == 1 and len(calls) == 1
+    assert calls[0]["decode_batch"] == (1, 2)                      # the start grid, not calibrate's full one
+    assert cal.at_worker_start(TINY, "cpu", 1, "edge-b", log=logs.append) == path and len(calls) == 1
+    assert any("edge-a: profile of tiny" in m for m in logs)
+    # a model that is no shipped spec: nothing to name the profile by, so no calibration
+    other = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                        num_kv_heads=1, head_dim=16)
+    assert cal.at_worker_start(other, "cpu", 1, "edge-a", log=logs.append) is None and len(calls) == 1
+    assert "matches no shipped spec" in logs[-1]
+
+
+def test_at_worker_start_survives_a_bad_profile_file(tmp_path, monkeypatch):
+    import executor.calibrate as cal
+    monkeypatch.setenv("CONTINUO_PROFILES", str(tmp_path))
+    monkeypatch.setattr(cal, "model_name_of", lambda cfg: "tiny")
+    (tmp_path / "broken.yaml").write_text("model: tiny\nkind: CPU\nstage_ms: fast\n")
+    logs = []
+    assert cal.at_worker_start(TINY, "cpu", 1, "edge-a", log=logs.append) is None
+    assert "no calibration at start: InputError" in logs[-1] and "broken.yaml" in logs[-1]
+
+
+def test_workers_starting_together_calibrate_once(tmp_path, monkeypatch):
+    import threading
+    import executor.calibrate as cal
+    calls = []
+    real = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **{**k, **SMALL}))
+    paths = []
+    ts = [threading.Thread(target=lambda: paths.append(ensure_profile(TINY, "tiny", "cpu", 1, folder=tmp_path, log=None)))
+          for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(calls) == 1 and len(set(paths)) == 1 and len(paths) == 3
+
+
+def test_worker_load_runs_the_start_hook(monkeypatch):
+    import executor.calibrate as cal
+    from executor.transport import LoadStage
+    from executor.weights import RandomSource
+    from executor.worker import Worker
+    seen = []
+    monkeypatch.setattr(cal, "at_worker_start", lambda *a, **k: seen.append(a))
+    w = Worker("edge-a", 1, 1)
+    assert w.load(LoadStage(0, 2, RandomSource(TINY), "float32", 8, 16)).ok
+    assert seen == [(TINY, "cpu", 1, "edge-a", "float32")]
