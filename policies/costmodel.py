@@ -33,27 +33,38 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
   logits hop (rows R)      = latency + R * vocab * 4 / bandwidth   from the LM-head stage to the driver,
                              counted when `driver_node` is given and is not the last stage's node
 
-  TTFT   = sum(prefill(P, r)) + sum(hop(r * P)) + (parts - 1) * max_s(prefill_s(P, r) + hop_s(r * P))
-           Assumes the request's prompt is prefilled in one step, together with `prefill_rows` - 1
-           other prompts (1: a request arriving at an idle pipeline), with no queueing: the
-           simulator (policies/simulator.py) is what models arrivals, queues and chunked prefill.
-           With several prompts the runtime cuts the step into parts = min(k, prefill_rows) micro-batches
-           of r = ceil(prefill_rows / parts) rows that overlap (when it has >= 16 tokens per stage).
-  Decode with g = groups_in_flight groups of requests kept in flight by the engine, m = ceil(B / g):
-    pass(m)  = sum_s(decode_s(m) + hop_s(m))           one group's token through every stage
-    round    = max(pass(m), g * max_s(decode_s(m) + hop_s(m)))
-               (a group needs a full pass per token; each stage serves g groups per round)
-    TPOT     = round                                   (each request gets one token per round)
-    throughput = B / round
-  g = 1 is what the engine does today: one step runs the whole batch through the stages one after
-  the other, so TPOT = sum(decode(B)) + sum(hop(B)) and throughput = B / TPOT. With g = k stages
-  (issue 15: one group per stage) a deep pipeline is full and the slowest stage sets the pace.
+  The engine keeps g groups of requests in flight (EngineConfig.pipeline_groups; by default one per
+  stage, g = k; `groups_in_flight` here, None meaning the engine's default): each group's next step is
+  launched as soon as its previous one is back, so stage i works on one group while stage i+1 works
+  on another. Requests join the group with the fewest (group_sizes: sizes differ by at most one).
+
+  TTFT   a wave of `prefill_rows` prompts of P tokens reaching an idle pipeline together (1: a
+         request alone): they spread over min(g, rows) groups; every group's step is launched at
+         once and cut into micro-batches (micro_batches: one per stage when it has >= 16 tokens per
+         stage, as runtime.DistributedPipeline does); the micro-batches go through the stages in
+         launch order, each stage taking one at a time (a flow shop):
+           done(mb, s) = max(arrival(mb, s), done(mb before, s)) + prefill_s(rows of mb)
+           arrival(mb, s + 1) = done(mb, s) + hop_s(rows * P)
+         a group's first tokens come when its last micro-batch is back (+ the logits hop); the
+         estimate is the median over the wave's requests (a p50, as the bench measures it).
+         No queueing and no chunking of long prompts: the simulator models those.
+  Decode, steady state, B running requests in min(g, B) groups of sizes m_j:
+    pass(m) = sum_s(decode_s(m) + hop_s(m)) + logits hop(m)     one group's token through everything
+    round   = max(max_j pass(m_j),                              a group waits for its own pass
+                  max_s sum_j decode_s(m_j),                    a stage computes every group once
+                  max_links sum_j serialisation_s(m_j))         a link carries every group once
+              (link latency overlaps across groups; only its bytes occupy it)
+    TPOT = round (each request gets one token per round); throughput = B / round.
+  With g = 1 this is TPOT = sum(decode(B)) + sum(hop(B)): one step runs the whole batch through the
+  stages one after the other. What it leaves out: the driver's own time per step (scheduling,
+  sampling, sending: small next to a stage's step on these models) and stages that share cores (the
+  local test bench's workers on one machine), which the correction factors pick up while serving.
   cost per hour = sum of the hourly price of the distinct nodes used (per node override, or
     the GPU kind's list price * gpus; a price table passed in overrides by GPU kind).
 """
 from __future__ import annotations
 
-import math
+import statistics
 from dataclasses import dataclass
 
 from .cluster import Cluster, Link, Node
@@ -251,54 +262,90 @@ def node_price(node: Node, prices: dict[str, float] | None = None) -> float:
     return node.hourly_price
 
 
+def group_sizes(n: int, groups: int) -> list[int]:
+    """How the engine spreads n requests over its groups: each joins the group with the fewest
+    (Scheduler.schedule), so sizes differ by at most one; empty groups are left out."""
+    return [n // groups + (1 if j < n % groups else 0) for j in range(groups) if n // groups or j < n % groups]
+
+
+def micro_batches(rows: int, tokens_per_row: int, stages: int) -> list[int]:
+    """Rows of each micro-batch a step of `rows` prompts is cut into (runtime.DistributedPipeline:
+    one per stage when the step has MICRO_BATCH_MIN_TOKENS per stage, near-equal, split_rows)."""
+    parts = min(stages, rows) if stages > 1 and rows * tokens_per_row >= MICRO_BATCH_MIN_TOKENS * stages else 1
+    bounds = [round(i * rows / parts) for i in range(parts + 1)]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def engine_groups(stages: int, groups_in_flight: int | None) -> int:
+    """Groups of requests the engine keeps in flight: the setting, else one per stage (EngineConfig.
+    pipeline_groups = None; a one-stage plan has nothing to overlap)."""
+    g = stages if groups_in_flight is None else groups_in_flight
+    if g < 1:
+        raise ValueError(f"groups_in_flight must be at least 1, not {groups_in_flight}")
+    return g
+
+
 def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: Traffic,
              prices: dict[str, float] | None = None, profiles: ProfileSet | None = None,
-             corrections: Corrections | None = None, groups_in_flight: int = 1,
+             corrections: Corrections | None = None, groups_in_flight: int | None = 1,
              prefill_rows: int = 1, driver_node: str | None = None) -> Estimates:
-    """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above)."""
-    if groups_in_flight < 1 or prefill_rows < 1:
-        raise ValueError("groups_in_flight and prefill_rows must be at least 1")
+    """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above).
+    groups_in_flight=None: as the engine by default, one group per stage. (The default stays 1 until
+    the simulator and the planner, which mirror these formulas, default to the engine's too.)"""
+    if prefill_rows < 1:
+        raise ValueError(f"prefill_rows must be at least 1, not {prefill_rows}")
     L, k, B, P = model.num_layers, len(plan.stages), traffic.concurrency, traffic.prompt_tokens
-    g = min(groups_in_flight, B)
-    m = math.ceil(B / g)
-    # a prefill step of several prompts with >= 16 tokens per stage is cut into micro-batches by rows
-    # that overlap (runtime.DistributedPipeline): parts = min(k, rows), each ceil(rows / parts) rows
-    parts = min(k, prefill_rows) if k > 1 and prefill_rows * P >= MICRO_BATCH_MIN_TOKENS * k else 1
-    mb_rows = math.ceil(prefill_rows / parts)
-    stages, ttft, pass_m, slowest, slow_pre = [], 0.0, 0.0, 0.0, 0.0
+    g_engine = engine_groups(k, groups_in_flight)
+    g = min(g_engine, B)
+    sizes = group_sizes(B, g)                     # decoding rows of each group
+    # the stages, each with its step-time functions (corrected) and the link to the next stage
+    stages, pre_fn, dec_fn, hop_fn, ser_fn = [], [], [], [], []
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
         prof = profiles.find(node, model.name) if profiles else None
         fp = corrections.factor(st.node, "prefill") if corrections else 1.0
         fd = corrections.factor(st.node, "decode") if corrections else 1.0
-        pre = fp * prefill_ms(model, shape, node, P, prof, prefill_rows)
-        pre_mb = pre if parts == 1 else fp * prefill_ms(model, shape, node, P, prof, mb_rows)
-        dec = fd * decode_ms(model, shape, node, B, traffic, prof)
-        dec_m = dec if m == B else fd * decode_ms(model, shape, node, m, traffic, prof)
-        hop_p = hop_d = hop_m = 0.0
-        if i + 1 < k:
-            link = cluster.link(st.node, plan.stages[i + 1].node)
-            if link is not None:
-                hop_p, hop_d, hop_m = (hop_ms(model, link, t) for t in (mb_rows * P, B, m))
-        ttft += pre_mb + hop_p
-        slow_pre = max(slow_pre, pre_mb + hop_p)
-        pass_m += dec_m + hop_m
-        slowest = max(slowest, dec_m + hop_m)
+        pre_fn.append(lambda r, shape=shape, node=node, prof=prof, fp=fp: fp * prefill_ms(model, shape, node, P, prof, r))
+        dec_fn.append(lambda m, shape=shape, node=node, prof=prof, fd=fd: fd * decode_ms(model, shape, node, m, traffic, prof))
+        link = cluster.link(st.node, plan.stages[i + 1].node) if i + 1 < k else None
+        hop_fn.append((lambda t, link=link: hop_ms(model, link, t)) if link is not None else (lambda t: 0.0))
+        ser_fn.append((lambda t, link=link: hop_ms(model, link, t) - link.latency_ms) if link is not None
+                      else (lambda t: 0.0))
         stages.append(StageEstimate(
             node=st.node, weight_bytes=weight_bytes(model, shape), kv_bytes=kv_bytes(model, shape, traffic),
             workspace_bytes=workspace_bytes(model, shape, traffic), memory_bytes=memory_bytes(model, shape, traffic),
-            capacity_bytes=node.usable_memory_bytes, prefill_ms=pre, decode_ms=dec,
-            hop_out_ms_prefill=hop_p, hop_out_ms_decode=hop_d,
+            capacity_bytes=node.usable_memory_bytes, prefill_ms=pre_fn[-1](prefill_rows), decode_ms=dec_fn[-1](B),
+            hop_out_ms_prefill=hop_fn[-1](prefill_rows * P), hop_out_ms_decode=hop_fn[-1](B),
             source="measured" if prof is not None else "datasheet", correction_prefill=fp, correction_decode=fd))
     # the logits of the sampled rows go back to the driver (it samples), when it sits on another node
     last = plan.stages[-1].node
-    back = cluster.link(last, driver_node) if driver_node and driver_node != last else None
-    ttft += (parts - 1) * slow_pre          # fill and drain of the micro-batches (0 with one)
-    if back is not None:
-        ttft += logits_hop_ms(model, back, mb_rows)
-        pass_m += logits_hop_ms(model, back, m)
-    round_ms = max(pass_m, g * slowest)
+    back_link = cluster.link(last, driver_node) if driver_node and driver_node != last else None
+    back = (lambda r: logits_hop_ms(model, back_link, r)) if back_link is not None else (lambda r: 0.0)
+
+    # TTFT: the wave's prompts spread over the engine's groups, each group's step cut into micro-batches;
+    # all are launched at once and go through the stages in launch order (a flow shop)
+    waves = [micro_batches(r, P, k) for r in group_sizes(prefill_rows, min(g_engine, prefill_rows))]
+    free = [0.0] * k                              # when each stage is done with what it got before
+    ttfts = []
+    for parts in waves:
+        done = 0.0
+        for rows in parts:
+            t = 0.0                               # when this micro-batch reaches the stage
+            for s in range(k):
+                free[s] = max(t, free[s]) + pre_fn[s](rows)
+                t = free[s] + hop_fn[s](rows * P)
+            done = max(done, t + back(rows))
+        ttfts += [done] * sum(parts)
+    ttft = statistics.median(ttfts)
+
+    # decode, steady state: each group's token needs a pass through every stage; each stage computes
+    # every group's step once per round, each link carries every group's activations once
+    def pass_ms(m):
+        return sum(dec_fn[s](m) + hop_fn[s](m) for s in range(k)) + back(m)
+    round_ms = max(max(pass_ms(m) for m in set(sizes)),
+                   max(sum(dec_fn[s](m) for m in sizes) for s in range(k)),
+                   max(sum(ser_fn[s](m) for m in sizes) for s in range(k)))
     cost = sum(node_price(cluster.node(n), prices) for n in dict.fromkeys(plan.nodes))
     sources = {s.source for s in stages}
     return Estimates(ttft_ms=ttft, tpot_ms=round_ms, throughput_tok_s=1e3 * B / round_ms,

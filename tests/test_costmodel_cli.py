@@ -17,6 +17,7 @@ LOCAL = ["-c", "scenarios/local/cluster.yaml", "-p", "scenarios/local/policy.yam
 
 def test_simulate_json_and_table(capsys, monkeypatch, tmp_path):
     from policies.profile import save_profile
+    monkeypatch.setenv("CONTINUO_PROFILES", str(tmp_path / "none-here"))   # the default folder: no profile
     save_profile(make_profile(), tmp_path)
     rc, out, _ = run_cli(capsys, monkeypatch, "simulate", *LOCAL, "-t", "scenarios/traces/local-small.yaml",
                          "--profiles", tmp_path, "--json")

@@ -163,17 +163,78 @@ def test_groups_in_flight_fill_the_pipeline():
     cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
     t = Traffic(concurrency=4, prompt_tokens=64, output_tokens=64, context_tokens=256)
     ps = ProfileSet([make_profile()])
-    one = estimate(plan2(), cluster, model, t, profiles=ps)
+    one = estimate(plan2(), cluster, model, t, profiles=ps, groups_in_flight=1)
     two = estimate(plan2(), cluster, model, t, profiles=ps, groups_in_flight=2)
     assert one.groups_in_flight == 1 and two.groups_in_flight == 2
-    # g = 1: TPOT is one pass of the whole batch; g = 2: groups of 2, round = max(pass(2), 2 * slowest(2))
+    # None is the engine's default: one group per stage (EngineConfig.pipeline_groups = None)
+    assert estimate(plan2(), cluster, model, t, profiles=ps, groups_in_flight=None) == two
+    single = PlacementPlan(model="smollm2-135m", data_class="phi", stages=(Stage(node="edge-a", first_layer=0, last_layer=29),))
+    assert estimate(single, cluster, model, t, profiles=ps, groups_in_flight=None).groups_in_flight == 1
+    # g = 1: TPOT is one pass of the whole batch; g = 2: groups of 2, round = max(pass(2), each stage's
+    # work for both groups, each link's bytes for both groups)
     p = make_profile()
     link = cluster.link("edge-a", "edge-b")
-    hop = lambda n: link.latency_ms + 1e3 * n * model.hidden_size * model.dtype_bytes * 8 / (link.bandwidth_gbps * 1e9)  # noqa
-    s = [lambda b: p.stage_decode_ms(15, True, False, b, 96) + hop(b), lambda b: p.stage_decode_ms(15, False, True, b, 96)]
-    assert one.tpot_ms == pytest.approx(s[0](4) + s[1](4))
-    assert two.tpot_ms == pytest.approx(max(s[0](2) + s[1](2), 2 * max(s[0](2), s[1](2))))
+    ser = lambda n: 1e3 * n * model.hidden_size * model.dtype_bytes * 8 / (link.bandwidth_gbps * 1e9)  # noqa: E731
+    s0 = lambda b: p.stage_decode_ms(15, True, False, b, 96)  # noqa: E731
+    s1 = lambda b: p.stage_decode_ms(15, False, True, b, 96)  # noqa: E731
+    assert one.tpot_ms == pytest.approx(s0(4) + link.latency_ms + ser(4) + s1(4))
+    assert two.tpot_ms == pytest.approx(max(s0(2) + link.latency_ms + ser(2) + s1(2), 2 * s0(2), 2 * s1(2)))
     assert two.throughput_tok_s == pytest.approx(4e3 / two.tpot_ms)
+    # three requests in two groups (2 + 1): the busier stage computes a group of 2 and one of 1 per round
+    t3 = t.model_copy(update={"concurrency": 3})
+    three = estimate(plan2(), cluster, model, t3, profiles=ps, groups_in_flight=None)
+    assert three.tpot_ms == pytest.approx(max(s0(2) + link.latency_ms + ser(2) + s1(2), s0(2) + s0(1), s1(2) + s1(1)))
+
+
+def test_a_long_link_overlaps_across_groups():
+    """Latency is not a resource: with 2 groups a 40 ms link delays each pass, but the stages keep
+    working on the other group meanwhile."""
+    cluster = load_cluster(CLUSTER).model_copy(deep=True)
+    model = load_model_spec("smollm2-135m")
+    from policies.cluster import Cluster
+    d = cluster.model_dump()
+    d["links"]["pairs"] = [{"between": ["edge-a", "edge-b"], "bandwidth_gbps": 1, "latency_ms": 40, "encrypted": True}]
+    far = Cluster.model_validate(d)
+    t = Traffic(concurrency=8, prompt_tokens=64, output_tokens=64, context_tokens=256)
+    ps = ProfileSet([make_profile()])
+    one = estimate(plan2(), far, model, t, profiles=ps, groups_in_flight=1)
+    two = estimate(plan2(), far, model, t, profiles=ps, groups_in_flight=None)
+    assert two.tpot_ms < one.tpot_ms and two.throughput_tok_s > one.throughput_tok_s
+    p = make_profile()
+    hop = lambda n: 40 + 1e3 * n * model.hidden_size * model.dtype_bytes * 8 / 1e9  # noqa: E731
+    assert two.tpot_ms == pytest.approx(p.stage_decode_ms(15, True, False, 4, 96) + hop(4)
+                                        + p.stage_decode_ms(15, False, True, 4, 96))
+
+
+def test_a_wave_of_prompts_flows_through_the_stages_as_micro_batches():
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    t = Traffic(concurrency=4, prompt_tokens=64, output_tokens=64, context_tokens=256)
+    p = make_profile()
+    ps = ProfileSet([p])
+    link = cluster.link("edge-a", "edge-b")
+    hop = lambda n: link.latency_ms + 1e3 * n * 64 * model.hidden_size * model.dtype_bytes * 8 / (link.bandwidth_gbps * 1e9)  # noqa: E731
+    a = p.stage_prefill_ms(15, True, False, 64, 1)           # one prompt per micro-batch
+    b = p.stage_prefill_ms(15, False, True, 64, 1)
+    # 4 prompts, 2 groups of 2, each group's step cut in 2 micro-batches of 1 prompt: 4 through the stages
+    done, free0, free1 = [], 0.0, 0.0
+    for _ in range(4):
+        free0 += a
+        free1 = max(free0 + hop(1), free1) + b
+        done.append(free1)
+    est = estimate(plan2(), cluster, model, t, profiles=ps, prefill_rows=4, groups_in_flight=None)
+    assert est.ttft_ms == pytest.approx((done[1] + done[3]) / 2)       # median of [g0, g0, g1, g1]
+    # one group: 2 micro-batches of 2 prompts
+    a2, b2 = p.stage_prefill_ms(15, True, False, 64, 2), p.stage_prefill_ms(15, False, True, 64, 2)
+    one = estimate(plan2(), cluster, model, t, profiles=ps, prefill_rows=4, groups_in_flight=1)
+    assert one.ttft_ms == pytest.approx(max(a2 + hop(2) + b2 + b2, 2 * a2 + hop(2) + b2))
+    # a request alone: one pass
+    alone = estimate(plan2(), cluster, model, t, profiles=ps)
+    assert alone.ttft_ms == pytest.approx(p.stage_prefill_ms(15, True, False, 64) + hop(1)
+                                          + p.stage_prefill_ms(15, False, True, 64))
+    with pytest.raises(ValueError, match="groups_in_flight must be at least 1, not 0"):
+        estimate(plan2(), cluster, model, t, groups_in_flight=0)
+    with pytest.raises(ValueError, match="prefill_rows must be at least 1, not 0"):
+        estimate(plan2(), cluster, model, t, prefill_rows=0)
 
 
 def test_datasheet_prefill_rows_scale_work():
