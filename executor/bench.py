@@ -128,7 +128,7 @@ def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int
         "tpot_ms_p50": round(_pct(tpot, 50), 1), "tpot_ms_p99": round(_pct(tpot, 99), 1),
         "max_tokens": max_tokens, "threads": torch.get_num_threads(),
     }
-    print(f"decode throughput, tokens/s   engine   transformers   ratio")
+    print("decode throughput, tokens/s   engine   transformers   ratio")
     for bs in (1, 8):
         print(f"  batch {bs}                   {best[f'engine_bs{bs}']:7.1f}   {best[f'hf_bs{bs}']:12.1f}"
               f"   {best[f'engine_bs{bs}'] / best[f'hf_bs{bs}']:.2f}x")

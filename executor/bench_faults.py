@@ -20,6 +20,11 @@ Faults (what is real, what is simulated):
   timeout  real: SIGSTOP of the destination for longer than the reconfiguration's transfer timeout,
            SIGCONT afterwards
 
+The transfer timeout is calibrated at the start (unless given): four times the longest of two
+fault-free reconfigurations under the same load, at least 5 s. A fixed 1.5 s once aborted most cases
+on a busy machine before the fault's phase was reached, so they measured a timeout, not the fault;
+each case says whether its fault fired, and `faults_fired` counts them.
+
 Every request is classified against a one-process reference run of the same prompt:
 identical (greedy tokens equal), altered (completed but different: target 0), failed with a clear
 error (it names a node or says why), failed unclear, lost (never ended within a generous timeout:
@@ -237,8 +242,8 @@ def _vm_size(pid: int) -> int:
 
 
 class Bench:
-    def __init__(self, src, ref, concurrency: int = 6, transfer_timeout_s: float = 1.5, stop_s: float = 3.0,
-                 log=print):
+    def __init__(self, src, ref, concurrency: int = 6, transfer_timeout_s: float | None = None,
+                 stop_s: float | None = None, log=print):
         self.src, self.ref, self.conc = src, ref, concurrency
         self.transfer_timeout_s, self.stop_s, self.log = transfer_timeout_s, stop_s, log
         self.svc: Service | None = None
@@ -268,6 +273,30 @@ class Bench:
         if self.svc is not None:
             self.svc.close()
             self.svc = None
+
+    def calibrate(self, floor_s: float = 5.0) -> None:
+        """Set the transfer timeout (and the stall that must outlast it) from two fault-free
+        reconfigurations under this bench's load, unless they were given."""
+        if self.transfer_timeout_s is not None:
+            self.stop_s = self.stop_s if self.stop_s is not None else self.transfer_timeout_s + 1.5
+            return
+        svc = self.service()
+        load = Load(svc, self.conc)
+        load.start()
+        took = []
+        try:
+            for target in (PLAN_B, PLAN_A):
+                t = time.perf_counter()
+                state, err = self._reconfigure(svc, target)
+                if state != "done":
+                    raise RuntimeError(f"the fault-free calibration reconfiguration ended {state}: {err}")
+                took.append(time.perf_counter() - t)
+        finally:
+            load.finish(LOST_AFTER_S)
+        self.transfer_timeout_s = max(floor_s, 4 * max(took))
+        self.stop_s = self.stop_s if self.stop_s is not None else self.transfer_timeout_s + 1.5
+        self.log(f"transfer timeout {self.transfer_timeout_s:.1f} s (4 x the slowest fault-free reconfiguration, "
+                 f"{max(took):.2f} s, at least {floor_s:g} s); a stall lasts {self.stop_s:.1f} s")
 
     def _probe(self, svc) -> bool:
         try:
@@ -376,7 +405,8 @@ def summarize(cases: list[Case], launches: int) -> dict:
             out["by_phase"][k] = {p: fold([c for c in ks if c.phase == p]) for p in KINDS[k]
                                   if any(c.phase == p for c in ks)}
     tot = fold(cases)
-    out.update({"reconfigurations": tot["reconfigurations"], "lost": tot["lost"], "altered": tot["altered"],
+    out.update({"cases": tot["cases"], "faults_fired": tot["faults_fired"],
+                "reconfigurations": tot["reconfigurations"], "lost": tot["lost"], "altered": tot["altered"],
                 "failed_clear": tot["failed_clear"], "failed_unclear": tot["failed_unclear"],
                 "identical": tot["identical"], "hung": tot["hung"], "aborted_cleanly": tot["aborted_cleanly"],
                 "service_launches": launches})
@@ -385,7 +415,7 @@ def summarize(cases: list[Case], launches: int) -> dict:
 
 
 def run(as_json: bool = False, reconfigs: int = 50, concurrency: int = 6, kinds: list[str] | None = None,
-        phases: list[str] | None = None, transfer_timeout_s: float = 1.5, stop_s: float = 3.0,
+        phases: list[str] | None = None, transfer_timeout_s: float | None = None, stop_s: float | None = None,
         cases: list[tuple[str, str]] | None = None, quiet: bool = False) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -399,6 +429,7 @@ def run(as_json: bool = False, reconfigs: int = 50, concurrency: int = 6, kinds:
     done: list[Case] = []
     t0 = time.perf_counter()
     try:
+        bench.calibrate()
         for n, (kind, phase) in enumerate(todo):
             if cases is None and sum(c.reconfigurations for c in done) >= reconfigs and \
                     {(c.kind, c.phase) for c in done} >= set(todo):
@@ -414,6 +445,7 @@ def run(as_json: bool = False, reconfigs: int = 50, concurrency: int = 6, kinds:
         bench.close()
     res = summarize(done, bench.launches)
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["transfer_timeout_s"] = round(bench.transfer_timeout_s, 2)
     t = Table(title="Faults during live reconfiguration under streaming load (tiny random model, 3 CPU workers)")
     cols = ("kind", "fault", "reconfigs", "aborted cleanly", "completed", "identical", "failed (clear)",
             "failed (unclear)", "lost", "altered", "old plan kept (pre-switch)", "serving after", "recovered")
@@ -434,7 +466,8 @@ def run(as_json: bool = False, reconfigs: int = 50, concurrency: int = 6, kinds:
                         f"kept {by[ph]['old_plan_kept_pre_switch']}; serving {by[ph]['serving_after']}; "
                         f"lost {by[ph]['lost']} altered {by[ph]['altered']}") if ph in by else "-" for ph in PHASES])
     console.print(p)
-    console.print(f"total: {res['reconfigurations']} reconfigurations, {res['lost']} requests lost, "
+    console.print(f"total: {res['faults_fired']}/{res['cases']} faults fired in their phase, "
+                  f"{res['reconfigurations']} reconfigurations, {res['lost']} requests lost, "
                   f"{res['altered']} silently altered, {res['failed_clear']} failed with a clear error, "
                   f"{res['failed_unclear']} failed unclearly, {res['hung']} hung; {bench.launches} service launches, "
                   f"{res['seconds']} s")

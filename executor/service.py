@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from policies import Cluster, InputError, ModelSpec, PlacementPlan, Refused, ValidatedPlan, approve
 
 from . import transport
-from .engine import Engine, EngineConfig, Request, RequestOutput, SamplingParams
+from .engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from .reconfig import ReconfigReport, Reconfiguration, ReconfigurationError, ReconfigurationTimeout
 from .runtime import NodeRuntime, WorkerDied
 from .telemetry import Telemetry
