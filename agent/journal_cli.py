@@ -1,6 +1,6 @@
 """CLI commands of the journal: `continuo journal [--since T] [--kind K] [--json]` and
-`continuo journal verify`; and `continuo bench adapt --sim` (the simulator evaluation of the
-closed loop, agent/autopilot/sim_eval.py).
+`continuo journal verify`; and `continuo bench adapt [--sim]` (the closed loop on the real
+cluster, agent/autopilot/bench_real.py, or in the simulator, agent/autopilot/sim_eval.py).
 
 Registered on the main app by agent/cli.py (`register(app, bench_app)`)."""
 from __future__ import annotations
@@ -97,19 +97,33 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @bench_app.command("adapt")
     def bench_adapt_cmd(
-        sim: bool = typer.Option(False, "--sim", help="in the simulator: the 64-node fleet, a day-long trace"),
+        sim: bool = typer.Option(False, "--sim", help="in the simulator: the 64-node fleet, a day-long trace; "
+                                 "without it: the real local cluster (3 worker processes, emulated links)"),
         scenario: Path = typer.Option(Path(__file__).resolve().parent.parent / "scenarios" / "fleet64",
-                                      help="folder with cluster.yaml, policy.yaml, intent.yaml, trace.yaml"),
-        hours: Optional[float] = typer.Option(None, min=0.1, help="simulate only the first H hours of the trace"),
-        interval_s: float = typer.Option(300.0, min=10, help="controller interval (simulated seconds)"),
-        only: Optional[str] = typer.Option(None, help="comma-separated subset of a,b,c,d,e"),
+                                      help="--sim: folder with cluster.yaml, policy.yaml, intent.yaml, trace.yaml"),
+        hours: Optional[float] = typer.Option(None, min=0.1, help="--sim: simulate only the first H hours"),
+        interval_s: Optional[float] = typer.Option(None, min=0.1, help="controller interval (default: 300 "
+                                                   "simulated seconds with --sim, 3 s on the real cluster)"),
+        only: Optional[str] = typer.Option(None, help="--sim: comma-separated subset of a,b,c,d,e"),
+        phase_s: float = typer.Option(40.0, min=1, help="real cluster: seconds per phase (steady, 3x burst, "
+                                      "idle, steady)"),
+        max_tokens: int = typer.Option(24, min=2, help="real cluster: tokens per request"),
+        seed: int = typer.Option(0, help="real cluster: the arrivals' seed"),
         as_json: bool = typer.Option(False, "--json"),
     ):
-        """Adaptation benchmark. --sim: SLO attainment and node-hours of static, peak-sized, replica
-        autoscaler, Continuo's controller and an offline oracle on one trace."""
+        """Adaptation benchmark. Without --sim: the closed loop on the real local cluster (a load trace with
+        a burst, a drained node and a killed worker; requests lost, flips, reaction time, SLO attainment).
+        --sim: SLO attainment and node-hours of static, peak-sized, replica autoscaler, Continuo's
+        controller and an offline oracle on one simulated day."""
         if not sim:
-            raise InputError("only the simulator run exists here: pass --sim (the live run, `bench adapt` "
-                             "without it, belongs to the autopilot's owner)", field="--sim")
+            from .autopilot.bench_real import print_figures, run as run_real
+            log = (lambda m: print(m, file=sys.stderr)) if as_json else print
+            r = run_real(phase_s, max_tokens, interval_s or 3.0, seed, log=log)
+            if as_json:
+                print(json.dumps(r))
+            else:
+                print_figures(r)
+            raise typer.Exit(0 if r["lost"] == 0 else 1)
         from .autopilot.sim_eval import main as sim_main
-        raise typer.Exit(sim_main(scenario, hours=hours, interval_s=interval_s,
+        raise typer.Exit(sim_main(scenario, hours=hours, interval_s=interval_s or 300.0,
                                   only=only.split(",") if only else None, as_json=as_json))

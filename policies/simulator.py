@@ -35,6 +35,7 @@ heapq. Per-request work is O(log n) (a heap of decode finishing steps), so an ho
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import time
@@ -69,10 +70,13 @@ class SimConfig:
 
 @dataclass(frozen=True)
 class Reconfig:
-    """At `at_s`, move to `plan` (live: pre-copy then a short switch; stop_and_copy: pause for all of it)."""
+    """At `at_s`, move to `plan` (live: pre-copy then a short switch; stop_and_copy: pause for all of it).
+    config: the engine's knobs from the switch on (a plan that reserves KV for more sequences seats
+    more), None to keep them."""
     at_s: float
     plan: PlacementPlan
     method: str = "live"
+    config: SimConfig | None = None
 
 
 @dataclass
@@ -245,6 +249,159 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
     """Run a trace through a plan (and any reconfigurations); pure python, deterministic.
     driver_node: where the engine (which samples) sits; the logits' trip back from the last stage
     is counted when it is another node."""
+    run = _run(cluster, plan, model, trace, profiles, corrections, intent, config, reconfigs, driver_node, None)
+    try:
+        while True:
+            next(run)                 # without a Session the run never pauses
+    except StopIteration as done:
+        return done.value
+
+
+class _Live:
+    """What a Session shares with the run it drives: the clock bound, the inbox, the state it reads."""
+
+    def __init__(self, until: float):
+        self.until = until                      # run every event at or before this time, then pause
+        self.finish = False                     # True: run until nothing is left, then return the result
+        self.inbox: list[Reconfig] = []         # reconfigurations to start at the current time
+        self.finished_log: list[int] = []       # requests in the order they finished
+        self.arrived = 0                        # requests whose arrival has been processed
+        self.now = until
+        self.queue = self.running = self.rejected = 0
+        self.plan: PlacementPlan | None = None
+        self.reconfiguring: Reconfig | None = None
+        self.started: ReconfigOutcome | None = None    # the figures of the move that started last
+        self.outcomes: list[ReconfigOutcome] = []
+        self.t_first: list[float] = []
+        self.t_last: list[float] = []
+        self.rejected_ix: list[int] = []
+
+
+class Session:
+    """The simulator in intervals, for a controller to drive: `advance(t)` runs every event up to t,
+    `telemetry(t0)` reads what happened since t0 (in the shape of the service's /admin/stats window),
+    `reconfigure(plan)` starts a move at the current time, `add_requests(...)` feeds arrivals as they
+    are routed (a replica autoscaler splits one trace over several sessions). The same event loop as
+    `simulate` (one function, `_run`), paused between events instead of run to the end.
+    """
+
+    def __init__(self, cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace | None = None,
+                 profiles: ProfileSet | None = None, corrections: Corrections | None = None,
+                 intent: IntentSpec | None = None, config: SimConfig = SimConfig(),
+                 driver_node: str | None = None, start_s: float = 0.0):
+        self.cluster, self.model = cluster, model
+        self.intent = intent or plan.intent or IntentSpec(data_class=plan.data_class)
+        # own copies: add_requests appends to them, the caller's trace stays as it was
+        t = trace or Trace([], [], [])
+        self.trace = Trace(list(t.arrival_s), list(t.prompt_tokens), list(t.output_tokens), t.source)
+        self._live = _Live(start_s)
+        self._live.plan = plan
+        self._run = _run(cluster, plan, model, self.trace, profiles, corrections, self.intent, config, (),
+                         driver_node, self._live)
+        self.result: SimResult | None = None
+        next(self._run)                        # set up, paused at start_s
+
+    @property
+    def now(self) -> float:
+        return self._live.until
+
+    @property
+    def plan(self) -> PlacementPlan:
+        """The plan serving now (the old one until a reconfiguration switches)."""
+        return self._live.plan
+
+    @property
+    def reconfiguring(self) -> bool:
+        return self._live.reconfiguring is not None or bool(self._live.inbox)
+
+    @property
+    def reconfigurations(self) -> list[ReconfigOutcome]:
+        return self._live.outcomes
+
+    def add_requests(self, arrival_s, prompt_tokens, output_tokens) -> None:
+        """Requests that arrive later than every one given before (and not before now)."""
+        tr = self.trace
+        last = tr.arrival_s[-1] if tr.arrival_s else -math.inf
+        for a, p, o in zip(arrival_s, prompt_tokens, output_tokens):
+            if a < last or a < self.now - 1e-9:
+                raise ValueError(f"request arriving at {a} s is out of order (last {last} s, now {self.now} s)")
+            tr.arrival_s.append(a)
+            tr.prompt_tokens.append(int(p))
+            tr.output_tokens.append(int(o))
+            last = a
+
+    def advance(self, t: float) -> None:
+        """Run every event at or before t (simulated seconds)."""
+        if self.result is not None:
+            raise RuntimeError("the session has finished")
+        if t < self.now:
+            raise ValueError(f"cannot go back in time: now {self.now} s, asked {t} s")
+        self._live.until = t
+        next(self._run)
+
+    def reconfigure(self, plan: PlacementPlan, method: str = "live", config: SimConfig | None = None) -> ReconfigOutcome:
+        """Start moving to `plan` now (prepare, pre-copy, switch at a step boundary, as simulate does).
+        Returns the move's figures (bytes, prepare, pre-copy, pause); `switched_s` is set when it switches."""
+        if self.reconfiguring:
+            raise RuntimeError("a reconfiguration is under way; the next one must wait for its switch")
+        if method not in ("live", "stop_and_copy"):
+            raise ValueError(f"reconfiguration method {method!r}: the simulator models live and stop_and_copy")
+        self._live.inbox.append(Reconfig(self.now, plan, method, config))
+        self._live.started = None
+        next(self._run)                        # the start event is at now: its figures are known at once
+        return self._live.started
+
+    def telemetry(self, since: float, window: str | None = None) -> dict:
+        """What happened in (since, now], as GET /admin/stats has it (executor/telemetry.py): the `now`
+        block and one window named `window` (default: its length, e.g. '300s')."""
+        lv, tr, now = self._live, self.trace, self.now
+        span = max(now - since, 1e-9)
+        arr = tr.arrival_s
+        lo = bisect.bisect_right(arr, since)
+        hi = bisect.bisect_right(arr, now)
+        fin = [i for i in self._finished_since(since)]
+        ttft = sorted(lv.t_first[i] - arr[i] for i in fin)
+        tpot = sorted((lv.t_last[i] - lv.t_first[i]) / (tr.output_tokens[i] - 1) for i in fin
+                      if tr.output_tokens[i] > 1)
+        name = window or f"{span:g}s"
+        w = {"seconds": span, "span_s": span, "arrival_rate": (hi - lo) / span,
+             "prompt_tokens_per_s": sum(tr.prompt_tokens[lo:hi]) / span,
+             "output_tokens_per_s": sum(tr.output_tokens[i] for i in fin) / span,
+             "finished": {"stop": len(fin)},
+             "rejected": sum(1 for i in lv.rejected_ix if since < arr[i] <= now),
+             "queue_depth": {"mean": None, "max": None}, "running": {"mean": None, "max": None},
+             "ttft_s": {"p50": _pct(ttft, .5), "p99": _pct(ttft, .99), "n": len(ttft)},
+             "tpot_s": {"p50": _pct(tpot, .5), "p99": _pct(tpot, .99), "n": len(tpot)},
+             "stages": [], "hops": []}
+        return {"enabled": True, "uptime_s": now, "simulated": True,
+                "now": {"queue_depth": lv.queue, "running": lv.running, "kv": {}},
+                "windows": {name: w}}
+
+    def _finished_since(self, since: float):
+        log, t_last = self._live.finished_log, self._live.t_last
+        i = len(log)
+        while i > 0 and t_last[log[i - 1]] > since:
+            i -= 1
+        return log[i:]
+
+    def finish(self) -> SimResult:
+        """Run to the end (every request served or rejected) and return the whole run's result."""
+        if self.result is None:
+            self._live.finish = True
+            self._live.until = math.inf
+            try:
+                while True:
+                    next(self._run)
+            except StopIteration as done:
+                self.result = done.value
+        return self.result
+
+
+def _run(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
+         profiles: ProfileSet | None, corrections: Corrections | None, intent: IntentSpec | None,
+         config: SimConfig, reconfigs, driver_node: str | None, live: _Live | None):
+    """The event loop of `simulate` and `Session`: a generator that pauses (yields) only when driven by
+    a Session (`live`), before the first event after `live.until`; returns the SimResult."""
     wall0 = time.perf_counter()
     intent = intent or plan.intent or IntentSpec(data_class=plan.data_class)
     traffic: Traffic = intent.traffic
@@ -259,6 +416,10 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
     t_first = [math.nan] * n
     t_last = [math.nan] * n
     rejected = 0
+    fin_log = live.finished_log if live is not None else None
+    rejected_ix = live.rejected_ix if live is not None else None
+    if live is not None:
+        live.t_first, live.t_last = t_first, t_last
 
     # events: (time s, seq, kind, payload); kinds: 0 step end, 1 reconfig phase, 2 arrival
     ev: list = []
@@ -281,9 +442,9 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
     step_no, busy, blocked_until = 0, False, 0.0
     in_step: list = []                      # prefill rows completing in the step under way
     pending_switch = None
-    outcomes: list[ReconfigOutcome] = []
+    outcomes: list[ReconfigOutcome] = live.outcomes if live is not None else []
     node_s = 0.0
-    plan_since = arr[0] if n else 0.0
+    plan_since = arr[0] if n else (live.until if live is not None else 0.0)
     now = plan_since
     cur_plan = plan
 
@@ -329,6 +490,8 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
         while finishing and finishing[0][0] <= step_no:
             _, i = heapq.heappop(finishing)
             t_last[i] = t
+            if fin_log is not None:
+                fin_log.append(i)
             n_dec -= 1
             ctx_sum -= P[i] + O[i]
             free += blocks(i)
@@ -337,6 +500,8 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
             if O[i] <= 1:
                 t_last[i] = t
                 free += blocks(i)
+                if fin_log is not None:
+                    fin_log.append(i)
             else:
                 n_dec += 1
                 ctx_sum += P[i] + 1
@@ -345,15 +510,43 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
     def in_flight_tokens() -> float:
         return ctx_sum + sum(P[e[0]] - e[1] for e in prefilling)
 
-    while ev:
+    arrival_armed = n > 0                               # the next arrival is on the heap
+    while True:
+        if live is not None:                            # driven by a Session: pause, take new work
+            if len(arr) > len(t_first):                 # requests added while paused
+                t_first.extend([math.nan] * (len(arr) - len(t_first)))
+                t_last.extend([math.nan] * (len(arr) - len(t_last)))
+            if not arrival_armed and live.arrived < len(arr):
+                push(arr[live.arrived], 2, live.arrived)
+                arrival_armed = True
+            while live.inbox:
+                rc = live.inbox.pop(0)
+                live.reconfiguring = rc
+                push(max(rc.at_s, now), 1, ("start", rc))
+            if not ev or ev[0][0] > live.until:
+                if live.finish and not ev:
+                    break
+                live.queue, live.running, live.rejected = len(waiting), n_dec + len(prefilling), rejected
+                live.plan = cur_plan
+                now = max(now, live.until)
+                yield
+                continue
+        elif not ev:
+            break
         t, kind, _, payload = heapq.heappop(ev)
         now = t
         if kind == 2:                                   # an arrival
             i = payload
-            if i + 1 < n:
+            arrival_armed = False
+            if live is not None:
+                live.arrived = i + 1
+            if i + 1 < len(arr):
                 push(arr[i + 1], 2, i + 1)
+                arrival_armed = True
             if P[i] + O[i] > max_len or len(waiting) >= cfg.max_waiting:
                 rejected += 1                           # ContextTooLong / QueueFull, as the engine answers
+                if rejected_ix is not None:
+                    rejected_ix.append(i)
             else:
                 waiting.append(i)
         elif kind == 0:                                 # a step ended
@@ -378,12 +571,19 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
                                      "stop_and_copy")
                 kv_moved = kb if rc.method == "stop_and_copy" else kb + dirty
                 out = ReconfigOutcome(rc.at_s, math.nan, wb, kv_moved, pre_s, copy_s, pause, rc.method)
+                if live is not None:
+                    live.started = out
                 push(t + pre_s + copy_s, 1, ("switch", (rc, out)))
             elif what == "switch":
                 rc, out = rc
 
                 def switch(ts, rc=rc, out=out):
-                    nonlocal stages, blocked_until, node_s, plan_since, cur_plan
+                    nonlocal stages, blocked_until, node_s, plan_since, cur_plan, cfg, free, kv_blocks
+                    if rc.config is not None:        # the new plan's seats and KV pool (free may go below
+                        cfg = rc.config              # 0: admissions wait until enough requests finish)
+                        new_blocks = cfg.kv_blocks or kv_blocks
+                        free += new_blocks - kv_blocks
+                        kv_blocks = new_blocks
                     node_s += len(set(stages.nodes)) * (ts - plan_since)
                     plan_since = ts
                     stages = _Stages(rc.plan, cluster, model, profiles, corrections, driver_node)
@@ -392,6 +592,8 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
                     blocked_until = ts + out.pause_s
                     out.switched_s = ts
                     outcomes.append(out)
+                    if live is not None:
+                        live.reconfiguring, live.plan = None, cur_plan
                     push(blocked_until, 1, ("resume", None))
                 if busy:
                     pending_switch = switch              # at the iteration boundary, never inside a step
@@ -405,6 +607,7 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
             start_step(now)
 
     end = now
+    n = len(arr)                             # a Session may have added requests
     node_s += len(set(stages.nodes)) * (end - plan_since)
     done_ix = [i for i in range(n) if not math.isnan(t_last[i])]
     ttft = [1e3 * (t_first[i] - arr[i]) for i in done_ix]

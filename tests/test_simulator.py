@@ -1,7 +1,6 @@
 """The simulator against cases worked out by hand, and trace files (good and bad)."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 

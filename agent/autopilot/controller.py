@@ -226,24 +226,35 @@ class Autopilot:
 
     def _plans(self, cluster: Cluster, lost: dict[str, str]) -> list[PlacementPlan]:
         """The planner's plans for this cluster state, lost nodes excluded: for k = 1..max_stages, the cheapest
-        and the fastest with at most k stages. Planned once per cluster state: the load only changes which wins."""
+        and the fastest with at most k stages, with the same cost model the plans are judged by (profiles and
+        the corrections measured so far). Planned once per cluster state and correction level: the load only
+        changes which wins. Each also planned without the SLO bounds, as the fallback when a node is lost
+        and no plan keeps them (such a plan carries the relaxed intent: `_relaxed`)."""
         from ..planner import Infeasible, plan as make_plan
-        key = cluster.fingerprint() + "|" + ",".join(sorted(lost))
+        key = "|".join((cluster.fingerprint(), ",".join(sorted(lost)), self._correction_level()))
         if self._candidates is not None and self._candidates[0] == key:
             return self._candidates[1]
         spec = self._planning_intent(lost)
         found: dict[str, PlacementPlan] = {}
-        for k in range(1, self.config.max_stages + 1):
-            for objective in ("cost", "throughput"):
-                try:
-                    p = make_plan(spec.model_copy(update={"objective": objective}), cluster, self.policy, self.model,
-                                  max_stages=k, prices=self.prices, profiles=self.profiles,
-                                  groups_in_flight=self.groups_in_flight or k)
-                except Infeasible:
-                    continue
-                found.setdefault(p.plan.placement_key(), p.plan.model_copy(update={"intent": spec}))
+        for base in (spec, _relaxed(spec)):
+            for k in range(1, self.config.max_stages + 1):
+                for objective in ("cost", "throughput"):
+                    try:
+                        p = make_plan(base.model_copy(update={"objective": objective}), cluster, self.policy,
+                                      self.model, max_stages=k, prices=self.prices, profiles=self.profiles,
+                                      corrections=self.corrections, groups_in_flight=self.groups_in_flight or k)
+                    except Infeasible:
+                        continue
+                    found.setdefault(p.plan.placement_key(), p.plan.model_copy(update={"intent": base}))
+            if base == _relaxed(spec):
+                break
         self._candidates = (key, list(found.values()))
         return self._candidates[1]
+
+    def _correction_level(self) -> str:
+        """The corrections, rounded to steps of about 10%: the candidates are planned again when one moves that far."""
+        return ",".join(f"{n}/{ph}:{round(math.log(f) / math.log(1.1))}"
+                        for (n, ph), f in sorted(self.corrections.factors.items()))
 
     def _planning_intent(self, lost: dict[str, str]) -> IntentSpec:
         """The operator's intent with the lost nodes excluded (the service's cluster state stays as it is)."""
@@ -303,7 +314,7 @@ class Autopilot:
         """(action, the chosen assessment or None to hold, the reason, every alternative with its verdict)."""
         cfg, live = self.config, current.plan
         horizon_h = cfg.horizon_s / 3600
-        rows, scored = [], []
+        scored = []
         for a in assessed:
             if a.plan.placement_key() == live.placement_key():
                 continue
@@ -430,6 +441,11 @@ class Autopilot:
         """The last change applied (or recommended, in advisory mode) at or before time `at`."""
         acted = [d for d in self.decisions if d.t <= at and d.status in ("applied", "advised", "declined", "failed")]
         return acted[-1] if acted else None
+
+
+def _relaxed(spec: IntentSpec) -> IntentSpec:
+    """The intent without its SLO bounds (every other field, and the policy, as they are)."""
+    return spec.model_copy(update={"max_ttft_ms": None, "max_tpot_ms": None})
 
 
 def _why_not(a: Assessment, gain: float, cfg: AutopilotConfig) -> str:

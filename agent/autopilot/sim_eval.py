@@ -1,0 +1,652 @@
+"""The closed loop in the simulator (issue 16): SLO attainment and node-hours of five ways to run one
+service through one day of traffic on the 64-node fleet (scenarios/fleet64).
+
+    python -m agent.autopilot.sim_eval [--hours H] [--only a,b,c,d,e] [--json]
+    continuo bench adapt --sim            (the same)
+
+    (a) static-min    the smallest static plan that fits: the planner's cheapest plan for the intent as
+                      written (its seats: traffic.concurrency), all day
+    (b) static-peak   the cheapest plan that carries the day's busiest interval, all day
+    (c) replicas      a threshold autoscaler on queue length that only adds or removes whole pipeline
+                      replicas: copies of (a)'s chain on disjoint nodes (replica r is the planner's
+                      cheapest plan with the nodes of replicas 0..r-1 excluded), each its own engine;
+                      arrivals are split evenly (round robin) over the replicas that are up. Up: the
+                      queue per replica over UP_QUEUE at an interval's end (a new replica serves after
+                      its weights are loaded); down: no queue for DOWN_INTERVALS intervals in a row and
+                      DOWN_COOLDOWN_S since the last change (the stable window and scale-down cooldown
+                      of Knative-style autoscalers). A removed replica finishes what it holds.
+    (d) continuo      agent/autopilot/controller.py's Autopilot over a SimTarget, mode auto: the same
+                      controller that drives a live server, fed the simulator's telemetry each interval
+    (e) oracle        knows the trace: before each interval, the cheapest plan that carries that
+                      interval's true load; it leaves a plan that still carries the load only when the
+                      saving until the load next outgrows the cheaper plan pays for the move
+
+Every strategy runs on the same simulator (policies/simulator.py Session), pays the same moving costs
+(live reconfiguration: weights over the links, KV pre-copy, the switch pause; nodes that a move brings
+in are counted from its start), and every plan any of them starts is checked by the validator.
+
+How a plan is judged to carry a load, for (b), (c)'s replica chain and (e) (`Loaded`; (d) has its own
+judgement): with g = k groups in flight on k stages, each stage spends per request its prefill of the
+prompt plus output_tokens decode steps shared by a group of ceil(seats / g):
+    busy_s = prefill_s(P) + hop_s(P) + O * (decode_s(m) + hop_s(m)) / m
+    capacity = 1 / max_s busy_s          (requests per second)
+and TPOT at a load is the decode round stretched by the share of each stage's time that prefill takes.
+The simulator is what then measures the SLOs; the figures printed are the simulator's, not this model's.
+
+Figures: SLO attainment (share of all requests that finished within the intent's TTFT and TPOT bounds;
+rejected ones count as missed), node-hours and cost (nodes' list price), reconfigurations, changes
+made under constant load, flips (a change undone within FLIP_INTERVALS), plans the validator rejects.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, load_cluster, load_intent_spec,
+                      load_model_spec, load_policy, validate)
+from policies.costmodel import StageShape, decode_ms, hop_ms, node_price, prefill_ms, weight_bytes
+from policies.simulator import Session, SimConfig
+from policies.traces import Trace, load_trace
+
+from .sim_target import SimTarget
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SCENARIO = ROOT / "scenarios" / "fleet64"
+
+# The engine a plan runs with in the simulator: seats and KV pool from the plan's own reservation
+# (engine_for); prefill chunks larger than the embedded engine's defaults (512 / 8 tokens), as a 70B
+# deployment would set them, or every prompt waits dozens of steps for its first token.
+MAX_PREFILL_TOKENS = 2048
+MAX_PREFILL_TOKENS_DECODING = 512
+MAX_WAITING = 1_000_000               # queue rather than reject: a queued request misses its SLO anyway
+
+SEAT_LEVELS = (32, 64, 128, 192)  # the KV reservations plans are made for (concurrency)
+HEADROOM = 0.8                         # a plan carries a load at or under this share of its capacity
+UP_QUEUE = 2.0                         # (c): scale up when the queue per replica is over this
+DOWN_INTERVALS = 3                     # (c): scale down after this many intervals with no queue
+DOWN_COOLDOWN_S = 600.0                # (c): and this long after the last change
+MAX_REPLICAS = 8
+CONSTANT_LOAD = 0.15                   # load within +-15% of the previous intervals' mean: "constant"
+FLIP_INTERVALS = 3
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+@dataclass
+class Scenario:
+    cluster: Cluster
+    policy: Policy
+    intent: IntentSpec
+    model: ModelSpec
+    trace: Trace
+    interval_s: float
+    end_s: float
+    name: str = ""
+
+    @property
+    def intervals(self) -> int:
+        return math.ceil(self.end_s / self.interval_s)
+
+
+def load_scenario(folder: Path = SCENARIO, hours: float | None = None, interval_s: float = 300.0) -> Scenario:
+    """cluster.yaml, policy.yaml, intent.yaml and trace.yaml of a folder; errors name the file."""
+    folder = Path(folder)
+    for f in ("cluster.yaml", "policy.yaml", "intent.yaml", "trace.yaml"):
+        if not (folder / f).exists():
+            raise FileNotFoundError(f"{folder}: no {f} (a scenario needs cluster, policy, intent and trace files)")
+    intent = load_intent_spec(folder / "intent.yaml")
+    if intent.model is None:
+        raise ValueError(f"{folder / 'intent.yaml'}: field model: the evaluation needs the model named")
+    trace = load_trace(folder / "trace.yaml")
+    end = (hours * 3600.0) if hours else math.ceil(trace.arrival_s[-1] / interval_s) * interval_s
+    if hours:
+        k = next((i for i, a in enumerate(trace.arrival_s) if a > end), len(trace))
+        trace = Trace(trace.arrival_s[:k], trace.prompt_tokens[:k], trace.output_tokens[:k], trace.source)
+    return Scenario(load_cluster(folder / "cluster.yaml"), load_policy(folder / "policy.yaml"), intent,
+                    load_model_spec(intent.model), trace, interval_s, end, folder.name)
+
+
+def seats_of(plan: PlacementPlan, intent: IntentSpec) -> int:
+    return (plan.intent or intent).traffic.concurrency
+
+
+def engine_for(intent: IntentSpec):
+    """The engine's knobs for a plan: its seats and KV pool (what it reserves), one group per stage."""
+    def engine(plan: PlacementPlan) -> SimConfig:
+        t = (plan.intent or intent).traffic
+        return SimConfig(max_num_seqs=t.concurrency, kv_blocks=t.kv_blocks, max_waiting=MAX_WAITING,
+                         max_prefill_tokens=MAX_PREFILL_TOKENS, max_prefill_tokens_decoding=MAX_PREFILL_TOKENS_DECODING,
+                         groups_in_flight=len(plan.stages))
+    return engine
+
+
+def interval_rates(trace: Trace, interval_s: float, n: int) -> list[float]:
+    """The true arrival rate (requests per second) of each interval."""
+    counts = [0] * n
+    for a in trace.arrival_s:
+        k = min(n - 1, int(a // interval_s))
+        counts[k] += 1
+    return [c / interval_s for c in counts]
+
+
+# ---------------------------------------------------------------------------------------------- judging plans
+
+@dataclass
+class Loaded:
+    """A plan and what it can carry (the module docstring's formulas)."""
+    plan: PlacementPlan
+    seats: int
+    capacity_rps: float
+    round_ms: float                  # one decode round with no prefill
+    prefill_ms: float                # the slowest stage's prefill of one prompt (and its hop)
+    ttft0_ms: float                  # TTFT of a prompt at an idle pipeline
+    cost_per_hour: float
+    nodes: int
+
+    def tpot_ms(self, rate: float) -> float:
+        busy = rate * self.prefill_ms / 1e3
+        return self.round_ms / (1 - busy) if busy < 1 else math.inf
+
+    def ttft_ms(self, rate: float) -> float:
+        u = rate / self.capacity_rps
+        return self.ttft0_ms / (1 - u) if u < 1 else math.inf
+
+    def carries(self, rate: float, intent: IntentSpec, headroom: float = HEADROOM) -> bool:
+        """Within capacity (at headroom), within the SLOs at that load, with seats for what it keeps in flight."""
+        if rate > headroom * self.capacity_rps:
+            return False
+        tpot, ttft = self.tpot_ms(rate), self.ttft_ms(rate)
+        if intent.max_tpot_ms is not None and tpot > intent.max_tpot_ms:
+            return False
+        if intent.max_ttft_ms is not None and ttft > intent.max_ttft_ms:
+            return False
+        in_flight = rate * (ttft + intent.traffic.output_tokens * tpot) / 1e3
+        return in_flight <= headroom * self.seats
+
+
+def loaded(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, intent: IntentSpec) -> Loaded:
+    t = (plan.intent or intent).traffic
+    P, O, B = t.prompt_tokens, t.output_tokens, t.concurrency
+    k = len(plan.stages)
+    g = min(k, B)
+    m = math.ceil(B / g)
+    L = model.num_layers
+    busy, dec_all, pre_all, ttft0 = [], [], [], 0.0
+    for i, st in enumerate(plan.stages):
+        node = cluster.node(st.node)
+        shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
+        pre = prefill_ms(model, shape, node, P)
+        dec = decode_ms(model, shape, node, m, t)
+        if i + 1 < k:
+            link = cluster.link(st.node, plan.stages[i + 1].node)
+            pre += hop_ms(model, link, P)
+            dec += hop_ms(model, link, m)
+        busy.append(pre + O * dec / m)
+        dec_all.append(dec)
+        pre_all.append(pre)
+        ttft0 += pre
+    round_ms = max(sum(dec_all), g * max(dec_all))
+    cost = sum(node_price(cluster.node(n)) for n in dict.fromkeys(plan.nodes))
+    return Loaded(plan, B, 1e3 / max(busy), round_ms, max(pre_all), ttft0, cost, len(set(plan.nodes)))
+
+
+class Candidates:
+    """The planner's plans for the scenario, per seat level and stage count (cost and throughput
+    objectives, as the controller asks for them), each judged with `loaded`. Planned once."""
+
+    def __init__(self, sc: Scenario, levels=SEAT_LEVELS, max_stages: int = 8, exclude: tuple[str, ...] = ()):
+        from ..planner import Infeasible, plan as make_plan
+        self.sc, self.items, self.planned = sc, [], 0
+        seen = set()
+        for seats in levels:
+            spec = sc.intent.model_copy(update={"traffic": sc.intent.traffic.model_copy(update={"concurrency": seats}),
+                                                "exclude_nodes": tuple(sc.intent.exclude_nodes) + tuple(exclude)})
+            for k in range(1, max_stages + 1):
+                for objective in ("cost", "throughput"):
+                    self.planned += 1
+                    try:
+                        p = make_plan(spec.model_copy(update={"objective": objective}), sc.cluster, sc.policy,
+                                      sc.model, max_stages=k, groups_in_flight=k)
+                    except Infeasible:
+                        continue
+                    key = (seats, p.plan.placement_key())
+                    if key not in seen:
+                        seen.add(key)
+                        self.items.append(loaded(p.plan.model_copy(update={"intent": spec}), sc.cluster, sc.model,
+                                                 sc.intent))
+        if not self.items:
+            raise ValueError(f"scenario {sc.name}: the planner found no valid plan at any seat level {levels}")
+
+    def ranked_for(self, rate: float, headroom: float = HEADROOM) -> list[Loaded]:
+        """Every candidate, best first for `rate`: those that carry it, cheapest first (fewest nodes,
+        then most capacity on a tie); then the rest, most capacity first."""
+        ok = [c for c in self.items if c.carries(rate, self.sc.intent, headroom)]
+        rest = [c for c in self.items if not c.carries(rate, self.sc.intent, headroom)]
+        return sorted(ok, key=lambda c: (round(c.cost_per_hour, 6), c.nodes, -c.capacity_rps)) + \
+            sorted(rest, key=lambda c: -c.capacity_rps)
+
+    def cheapest_for(self, rate: float, headroom: float = HEADROOM) -> Loaded:
+        return self.ranked_for(rate, headroom)[0]
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+@dataclass
+class Row:
+    name: str
+    requests: int = 0
+    slo_ok: float = 0.0                 # requests within both bounds
+    node_s: float = 0.0
+    cost: float = 0.0                   # dollars at the nodes' list price
+    changes: list[tuple[float, str, str]] = field(default_factory=list)    # (t, from key, to key)
+    rejected_plans: int = 0
+    checked_plans: int = 0
+    ttft_p99_ms: float | None = None
+    tpot_p99_ms: float | None = None
+    wall_s: float = 0.0
+    note: str = ""
+
+    @property
+    def attainment(self) -> float:
+        return self.slo_ok / self.requests if self.requests else 0.0
+
+    def as_dict(self, rates: list[float], interval_s: float) -> dict:
+        const, flips = change_stats(self.changes, rates, interval_s)
+        return {"strategy": self.name, "slo_attainment": round(self.attainment, 4), "requests": self.requests,
+                "node_hours": round(self.node_s / 3600, 2), "cost_usd": round(self.cost, 2),
+                "reconfigurations": len(self.changes), "changes_under_constant_load": const, "flips": flips,
+                "plans_checked": self.checked_plans, "plans_rejected_by_validator": self.rejected_plans,
+                "ttft_p99_ms": self.ttft_p99_ms, "tpot_p99_ms": self.tpot_p99_ms, "sim_wall_s": round(self.wall_s, 1),
+                "note": self.note}
+
+
+def change_stats(changes: list[tuple[float, str, str]], rates: list[float], interval_s: float) -> tuple[int, int]:
+    """(changes made under constant load, flips). Constant load: the interval's true rate within
+    CONSTANT_LOAD of the mean of it and the two before. A flip: a change back to the placement that
+    served before the previous change, within FLIP_INTERVALS intervals of it."""
+    const = 0
+    for t, _, _ in changes:
+        k = min(len(rates) - 1, int(t // interval_s))
+        window = rates[max(0, k - 2):k + 1]
+        mean = sum(window) / len(window)
+        if mean > 0 and all(abs(r - mean) <= CONSTANT_LOAD * mean for r in window):
+            const += 1
+    flips = sum(1 for (t1, a1, b1), (t2, a2, b2) in zip(changes, changes[1:])
+                if a2 == b1 and b2 == a1 and t2 - t1 <= FLIP_INTERVALS * interval_s)
+    return const, flips
+
+
+def _check(row: Row, sc: Scenario, plan: PlacementPlan, current: PlacementPlan | None, cluster: Cluster) -> None:
+    """Count a plan a strategy starts, and whether the validator accepts it (the same rules as a person's)."""
+    row.checked_plans += 1
+    report = validate(plan, cluster, sc.policy, plan.intent or sc.intent, sc.model, current=current)
+    if not report.ok:
+        row.rejected_plans += 1
+
+
+def _finish(row: Row, sc: Scenario, target: SimTarget, wall0: float) -> Row:
+    r = target.session.finish()
+    row.requests, row.slo_ok = r.requests, (r.slo_attainment or 0.0) * r.requests
+    row.ttft_p99_ms, row.tpot_p99_ms = r.ttft_ms_p99, r.tpot_ms_p99
+    row.node_s = target.node_seconds(sc.end_s)
+    row.cost = target.node_seconds(sc.end_s, lambda n: node_price(sc.cluster.node(n)) / 3600)
+    row.changes = [(mv.at_s, mv.old.placement_key(), mv.new.placement_key()) for mv in target.moves]
+    row.wall_s = time.perf_counter() - wall0
+    return row
+
+
+def _target(sc: Scenario, plan: PlacementPlan) -> SimTarget:
+    return SimTarget(sc.cluster, plan, sc.model, sc.trace, intent=sc.intent, engine=engine_for(sc.intent),
+                     window=f"{sc.interval_s:g}s")
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+
+def smallest_plan(sc: Scenario, exclude: tuple[str, ...] = ()) -> PlacementPlan | None:
+    """(a)'s plan: the planner's cheapest valid plan for the intent as written (its seats), over 1..8
+    stages (one group in flight per stage, as the engine runs), fewest nodes on a tie; None if none."""
+    from ..planner import Infeasible, plan as make_plan
+    spec = sc.intent.model_copy(update={"objective": "cost",
+                                        "exclude_nodes": tuple(sc.intent.exclude_nodes) + tuple(exclude)})
+    best = None
+    for k in range(1, 9):
+        try:
+            p = make_plan(spec, sc.cluster, sc.policy, sc.model, max_stages=k, groups_in_flight=k).plan
+        except Infeasible:
+            continue
+        key = (round(p.estimates.cost_per_hour, 6), len(set(p.nodes)))
+        if best is None or key < best[0]:
+            best = (key, p.model_copy(update={"intent": sc.intent}))
+    return best[1] if best else None
+
+
+def run_static(sc: Scenario, plan: PlacementPlan, name: str, note: str = "") -> Row:
+    wall0 = time.perf_counter()
+    row = Row(name, note=note)
+    _check(row, sc, plan, None, sc.cluster)
+    target = _target(sc, plan)
+    target.advance(sc.end_s)
+    return _finish(row, sc, target, wall0)
+
+
+def run_oracle(sc: Scenario, cands: Candidates, rates: list[float], lead_s: float = 60.0) -> Row:
+    """(e): before each interval (lead_s ahead, so a move is done when the load comes), the cheapest plan
+    that carries the interval's true load; a plan that still carries it is left only when the saving
+    over the intervals the cheaper plan would carry pays for the move."""
+    wall0 = time.perf_counter()
+    row = Row("(e) oracle", note="knows each interval's true load")
+    first = cands.cheapest_for(rates[0])
+    _check(row, sc, first.plan, None, sc.cluster)
+    target = _target(sc, first.plan)
+    live = first
+    for k in range(1, sc.intervals):
+        t = k * sc.interval_s - lead_s
+        target.advance(t)
+        if target.session.reconfiguring:
+            continue
+        # the best plan for the coming load that the validator accepts as a move from the live one
+        # (mid-way a node holds the layers of both plans: not every plan is one step away)
+        want = None
+        for c in cands.ranked_for(rates[k]):
+            if c.plan.placement_key() == live.plan.placement_key():
+                break
+            if validate(c.plan, sc.cluster, sc.policy, c.plan.intent, sc.model, current=live.plan).ok:
+                want = c
+                break
+        if want is None:
+            continue
+        if live.carries(rates[k], sc.intent):
+            # only worth it if cheaper for long enough to pay for the move (moves are timed below)
+            saving_per_s = (live.cost_per_hour - want.cost_per_hour) / 3600
+            if saving_per_s <= 0:
+                continue
+            span = 0
+            for j in range(k, sc.intervals):
+                if not want.carries(rates[j], sc.intent):
+                    break
+                span += 1
+            move_s = _move_seconds(sc, live.plan, want.plan)
+            move_cost = move_s * (live.cost_per_hour + want.cost_per_hour) / 3600
+            if saving_per_s * span * sc.interval_s <= move_cost:
+                continue
+        _check(row, sc, want.plan, live.plan, sc.cluster)
+        target.move(want.plan, "oracle")
+        live = want
+    target.advance(sc.end_s)
+    return _finish(row, sc, target, wall0)
+
+
+def _move_seconds(sc: Scenario, old: PlacementPlan, new: PlacementPlan) -> float:
+    """Weights of the layers that move over their links, pairs in parallel (the simulator's own estimate)."""
+    from policies import PlanDelta
+    per_pair: dict[tuple[str, str], float] = {}
+    for r in PlanDelta.between(old, new, sc.model).moves:
+        link = sc.cluster.link(r.src, r.dst)
+        per_pair[(r.src, r.dst)] = per_pair.get((r.src, r.dst), link.latency_ms / 1e3) + \
+            r.weight_bytes * 8 / (link.bandwidth_gbps * 1e9)
+    return max(per_pair.values(), default=0.0)
+
+
+def copy_chain(sc: Scenario, chain: PlacementPlan, used: set[str]) -> PlacementPlan | None:
+    """A copy of `chain` on nodes not in `used`: each stage on another node of the same GPU kind, tier,
+    trust and jurisdiction (same zone preferred), same layers; None when the fleet has no such nodes
+    left or the validator refuses the copy (e.g. its links differ)."""
+    from policies import Stage
+    taken, stages = set(used), []
+    for st in chain.stages:
+        ref = sc.cluster.node(st.node)
+        same = [n for n in sc.cluster.nodes if n.name not in taken and n.state == "up" and n.gpu == ref.gpu
+                and n.tier == ref.tier and n.trust == ref.trust and n.jurisdiction == ref.jurisdiction]
+        if not same:
+            return None
+        pick = min(same, key=lambda n: (n.zone != ref.zone, n.name))
+        taken.add(pick.name)
+        stages.append(Stage(node=pick.name, first_layer=st.first_layer, last_layer=st.last_layer))
+    copy = chain.model_copy(update={"stages": tuple(stages), "estimates": None})
+    return copy if validate(copy, sc.cluster, sc.policy, copy.intent or sc.intent, sc.model).ok else None
+
+
+def replica_chains(sc: Scenario, chain: PlacementPlan, n: int = MAX_REPLICAS) -> list[PlacementPlan]:
+    """(c)'s replicas: `chain` and up to n - 1 copies of it on disjoint nodes (copy_chain)."""
+    chains, used = [chain], set(chain.nodes)
+    while len(chains) < n:
+        c = copy_chain(sc, chain, used)
+        if c is None:
+            break
+        chains.append(c)
+        used |= set(c.nodes)
+    return chains
+
+
+def replica_plan(sc: Scenario, cands: Candidates, peak: float) -> list[PlacementPlan]:
+    """(c)'s chain, from the candidates with the intent's own seats: the cheapest whose copies the fleet
+    holds can carry the peak together; if none can, the one whose copies carry the most."""
+    seats = sc.intent.traffic.concurrency
+    own = sorted((c for c in cands.items if c.seats == seats), key=lambda c: (c.cost_per_hour, c.nodes))
+    if not own:
+        raise ValueError(f"no candidate plan with the intent's {seats} seats (add it to the seat levels)")
+    best = None
+    for c in own:
+        chains = replica_chains(sc, c.plan)
+        carried = len(chains) * HEADROOM * c.capacity_rps
+        if carried >= peak:
+            return chains
+        if best is None or carried > best[0]:
+            best = (carried, chains)
+    return best[1]
+
+
+def run_replicas(sc: Scenario, chains: list[PlacementPlan], start_replicas: int = 1) -> Row:
+    """(c): see the module docstring. Each replica is a Session fed the arrivals routed to it."""
+    wall0 = time.perf_counter()
+    row = Row("(c) replicas", note=f"up to {len(chains)} replicas of a {len(chains[0].stages)}-stage chain, "
+                                   f"queue > {UP_QUEUE:g}/replica up, {DOWN_INTERVALS} idle intervals down")
+    engine = engine_for(sc.intent)
+    sessions: list[Session | None] = [None] * len(chains)
+    held: list[list[list[float]]] = [[] for _ in chains]      # per replica: [from, to] spans its nodes are held
+    ready_at = [math.inf] * len(chains)
+    active = 0
+    tr = sc.trace
+    j = 0
+    quiet, last_change = 0, -math.inf
+    # a new replica's nodes load their layers' weights in parallel over the cluster's default link
+    # (from wherever the checkpoint is kept); it serves once the slowest has them
+    bw = (sc.cluster.links.default.bandwidth_gbps if sc.cluster.links.default else 25.0) * 1e9 / 8
+    L = sc.model.num_layers
+    load_s = [max(weight_bytes(sc.model, StageShape(st.stop - st.start, st.start == 0, st.stop == L)) / bw
+                  for st in c.stages) for c in chains]
+
+    def activate(r: int, t: float, first: bool = False) -> None:
+        if sessions[r] is None:
+            sessions[r] = Session(sc.cluster, chains[r], sc.model, None, intent=sc.intent, config=engine(chains[r]),
+                                  start_s=t)
+            _check(row, sc, chains[r], None, sc.cluster)
+        held[r].append([t, math.inf])
+        ready_at[r] = t if first else t + load_s[r]     # a new replica loads its weights before it serves
+
+    for r in range(start_replicas):
+        activate(r, 0.0, first=True)
+    active = start_replicas
+    rr = 0
+    for k in range(sc.intervals):
+        t1 = min((k + 1) * sc.interval_s, sc.end_s)
+        # route this interval's arrivals round robin over the replicas that serve at their arrival
+        batch: dict[int, tuple[list, list, list]] = {}
+        while j < len(tr) and tr.arrival_s[j] <= t1:
+            up = [r for r in range(active) if ready_at[r] <= tr.arrival_s[j]] or [0]
+            r = up[rr % len(up)]
+            rr += 1
+            b = batch.setdefault(r, ([], [], []))
+            b[0].append(tr.arrival_s[j])
+            b[1].append(tr.prompt_tokens[j])
+            b[2].append(tr.output_tokens[j])
+            j += 1
+        for r, (a, p, o) in batch.items():
+            sessions[r].add_requests(a, p, o)
+        for s in sessions:
+            if s is not None:
+                s.advance(t1)
+        queue = sum(s._live.queue for s in sessions[:active] if s is not None)
+        # the threshold rule
+        if queue > UP_QUEUE * active and active < len(chains):
+            activate(active, t1)
+            row.changes.append((t1, f"{active} replicas", f"{active + 1} replicas"))
+            active += 1
+            quiet, last_change = 0, t1
+        elif queue == 0:
+            quiet += 1
+            if quiet >= DOWN_INTERVALS and active > 1 and t1 - last_change >= DOWN_COOLDOWN_S:
+                active -= 1
+                held[active][-1][1] = t1          # its nodes are released once it has drained (below)
+                row.changes.append((t1, f"{active + 1} replicas", f"{active} replicas"))
+                quiet, last_change = 0, t1
+        else:
+            quiet = 0
+    requests = ok = 0
+    ttft, tpot = [], []
+    for r, s in enumerate(sessions):
+        if s is None:
+            continue
+        res = s.finish()
+        requests += res.requests
+        ok += (res.slo_attainment or 0.0) * res.requests
+        ttft += res.ttft_ms
+        tpot += res.tpot_ms
+        # a released replica holds its nodes until its last request finished
+        last = max((x for x in s._live.t_last if not math.isnan(x)), default=0.0)
+        price = sum(node_price(sc.cluster.node(n)) for n in set(chains[r].nodes)) / 3600
+        for span in held[r]:
+            end = sc.end_s if span[1] == math.inf else max(span[1], min(last, sc.end_s))
+            row.node_s += len(set(chains[r].nodes)) * (end - span[0])
+            row.cost += price * (end - span[0])
+    from policies.simulator import _pct
+    row.requests, row.slo_ok = requests, ok
+    row.ttft_p99_ms, row.tpot_p99_ms = _pct(ttft, .99), _pct(tpot, .99)
+    row.wall_s = time.perf_counter() - wall0
+    return row
+
+
+def run_controller(sc: Scenario, first: PlacementPlan, **config) -> Row:
+    """(d): the Autopilot (agent/autopilot/controller.py) over a SimTarget, one tick per interval, mode auto."""
+    from .config import AutopilotConfig
+    from .controller import Autopilot
+    wall0 = time.perf_counter()
+    row = Row("(d) continuo", note="agent.autopilot.Autopilot, mode auto, one tick per interval")
+    _check(row, sc, first, None, sc.cluster)
+    target = _target(sc, first)
+    cfg = AutopilotConfig(**{"mode": "auto", "interval_s": sc.interval_s, "window": f"{sc.interval_s:g}s",
+                             "horizon_s": 2 * sc.interval_s, "cooldown_s": sc.interval_s, **config})
+    ap = Autopilot(target, sc.intent, sc.policy, sc.model, cfg)
+    for k in range(1, sc.intervals + 1):
+        target.advance(min(k * sc.interval_s, sc.end_s))
+        before = target.live_plan()
+        d = ap.tick()
+        if d.status == "rejected":
+            row.rejected_plans += 1
+        if d.applied and d.chosen is not None:
+            _check(row, sc, d.chosen, before, sc.cluster)
+    row = _finish(row, sc, target, wall0)
+    row.note += f"; {len(ap.decisions)} decisions"
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def evaluate(sc: Scenario, only: list[str] | None = None, levels=SEAT_LEVELS, max_stages: int = 8,
+             log=print) -> dict:
+    """Run the strategies asked for (default all) and return the table with the comparison to the targets."""
+    only = only or ["a", "b", "c", "d", "e"]
+    unknown = [x for x in only if x not in "abcde" or len(x) != 1]
+    if unknown:
+        raise ValueError(f"--only: unknown strategy {unknown[0]!r}; pick from a, b, c, d, e")
+    rates = interval_rates(sc.trace, sc.interval_s, sc.intervals)
+    rows: dict[str, Row] = {}
+    t0 = time.perf_counter()
+    small = smallest_plan(sc)
+    if small is None:
+        raise ValueError(f"scenario {sc.name}: no valid plan for the intent as written")
+    need_cands = any(x in only for x in "bce")
+    cands = Candidates(sc, levels, max_stages) if need_cands else None
+    if cands:
+        log(f"planned {len(cands.items)} candidate plans ({cands.planned} planner calls) in "
+            f"{time.perf_counter() - t0:.1f} s")
+    if "a" in only:
+        rows["a"] = run_static(sc, small, "(a) static-min", f"{len(set(small.nodes))} nodes, "
+                                                            f"{seats_of(small, sc.intent)} seats")
+        log(f"(a) done in {rows['a'].wall_s:.1f} s")
+    if "b" in only:
+        peak = max(rates)
+        big = cands.cheapest_for(peak)
+        rows["b"] = run_static(sc, big.plan, "(b) static-peak", f"{big.nodes} nodes, {big.seats} seats, sized for "
+                                                                f"{peak:.2f} req/s")
+        log(f"(b) done in {rows['b'].wall_s:.1f} s")
+    if "c" in only:
+        rows["c"] = run_replicas(sc, replica_plan(sc, cands, max(rates)))
+        log(f"(c) done in {rows['c'].wall_s:.1f} s")
+    if "d" in only:
+        rows["d"] = run_controller(sc, small)
+        log(f"(d) done in {rows['d'].wall_s:.1f} s")
+    if "e" in only:
+        rows["e"] = run_oracle(sc, cands, rates)
+        log(f"(e) done in {rows['e'].wall_s:.1f} s")
+    table = [r.as_dict(rates, sc.interval_s) for r in rows.values()]
+    out = {"scenario": sc.name, "hours": sc.end_s / 3600, "interval_s": sc.interval_s, "requests": len(sc.trace),
+           "peak_interval_rps": max(rates), "mean_rps": sum(rates) / len(rates), "rows": table,
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    if "d" in rows and "b" in rows:
+        d, b = rows["d"], rows["b"]
+        out["targets"] = {"attainment_d_ge_b": d.attainment >= b.attainment,
+                          "node_hours_d_over_b": round(d.node_s / b.node_s, 3) if b.node_s else None}
+        if "e" in rows and rows["e"].node_s:
+            out["targets"]["node_hours_d_over_e"] = round(d.node_s / rows["e"].node_s, 3)
+    return out
+
+
+def print_table(out: dict, file=sys.stdout) -> None:
+    print(f"scenario {out['scenario']}: {out['hours']:g} h, {out['requests']} requests, mean "
+          f"{out['mean_rps']:.2f} req/s, busiest {out['interval_s']:g} s interval {out['peak_interval_rps']:.2f} req/s",
+          file=file)
+    head = ("strategy", "SLO met", "node-h", "cost $", "reconf", "const", "flips", "invalid", "TTFT p99 ms",
+            "TPOT p99 ms", "wall s")
+    print("  ".join(f"{h:>11}" if i else f"{h:<16}" for i, h in enumerate(head)), file=file)
+    for r in out["rows"]:
+        cells = (r["strategy"], f"{100 * r['slo_attainment']:.1f}%", f"{r['node_hours']:.1f}", f"{r['cost_usd']:.0f}",
+                 str(r["reconfigurations"]), str(r["changes_under_constant_load"]), str(r["flips"]),
+                 f"{r['plans_rejected_by_validator']}/{r['plans_checked']}",
+                 "-" if r["ttft_p99_ms"] is None else f"{r['ttft_p99_ms']:.0f}",
+                 "-" if r["tpot_p99_ms"] is None else f"{r['tpot_p99_ms']:.1f}", f"{r['sim_wall_s']:.0f}")
+        print("  ".join(f"{c:>11}" if i else f"{c:<16}" for i, c in enumerate(cells)), file=file)
+    for r in out["rows"]:
+        if r["note"]:
+            print(f"  {r['strategy']}: {r['note']}", file=file)
+    if "targets" in out:
+        print(f"targets: (d) attainment >= (b): {out['targets']['attainment_d_ge_b']}; (d)/(b) node-hours "
+              f"{out['targets']['node_hours_d_over_b']} (target <= 0.6); (d)/(e) node-hours "
+              f"{out['targets'].get('node_hours_d_over_e')} (target <= 1.1)", file=file)
+
+
+def main(folder: Path = SCENARIO, hours: float | None = None, interval_s: float = 300.0,
+         only: list[str] | None = None, as_json: bool = False) -> int:
+    sc = load_scenario(folder, hours, interval_s)
+    out = evaluate(sc, only, log=(lambda s: print(s, file=sys.stderr)))
+    if as_json:
+        print(json.dumps(out))
+    else:
+        print_table(out)
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scenario", type=Path, default=SCENARIO)
+    ap.add_argument("--hours", type=float, default=None)
+    ap.add_argument("--interval-s", type=float, default=300.0)
+    ap.add_argument("--only", default=None, help="comma-separated subset of a,b,c,d,e")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    sys.exit(main(a.scenario, a.hours, a.interval_s, a.only.split(",") if a.only else None, a.json))

@@ -1,0 +1,223 @@
+"""The simulator in intervals (Session), SimTarget (the controller's Target over it), and the pieces of
+the closed-loop evaluation (agent/autopilot/sim_eval.py): change and flip counting, replica copies,
+the load judgement against the simulator, a short evaluation run."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from agent.autopilot import sim_eval as ev
+from agent.autopilot.sim_target import SimTarget
+from agent.autopilot.target import Target
+from policies import PlacementPlan, Stage, approve
+from policies.simulator import Reconfig, Session, SimConfig, simulate, speed_case
+
+FIELDS = ("requests", "finished", "rejected", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p99", "slo_attainment", "steps")
+
+
+@pytest.fixture(scope="module")
+def case():
+    cluster, plan, model, trace, intent, config = speed_case(nodes=8, layers=80, rate=20, duration_s=90)
+    other = PlacementPlan(model=plan.model, data_class="public", stages=tuple(
+        Stage(node=f"n{i + 4}", first_layer=20 * i, last_layer=20 * i + 19) for i in range(4)))
+    return cluster, plan, model, trace, intent, config, other
+
+
+def test_session_in_intervals_is_simulate(case):
+    cluster, plan, model, trace, intent, config, other = case
+    whole = simulate(cluster, plan, model, trace, intent=intent, config=config, reconfigs=[Reconfig(45.0, other)])
+    s = Session(cluster, plan, model, trace, intent=intent, config=config)
+    for t in (10.0, 20.0, 45.0):
+        s.advance(t)
+    out = s.reconfigure(other)
+    assert out.prepare_s > 0 and out.weight_bytes > 0 and math.isnan(out.switched_s)
+    assert s.reconfiguring and s.plan is plan          # the old plan serves until the switch
+    for t in range(50, 400, 10):
+        s.advance(float(t))
+    assert not s.reconfiguring and s.plan is other
+    part = s.finish()
+    for f in FIELDS:
+        assert getattr(part, f) == getattr(whole, f), f
+    assert part.reconfigurations[0].switched_s == whole.reconfigurations[0].switched_s
+
+
+def test_session_fed_arrivals_as_they_come_is_simulate(case):
+    cluster, plan, model, trace, intent, config, _ = case
+    whole = simulate(cluster, plan, model, trace, intent=intent, config=config)
+    s = Session(cluster, plan, model, None, intent=intent, config=config)
+    arr, j = trace.arrival_s, 0
+    for t in range(5, 400, 5):
+        k = j
+        while k < len(arr) and arr[k] <= t:
+            k += 1
+        s.add_requests(arr[j:k], trace.prompt_tokens[j:k], trace.output_tokens[j:k])
+        j = k
+        s.advance(float(t))
+    part = s.finish()
+    for f in FIELDS:
+        assert getattr(part, f) == getattr(whole, f), f
+
+
+def test_session_refuses_what_it_cannot_do(case):
+    cluster, plan, model, trace, intent, config, other = case
+    s = Session(cluster, plan, model, trace, intent=intent, config=config)
+    s.advance(10.0)
+    with pytest.raises(ValueError, match="cannot go back in time: now 10.0 s, asked 5.0 s"):
+        s.advance(5.0)
+    with pytest.raises(ValueError, match="arriving at 3.0 s is out of order"):
+        s.add_requests([3.0], [10], [10])
+    with pytest.raises(ValueError, match="method 'restart'"):
+        s.reconfigure(other, "restart")
+    s.reconfigure(other)
+    with pytest.raises(RuntimeError, match="under way"):
+        s.reconfigure(plan)
+
+
+def test_telemetry_is_the_stats_window_of_the_interval(case):
+    cluster, plan, model, trace, intent, config, _ = case
+    s = Session(cluster, plan, model, trace, intent=intent, config=config)
+    s.advance(30.0)
+    s.advance(60.0)
+    snap = s.telemetry(30.0, "30s")
+    w = snap["windows"]["30s"]
+    arrived = sum(1 for a in trace.arrival_s if 30.0 < a <= 60.0)
+    assert w["arrival_rate"] == pytest.approx(arrived / 30.0)
+    assert w["ttft_s"]["n"] == w["finished"]["stop"] > 0 and w["ttft_s"]["p50"] > 0
+    assert snap["now"]["queue_depth"] >= 0 and snap["now"]["running"] > 0
+
+
+def test_a_reconfiguration_can_bring_more_seats(case):
+    cluster, plan, model, trace, intent, config, other = case
+    small = SimConfig(max_num_seqs=2, max_waiting=10_000, max_prefill_tokens=8192, max_prefill_tokens_decoding=4096)
+    s = Session(cluster, plan, model, trace, intent=intent, config=small)
+    s.advance(20.0)
+    assert s._live.running <= 2 and s._live.queue > 10
+    s.reconfigure(other, config=SimConfig(max_num_seqs=64, max_waiting=10_000, max_prefill_tokens=8192,
+                                          max_prefill_tokens_decoding=4096, groups_in_flight=4))
+    s.advance(40.0)
+    assert s._live.running > 2
+
+
+# -- SimTarget ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fleet():
+    sc = ev.load_scenario(hours=0.5, interval_s=300)
+    return sc
+
+
+def _plan(sc, *stages, seats=32):
+    intent = sc.intent.model_copy(update={"traffic": sc.intent.traffic.model_copy(update={"concurrency": seats})})
+    return PlacementPlan(model=sc.model.name, data_class="phi", intent=intent,
+                         cluster_fingerprint=sc.cluster.fingerprint(),
+                         stages=tuple(Stage(node=n, first_layer=a, last_layer=b) for n, a, b in stages))
+
+
+A = (("edge-a100-0", 0, 22), ("euc-h100-0", 23, 58), ("edge-a100-1", 59, 79))
+B = (("edge-a100-0", 0, 15), ("euc-h100-1", 16, 40), ("euc-h100-2", 41, 64), ("edge-a100-1", 65, 79))
+
+
+def test_sim_target_is_a_target_and_applies_validated_plans_only(fleet):
+    sc = fleet
+    a, b = _plan(sc, *A), _plan(sc, *B, seats=64)
+    t = SimTarget(sc.cluster, a, sc.model, sc.trace, intent=sc.intent, engine=ev.engine_for(sc.intent),
+                  window="300s")
+    assert isinstance(t, Target)
+    t.advance(300.0)
+    snap = t.snapshot()
+    assert set(snap["windows"]) == {"300s"} and snap["windows"]["300s"]["arrival_rate"] > 0
+    assert t.apply(b)["ok"] is False                        # a plan the validator has not sealed
+    validated = approve(b, sc.cluster, sc.policy, b.intent, sc.model, current=a)
+    rep = t.apply(validated)
+    assert rep["ok"] and rep["state"] == "done" and rep["bytes_moved"]["weights"] > 0 and rep["pause_ms"] > 0
+    again = t.apply(validated)
+    assert not again["ok"] and "under way" in again["error"]
+    t.advance(600.0)
+    assert t.live_plan().placement_key() == b.placement_key() == t.session.plan.placement_key()
+    # node-seconds: 3 nodes until the switch, 4 after; the 2 new nodes are held from the move's start
+    mv = t.moves[0]
+    sw = mv.outcome.switched_s
+    assert 300.0 < sw < 600.0
+    assert t.node_seconds(900.0) == pytest.approx(3 * sw + 2 * (sw - 300.0) + 4 * (900.0 - sw))
+
+
+def test_sim_target_refuses_a_plan_on_a_node_that_went_down(fleet):
+    sc = fleet
+    a, b = _plan(sc, *A), _plan(sc, *B, seats=64)
+    t = SimTarget(sc.cluster, a, sc.model, sc.trace, intent=sc.intent, engine=ev.engine_for(sc.intent))
+    validated = approve(b, sc.cluster, sc.policy, b.intent, sc.model, current=a)
+    t.set_node_state("euc-h100-1", "down")
+    assert t.cluster().node("euc-h100-1").state == "down"
+    rep = t.apply(validated)
+    assert not rep["ok"] and "euc-h100-1" in rep["error"]
+
+
+# -- the evaluation's pieces ----------------------------------------------------------------------
+
+def test_change_stats_counts_changes_under_constant_load_and_flips():
+    rates = [1.0, 1.0, 1.0, 1.05, 3.0, 3.0, 3.0, 1.0]
+    changes = [(3 * 300 + 10, "x", "y"),      # rate 1.05 after 1, 1, 1: constant load
+               (4 * 300 + 10, "y", "x"),      # back to x one interval later: a flip; load jumped (not constant)
+               (7 * 300 + 10, "x", "z")]      # 1.0 after 3, 3: not constant
+    const, flips = ev.change_stats(changes, rates, 300)
+    assert (const, flips) == (1, 1)
+    assert ev.change_stats([(10, "x", "y"), (5000, "y", "x")], [1.0] * 20, 300) == (2, 0)   # too far apart
+
+
+def test_replica_copies_are_disjoint_same_kind_and_valid(fleet):
+    sc = fleet
+    chains = ev.replica_chains(sc, _plan(sc, *A))
+    nodes = [n for c in chains for n in c.nodes]
+    assert len(nodes) == len(set(nodes))
+    # 4 owned edge A100s hold the ends: two copies of a chain with two of them, no more
+    assert len(chains) == 2
+    for c in chains:
+        assert [sc.cluster.node(n).gpu for n in c.nodes] == ["A100-80GB", "H100", "A100-80GB"]
+        assert ev.validate(c, sc.cluster, sc.policy, c.intent, sc.model).ok
+
+
+def test_the_load_judgement_agrees_with_the_simulator(fleet):
+    """A plan the judgement says carries a rate keeps the SLOs in the simulator; at twice its capacity it does not."""
+    sc = fleet
+    plan = _plan(sc, *B, seats=64)
+    j = ev.loaded(plan, sc.cluster, sc.model, sc.intent)
+    ok_rate = 0.7 * j.capacity_rps
+    assert j.carries(ok_rate, sc.intent) and not j.carries(2 * j.capacity_rps, sc.intent)
+    from policies.traces import Schedule, Steady
+    results = []
+    for rate in (ok_rate, 2 * j.capacity_rps):
+        tr = Schedule(phases=(Steady(kind="steady", rate=rate, duration_s=600),), seed=1,
+                      prompt_tokens={"dist": "fixed", "value": 512}, output_tokens={"dist": "fixed", "value": 128}
+                      ).generate()
+        s = Session(sc.cluster, plan, sc.model, tr, intent=sc.intent, config=ev.engine_for(sc.intent)(plan))
+        results.append(s.finish().slo_attainment)
+    assert results[0] > 0.95 and results[1] < 0.5
+
+
+def test_load_scenario_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no policy.yaml"):
+        (tmp_path / "cluster.yaml").write_text("x")
+        ev.load_scenario(tmp_path)
+    src = Path(ev.SCENARIO)
+    for f in ("cluster.yaml", "policy.yaml", "trace.yaml"):
+        (tmp_path / f).write_text((src / f).read_text())
+    (tmp_path / "intent.yaml").write_text("data_class: phi\n")
+    with pytest.raises(ValueError, match="intent.yaml: field model"):
+        ev.load_scenario(tmp_path)
+    with pytest.raises(ValueError, match="unknown strategy 'f'"):
+        ev.evaluate(ev.load_scenario(src, hours=0.1), only=["f"])
+
+
+def test_a_short_evaluation_runs_every_baseline_with_valid_plans(fleet):
+    out = ev.evaluate(fleet, only=["a", "b", "e"], levels=(32,), max_stages=3, log=lambda s: None)
+    rows = {r["strategy"][:3]: r for r in out["rows"]}
+    assert set(rows) == {"(a)", "(b)", "(e)"}
+    for r in rows.values():
+        assert r["plans_rejected_by_validator"] == 0 and r["plans_checked"] >= 1
+        assert r["requests"] == len(fleet.trace) and 0 <= r["slo_attainment"] <= 1
+        assert r["node_hours"] == pytest.approx(r["node_hours"]) and r["node_hours"] > 0
+    # a static plan holds its nodes the whole half hour
+    a_nodes = len(set(ev.smallest_plan(fleet).nodes))
+    assert rows["(a)"]["node_hours"] == pytest.approx(a_nodes * 0.5, abs=0.01)
