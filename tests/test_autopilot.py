@@ -229,6 +229,28 @@ def test_a_plan_the_validator_rejects_is_never_applied():
     tg = ScriptedTarget(plan_of(*TWO, intent=intent))
     ap = BadCandidates(tg, intent, POLICY, MODEL, AutopilotConfig(mode="auto", hysteresis=1))
     ds = run(ap, tg, [0.0] * 3)
+    # the choice only considers plans the validator passes as a move from the live one: it holds, and
+    # says why the cheaper candidate was not taken (proposing it would have the gate reject it every tick)
+    assert tg.applied == [] and {d.status for d in ds} == {"held"}
+    verdicts = [a["verdict"] for a in ds[0].alternatives if a["plan"] == bad.summary()]
+    assert verdicts and verdicts[0].startswith("not a valid move") and "[exclusions]" in verdicts[0]
+
+
+def test_the_gate_still_rejects_what_the_choice_let_through():
+    """Belt and braces: were a plan that the validator refuses chosen anyway, the gate rejects it."""
+    intent = INTENT.model_copy(update={"exclude_nodes": ("cloud-1",)})
+    bad = PlacementPlan(model=MODEL.name, data_class="internal", cluster_fingerprint=CLUSTER.fingerprint(),
+                        intent=intent, stages=(Stage(node="cloud-1", first_layer=0, last_layer=29),))
+
+    class BadChoice(Autopilot):
+        def _plans(self, cluster, lost):
+            return [bad]
+
+        def _choose(self, current, assessed, lost, cluster, load, check=None):
+            return super()._choose(current, assessed, lost, cluster, load, None)
+    tg = ScriptedTarget(plan_of(*TWO, intent=intent))
+    ap = BadChoice(tg, intent, POLICY, MODEL, AutopilotConfig(mode="auto", hysteresis=1))
+    ds = run(ap, tg, [0.0] * 3)
     assert tg.applied == [] and {d.status for d in ds} == {"rejected"}
     assert "[exclusions]" in ds[0].validation
 

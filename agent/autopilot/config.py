@@ -51,8 +51,14 @@ class AutopilotConfig:
     max_stages: int = 8             # the planner's bound on stages
     pause_s: float = 0.05           # expected pause of a switch until one has been measured
     min_rate: float = 0.0           # arrivals per second assumed at least (0: an idle service may shrink to one node)
+    scale_up_hysteresis: int | None = None   # ticks in a row before scaling up when the live plan would miss
+                                    # the SLOs or run over `headroom` (a panic window); None: `hysteresis`
+    seat_levels: tuple = ()         # KV reservations (concurrency) a plan may be sized for besides the intent's
+                                    # traffic.concurrency (its smallest): more seats carry more load on the same nodes
 
     def __post_init__(self):
+        if isinstance(self.seat_levels, list):
+            object.__setattr__(self, "seat_levels", tuple(self.seat_levels))
         self.check()
 
     def check(self, source: str | None = None, lines: dict[str, int] | None = None) -> None:
@@ -74,6 +80,12 @@ class AutopilotConfig:
             v = getattr(self, knob)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(knob, "must be a whole number >= 1")
+        v = self.scale_up_hysteresis
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            bad("scale_up_hysteresis", "must be a whole number >= 1 (or absent: the same as hysteresis)")
+        v = self.seat_levels
+        if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+            bad("seat_levels", "must be a list of whole numbers >= 1 (concurrencies a plan may reserve KV for)")
         for knob in ("headroom", "scale_down_headroom", "alpha", "beta"):
             v = getattr(self, knob)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
@@ -105,6 +117,8 @@ class AutopilotConfig:
         for k, v in merged.items():           # a whole number where seconds are asked is fine
             if isinstance(getattr(cls, k), float) and isinstance(v, int) and not isinstance(v, bool):
                 merged[k] = float(v)
+        if isinstance(merged.get("seat_levels"), list):
+            merged["seat_levels"] = tuple(merged["seat_levels"])
         obj = cls.__new__(cls)
         for k in known:
             object.__setattr__(obj, k, merged.get(k, getattr(cls, k)))

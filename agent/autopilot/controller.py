@@ -48,6 +48,7 @@ from .forecast import Holt
 from .target import Target
 
 GATE_MODE = {"advisory": "suggest", "confirm": "confirm", "auto": "auto"}   # autopilot mode -> Agent.gate mode
+REPLAN_FACTOR = 1.25       # plan the candidates again when a correction factor moved by more than this since
 MIN_SLO_SAMPLES = 5          # measured TTFT/TPOT feed the corrections only from this many requests in the window
 
 
@@ -150,6 +151,8 @@ class Autopilot:
         self.forecaster = Holt(self.config.alpha, self.config.beta, self.config.damping_s)
         self.decisions: list[Decision] = []
         self._candidates: tuple[str, list[PlacementPlan]] | None = None   # (cluster state + lost, plans)
+        self._planned_with: dict = {}                # the correction factors the candidates were planned with
+        self._reviews: dict = {}                     # this tick's validator reports, per candidate (see _review)
         self._recommendation: str | None = None      # what the last tick recommended, and for how many ticks
         self._streak = 0
         self._last_change: float | None = None       # when the last change was applied
@@ -185,6 +188,7 @@ class Autopilot:
         if live is None:
             return self._record(Decision(t, "hold", "held", "nothing serves: the autopilot adapts a running plan",
                                          load, forecast, lost=lost))
+        self._reviews = {}
         self._correct(live, cluster, load, measured)
         now_view = self._assess(live, cluster, rate_now)
         predicted = {"ttft_ms": now_view.ttft_ms, "tpot_ms": now_view.tpot_ms, "util": now_view.util,
@@ -192,7 +196,8 @@ class Autopilot:
         plans = self._plans(cluster, lost)
         assessed = [self._assess(p, cluster, rate) for p in plans]
         current = self._assess(live, cluster, rate)
-        action, choice, reason, rows = self._choose(current, assessed, lost, cluster, load)
+        action, choice, reason, rows = self._choose(current, assessed, lost, cluster, load,
+                                                    lambda p: self._review(p, cluster, live)[0])
         d = Decision(t, action, "held", reason, load, forecast, live, choice.plan if choice else None, rows,
                      predicted, measured, lost=lost)
         return self._record(self._gate(d, choice, cluster, live, bool(lost)))
@@ -209,15 +214,23 @@ class Autopilot:
 
     def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict) -> None:
         """Fold the measured TTFT/TPOT (p50) into the corrections, against the raw estimate at the measured load
-        (Dynamo's measured / expected)."""
+        (Dynamo's measured / expected). A measured TTFT includes the time a request waited for a seat, which
+        the estimate does not: while requests queue (or every seat is taken) it measures the queue, not the
+        nodes' prefill speed, so prefill is corrected only from windows without a queue (folding a queue in
+        made every plan look several times slower, so none kept the SLOs and the controller never scaled up)."""
         if min(measured.get("ttft_n", 0), measured.get("tpot_n", 0)) < MIN_SLO_SAMPLES:
             return
         if not (measured.get("ttft_p50_ms") and measured.get("tpot_p50_ms")):
             return
-        conc = max(1, min(self.intent.traffic.concurrency, round(load["running"] or 1)))
-        raw = estimate(live, cluster, self.model, self.intent.traffic.model_copy(update={"concurrency": conc}),
+        traffic = _traffic(live, self.intent)
+        conc = max(1, min(traffic.concurrency, round(load["running"] or 1)))
+        raw = estimate(live, cluster, self.model, traffic.model_copy(update={"concurrency": conc}),
                        self.prices, self.profiles, None, self._groups(live))
-        self.corrections.observe_plan(raw, measured["ttft_p50_ms"], measured["tpot_p50_ms"])
+        queued = (load["queue"] or 0) > 0 or (load["running"] or 0) >= traffic.concurrency
+        for st in raw.stages:
+            if not queued:
+                self.corrections.observe(st.node, "prefill", measured["ttft_p50_ms"], raw.ttft_ms)
+            self.corrections.observe(st.node, "decode", measured["tpot_p50_ms"], raw.tpot_ms)
 
     # ------------------------------------------------------------------ candidates and their assessment
 
@@ -225,36 +238,74 @@ class Autopilot:
         return self.groups_in_flight or len(plan.stages)
 
     def _plans(self, cluster: Cluster, lost: dict[str, str]) -> list[PlacementPlan]:
-        """The planner's plans for this cluster state, lost nodes excluded: for k = 1..max_stages, the cheapest
-        and the fastest with at most k stages, with the same cost model the plans are judged by (profiles and
-        the corrections measured so far). Planned once per cluster state and correction level: the load only
-        changes which wins. Each also planned without the SLO bounds, as the fallback when a node is lost
-        and no plan keeps them (such a plan carries the relaxed intent: `_relaxed`)."""
+        """The planner's plans for this cluster state, lost nodes excluded: for each seat level (the intent's
+        concurrency and `seat_levels`) and k = 1..max_stages, the cheapest and the fastest with at most k stages,
+        with the same cost model the plans are judged by (profiles and the corrections measured so far).
+        Planned once per cluster state, and again when a correction factor has moved by more than
+        REPLAN_FACTOR since (not at every small step: measured factors wander from window to window, and
+        planning again each tick cost seconds a tick); the load only changes which wins. With a node lost,
+        each is also planned without the SLO bounds, as the fallback when no plan keeps them (such a plan
+        carries the relaxed intent: `_relaxed`)."""
         from ..planner import Infeasible, plan as make_plan
-        key = "|".join((cluster.fingerprint(), ",".join(sorted(lost)), self._correction_level()))
-        if self._candidates is not None and self._candidates[0] == key:
+        key = "|".join((cluster.fingerprint(), ",".join(sorted(lost))))
+        if self._candidates is not None and self._candidates[0] == key and not self._corrections_moved():
             return self._candidates[1]
+        self._planned_with = dict(self.corrections.factors)
         spec = self._planning_intent(lost)
-        found: dict[str, PlacementPlan] = {}
-        for base in (spec, _relaxed(spec)):
-            for k in range(1, self.config.max_stages + 1):
-                for objective in ("cost", "throughput"):
-                    try:
-                        p = make_plan(base.model_copy(update={"objective": objective}), cluster, self.policy,
-                                      self.model, max_stages=k, prices=self.prices, profiles=self.profiles,
-                                      corrections=self.corrections, groups_in_flight=self.groups_in_flight or k)
-                    except Infeasible:
-                        continue
-                    found.setdefault(p.plan.placement_key(), p.plan.model_copy(update={"intent": base}))
-            if base == _relaxed(spec):
-                break
+        found: dict[tuple, PlacementPlan] = {}
+        for base in ((spec, _relaxed(spec)) if lost else (spec,)):
+            for seats in self._seat_levels():
+                sized = base if seats == base.traffic.concurrency else base.model_copy(
+                    update={"traffic": base.traffic.model_copy(update={"concurrency": seats})})
+                # k from the fewest stages the memory allows; stop at the first k with no plan after one
+                # had a plan (the planner judges a plan at k groups in flight, so more allowed stages only
+                # make the same chains slower; an infeasible search also costs the most: it explains itself)
+                # or once both objectives took fewer stages than allowed
+                done, had = set(), False
+                for k in range(min_stages(cluster, self.model, sized), self.config.max_stages + 1):
+                    infeasible = False
+                    for objective in ("cost", "throughput"):
+                        if objective in done:
+                            continue
+                        try:
+                            p = make_plan(sized.model_copy(update={"objective": objective}), cluster, self.policy,
+                                          self.model, max_stages=k, prices=self.prices, profiles=self.profiles,
+                                          corrections=self.corrections, groups_in_flight=self.groups_in_flight or k)
+                        except Infeasible:
+                            infeasible = True     # the constraints, not the objective, leave no plan: so for both
+                            break
+                        had = True
+                        found.setdefault((seats, p.plan.placement_key()), p.plan.model_copy(update={"intent": sized}))
+                        if len(p.plan.stages) < k:
+                            done.add(objective)    # allowed k stages it took fewer: more allowed changes nothing
+                    if len(done) == 2 or (infeasible and had):
+                        break
         self._candidates = (key, list(found.values()))
         return self._candidates[1]
 
-    def _correction_level(self) -> str:
-        """The corrections, rounded to steps of about 10%: the candidates are planned again when one moves that far."""
-        return ",".join(f"{n}/{ph}:{round(math.log(f) / math.log(1.1))}"
-                        for (n, ph), f in sorted(self.corrections.factors.items()))
+    def _seat_levels(self) -> list[int]:
+        """The concurrencies plans are sized for: the intent's (the smallest) and the larger `seat_levels`."""
+        own = self.intent.traffic.concurrency
+        return sorted({own, *(x for x in self.config.seat_levels if x > own)})
+
+    def _corrections_moved(self) -> bool:
+        """Whether a correction factor moved by more than REPLAN_FACTOR from what the candidates were planned with."""
+        for k, f in self.corrections.factors.items():
+            f0 = self._planned_with.get(k, 1.0)          # the planner takes a node without a factor at 1
+            if abs(math.log(f / f0)) > math.log(REPLAN_FACTOR):
+                return True
+        return False
+
+    def _review(self, plan: PlacementPlan, cluster: Cluster, live: PlacementPlan):
+        """The validator on `plan` as a move from `live` (policies.review, as the gate runs it), once per tick
+        and candidate: the choice only picks plans that pass, so the gate never meets a plan it must reject."""
+        key = (plan.placement_key(), _traffic(plan, self.intent).concurrency, live.placement_key())
+        if key not in self._reviews:
+            spec = plan.intent or self.intent
+            speed = dict(profiles=self.profiles, corrections=self.corrections, groups_in_flight=self._groups(plan))
+            self._reviews[key] = review(plan, cluster, self.policy, spec, self.model, current=live,
+                                        prices=self.prices, **speed)
+        return self._reviews[key]
 
     def _planning_intent(self, lost: dict[str, str]) -> IntentSpec:
         """The operator's intent with the lost nodes excluded (the service's cluster state stays as it is)."""
@@ -264,8 +315,8 @@ class Autopilot:
             self.intent.exclude_nodes + tuple(sorted(lost))))})
 
     def _assess(self, plan: PlacementPlan, cluster: Cluster, rate: float) -> Assessment:
-        """A plan at `rate` requests per second (see the module docstring)."""
-        t = self.intent.traffic
+        """A plan at `rate` requests per second (see the module docstring); its seats are its own reservation."""
+        t = _traffic(plan, self.intent)
         g = self._groups(plan)
         speed = dict(prices=self.prices, profiles=self.profiles, corrections=self.corrections, groups_in_flight=g)
         full = estimate(plan, cluster, self.model, t, **speed)
@@ -310,8 +361,13 @@ class Autopilot:
     # ------------------------------------------------------------------ choose: the whole policy
 
     def _choose(self, current: Assessment, assessed: list[Assessment], lost: dict[str, str], cluster: Cluster,
-                load: dict) -> tuple[str, Assessment | None, str, list[dict]]:
-        """(action, the chosen assessment or None to hold, the reason, every alternative with its verdict)."""
+                load: dict, check: Callable[[PlacementPlan], Any] | None = None
+                ) -> tuple[str, Assessment | None, str, list[dict]]:
+        """(action, the chosen assessment or None to hold, the reason, every alternative with its verdict).
+
+        Only a plan the validator passes as a move from the live plan (`check(plan)` -> its Report) is ever
+        chosen: a candidate that is valid on its own may not be one step away (mid-way a node holds the
+        layers of both plans), and recommending it would only have the gate reject it, tick after tick."""
         cfg, live = self.config, current.plan
         horizon_h = cfg.horizon_s / 3600
         scored = []
@@ -322,19 +378,27 @@ class Autopilot:
             total = a.cost * horizon_h + move_price                  # what the horizon costs on this plan
             gain = ((current.cost * horizon_h - total) / (current.cost * horizon_h)) if current.cost > 0 else 0.0
             scored.append((a, move_s, total, gain))
-        by_total = sorted(scored, key=lambda s: (s[2], len(set(s[0].plan.nodes)), -s[0].capacity_rps))
+        invalid: dict[int, str] = {}           # id(assessment) -> the validator's first violation, as a move
+        if check is not None:
+            for a, *_ in scored:
+                rep = check(a.plan)
+                if not rep.ok:
+                    v = rep.violations[0]
+                    invalid[id(a)] = f"not a valid move from the live plan: [{v.rule}] {v.message}"
+        valid = [s for s in scored if id(s[0]) not in invalid]
+        by_total = sorted(valid, key=lambda s: (s[2], len(set(s[0].plan.nodes)), -s[0].capacity_rps))
         live_lost = [n for n in live.nodes if n in lost]
 
         def table(chosen: Assessment | None, verdict) -> list[dict]:
             out = [{**current.row(), "verdict": "current plan" + (" (chosen: hold)" if chosen is None else "")}]
             for a, move_s, total, gain in scored:
                 out.append({**a.row(), "move_s": round(move_s, 3), "gain": round(gain, 4),
-                            "verdict": "chosen" if a is chosen else verdict(a, gain)})
+                            "verdict": "chosen" if a is chosen else invalid.get(id(a)) or verdict(a, gain)})
             return out
 
         if live_lost:
             ok = [s for s in by_total if s[0].keeps(cfg.headroom)]
-            pick = ok[0][0] if ok else max((s[0] for s in scored), key=lambda a: a.capacity_rps, default=None)
+            pick = ok[0][0] if ok else max((s[0] for s in valid), key=lambda a: a.capacity_rps, default=None)
             if pick is None:
                 return "replan", None, f"{', '.join(live_lost)} lost ({', '.join(lost[n] for n in live_lost)}) " \
                     "and no valid plan avoids it", table(None, lambda a, g: "not valid")
@@ -352,7 +416,7 @@ class Autopilot:
                 return "change", pick, f"scale up: on the live plan {miss}; the cheapest plan that keeps the " \
                     f"SLOs carries it at {pick.util:.0%}", \
                     table(pick, lambda a, g: "costs more" if a.keeps(cfg.headroom) else "would miss the SLOs or overload")
-            best = max((s[0] for s in scored), key=lambda a: a.capacity_rps, default=None)
+            best = max((s[0] for s in valid), key=lambda a: a.capacity_rps, default=None)
             if best is not None and best.capacity_rps > current.capacity_rps * (1 + cfg.min_gain):
                 return "change", best, f"scale up: on the live plan {miss}; no plan keeps the SLOs at the " \
                     f"forecast, this one has the most capacity ({best.capacity_rps:.2f} req/s)", \
@@ -389,14 +453,15 @@ class Autopilot:
             d.status = "cooldown"
             d.reason += f" (cooling down: {cfg.cooldown_s - (d.t - self._last_change):.0f} s left)"
             return d
-        if not node_lost and self._streak < cfg.hysteresis:
+        need = cfg.hysteresis
+        if d.action == "change" and d.reason.startswith("scale up") and cfg.scale_up_hysteresis is not None:
+            need = cfg.scale_up_hysteresis
+        if not node_lost and self._streak < need:
             d.status = "waiting"
-            d.reason += f" (recommended {self._streak} of {cfg.hysteresis} ticks in a row)"
+            d.reason += f" (recommended {self._streak} of {need} ticks in a row)"
             return d
         spec = choice.plan.intent or self.intent
-        speed = dict(profiles=self.profiles, corrections=self.corrections, groups_in_flight=self._groups(choice.plan))
-        report, validated = review(choice.plan, cluster, self.policy, spec, self.model, current=live,
-                                   prices=self.prices, **speed)
+        report, validated = self._review(choice.plan, cluster, live)
         d.validation = report.text()
         if validated is None:
             d.status = "rejected"
@@ -441,6 +506,30 @@ class Autopilot:
         """The last change applied (or recommended, in advisory mode) at or before time `at`."""
         acted = [d for d in self.decisions if d.t <= at and d.status in ("applied", "advised", "declined", "failed")]
         return acted[-1] if acted else None
+
+
+def min_stages(cluster: Cluster, model: ModelSpec, intent: IntentSpec) -> int:
+    """A lower bound on the stages a plan for `intent` needs: the fewest up, not excluded nodes whose usable
+    memory together holds the model's weights and its KV reservation. The planner is not asked for fewer
+    (it would search, find nothing and then search twice more to explain why: most of a re-plan's time)."""
+    from policies.costmodel import StageShape, kv_bytes, weight_bytes
+    L = model.num_layers
+    whole = StageShape(L, True, True)
+    need = weight_bytes(model, whole) + kv_bytes(model, whole, intent.traffic)
+    excluded = set(intent.exclude_nodes)
+    have = sorted((n.usable_memory_bytes for n in cluster.nodes if n.state == "up" and n.name not in excluded),
+                  reverse=True)
+    total = 0.0
+    for k, m in enumerate(have, 1):
+        total += m
+        if total >= need:
+            return k
+    return max(1, len(have))
+
+
+def _traffic(plan: PlacementPlan, intent: IntentSpec):
+    """The traffic a plan was sized for (its seats: the KV it reserves), else the intent's."""
+    return (plan.intent or intent).traffic
 
 
 def _relaxed(spec: IntentSpec) -> IntentSpec:
