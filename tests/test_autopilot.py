@@ -308,3 +308,48 @@ def test_knobs_from_the_front_matter_with_file_and_line(tmp_path):
     f.write_text("---\nautopilot:\n  mode: auto\nbogus: 1\n---\nx\n")
     with pytest.raises(Exception, match=r"intent.md:4: bogus"):
         read_intent_file(f)
+
+
+# ------------------------------------------------------------------ cheap decisions, honest corrections
+
+def test_candidates_are_planned_once_per_cluster_state(monkeypatch):
+    """Planning the candidates is the costly part of a tick; the load only changes which one wins."""
+    import agent.planner as planner
+    calls = []
+    real = planner.plan
+    monkeypatch.setattr(planner, "plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tg = ScriptedTarget(plan_of(*TWO))
+    ap = pilot(tg, hysteresis=5)
+    run(ap, tg, [0.05])
+    first = len(calls)
+    assert first > 0
+    run(ap, tg, [0.05, 0.2, 0.01, 0.1])
+    assert len(calls) == first
+
+
+class MeasuredTarget(ScriptedTarget):
+    """Reports measured TTFT/TPOT in its window, as a service with traffic does."""
+
+    def __init__(self, plan, ttft_s, tpot_s):
+        super().__init__(plan)
+        self.ttft_s, self.tpot_s = ttft_s, tpot_s
+
+    def snapshot(self) -> dict:
+        snap = super().snapshot()
+        w = snap["windows"]["10s"]
+        w["ttft_s"] = {"p50": self.ttft_s, "p99": self.ttft_s, "n": 20}
+        w["tpot_s"] = {"p50": self.tpot_s, "p99": self.tpot_s, "n": 20}
+        return snap
+
+
+def test_a_queue_is_not_folded_into_the_prefill_correction():
+    """A TTFT measured while requests queue is the queue's wait: it must not make every node look slower."""
+    tg = MeasuredTarget(plan_of(*TWO), ttft_s=30.0, tpot_s=0.05)
+    tg.queue = 40
+    ap = pilot(tg, hysteresis=5)
+    run(ap, tg, [0.5] * 3)
+    assert not any(ph == "prefill" for _, ph in ap.corrections.factors)
+    assert any(ph == "decode" for _, ph in ap.corrections.factors)
+    tg.queue = 0
+    run(ap, tg, [0.5])
+    assert any(ph == "prefill" for _, ph in ap.corrections.factors)

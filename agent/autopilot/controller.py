@@ -416,11 +416,18 @@ class Autopilot:
                 return "change", pick, f"scale up: on the live plan {miss}; the cheapest plan that keeps the " \
                     f"SLOs carries it at {pick.util:.0%}", \
                     table(pick, lambda a, g: "costs more" if a.keeps(cfg.headroom) else "would miss the SLOs or overload")
-            best = max((s[0] for s in valid), key=lambda a: a.capacity_rps, default=None)
-            if best is not None and best.capacity_rps > current.capacity_rps * (1 + cfg.min_gain):
+            # no plan carries the forecast within the SLOs: the most capacity among plans that keep the
+            # SLOs at their own full seats (what they serve within the bounds; a plan with more seats but
+            # a TPOT over the bound serves every request late), then the most capacity of the rest
+            def goodput(a: Assessment):
+                return (a.slo_ok, a.capacity_rps)
+            best = max((s[0] for s in valid), key=goodput, default=None)
+            if best is not None and ((best.slo_ok and not current.slo_ok) or (
+                    best.slo_ok == current.slo_ok and best.capacity_rps > current.capacity_rps * (1 + cfg.min_gain))):
                 return "change", best, f"scale up: on the live plan {miss}; no plan keeps the SLOs at the " \
-                    f"forecast, this one has the most capacity ({best.capacity_rps:.2f} req/s)", \
-                    table(best, lambda a, g: "less capacity")
+                    f"forecast, this one has the most capacity ({best.capacity_rps:.2f} req/s)" + \
+                    (" of those that keep the SLOs at full seats" if best.slo_ok else ""), \
+                    table(best, lambda a, g: "less capacity within the SLOs")
             return "hold", None, f"on the live plan {miss}, but no valid plan does better", \
                 table(None, lambda a, g: "no better")
         # the live plan keeps the SLOs: is there a cheaper one that carries the whole load with margin?

@@ -201,24 +201,35 @@ class Candidates:
 
     def __init__(self, sc: Scenario, levels=SEAT_LEVELS, max_stages: int = 8, exclude: tuple[str, ...] = ()):
         from ..planner import Infeasible, plan as make_plan
+        from .controller import min_stages
         self.sc, self.items, self.planned = sc, [], 0
         seen = set()
         for seats in levels:
             spec = sc.intent.model_copy(update={"traffic": sc.intent.traffic.model_copy(update={"concurrency": seats}),
                                                 "exclude_nodes": tuple(sc.intent.exclude_nodes) + tuple(exclude)})
-            for k in range(1, max_stages + 1):
+            done, had = set(), False     # the controller's loop (Autopilot._plans): see there why it stops
+            for k in range(min_stages(sc.cluster, sc.model, spec), max_stages + 1):
+                infeasible = False
                 for objective in ("cost", "throughput"):
+                    if objective in done:
+                        continue
                     self.planned += 1
                     try:
                         p = make_plan(spec.model_copy(update={"objective": objective}), sc.cluster, sc.policy,
                                       sc.model, max_stages=k, groups_in_flight=k)
                     except Infeasible:
-                        continue
+                        infeasible = True
+                        break
+                    had = True
+                    if len(p.plan.stages) < k:
+                        done.add(objective)
                     key = (seats, p.plan.placement_key())
-                    if key not in seen:
+                    plan = p.plan.model_copy(update={"intent": spec})
+                    if key not in seen and _validate(sc, plan).ok:     # as the engine runs it
                         seen.add(key)
-                        self.items.append(loaded(p.plan.model_copy(update={"intent": spec}), sc.cluster, sc.model,
-                                                 sc.intent))
+                        self.items.append(loaded(plan, sc.cluster, sc.model, sc.intent))
+                if len(done) == 2 or (infeasible and had):
+                    break
         if not self.items:
             raise ValueError(f"scenario {sc.name}: the planner found no valid plan at any seat level {levels}")
 
