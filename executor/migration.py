@@ -301,15 +301,26 @@ class Migrator:
                     m.pending.cache.free(req_ids)
 
     # the background thread --------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, first=None) -> None:
         # Serving comes first: on cores shared with the step loop this thread yields the CPU
         # (a nicer OS priority, Linux: per thread), so a transfer slows steps rather than stalls them.
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError):
             pass
+        failed = False
         while True:
-            msg = self.tasks.get()
+            msg, first = (first, None) if first is not None else (self.tasks.get(), None)
+            if failed:
+                # oneDNN keeps a failure to create a primitive (e.g. out of memory while packing a new
+                # stage's weights) in thread-local state: every later primitive on this thread fails,
+                # even once memory is back, so the next reconfiguration onto this node would fail too.
+                # A fresh thread takes the queue over, starting with this task (one consumer at a time).
+                try:
+                    threading.Thread(target=self._run, args=(msg,), name="migrator", daemon=True).start()
+                    return
+                except RuntimeError:
+                    pass        # no memory for a thread's stack now: run it here, hand over with the next
             # Tasks of an aborted or failed reconfiguration still run their transfers, so that the
             # peer waiting on one is not left hanging: a gloo wait that times out closes the pair
             # between the two workers for good. What they build is dropped.
@@ -323,6 +334,7 @@ class Migrator:
                               file=sys.stderr, flush=True)
             except Exception as e:
                 traceback.print_exc()
+                failed = True
                 if m is not None:
                     m.error = m.error or f"{self.node}: {type(e).__name__}: {e}"
                 else:       # its reconfiguration is gone (aborted and drained): nobody waits for it
@@ -370,7 +382,13 @@ class Migrator:
     def _do(self, m: Migration, msg) -> None:
         w = self.worker
         if isinstance(msg, Prepare):
-            self._prepare(m, msg)
+            try:
+                self._prepare(m, msg)
+            except RuntimeError as e:
+                # torch's allocator and oneDNN say "out of memory" in their own words
+                if "allocate memory" in str(e) or "could not create a primitive" in str(e):
+                    raise MemoryError(f"out of memory building layers {msg.start}-{msg.end - 1}: {e}") from e
+                raise
         elif isinstance(msg, SendWeights):
             parts = weight_parts(w.cfg, w.stage.model, msg.start, msg.end)
             for t in _tensors(parts):     # through host memory: the bulk group is gloo
