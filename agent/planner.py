@@ -73,7 +73,8 @@ class _Tables:
     hop_dec: np.ndarray       # ms for one decode step of the batch
     dec_m: dict[int, np.ndarray] = field(default_factory=dict)     # k -> decode ms at micro-batch ceil(B/k)
     hop_m: dict[int, np.ndarray] = field(default_factory=dict)
-    g: int = 1                # groups in flight the TPOT / throughput formulas assume (costmodel.estimate)
+    g: int | None = 1         # groups in flight the TPOT / throughput formulas assume (costmodel.estimate);
+                              # None: one per stage, so a k-stage chain is judged at min(k, B) groups
     dec_g: np.ndarray | None = None   # decode ms of a group of ceil(B / g), and its hops
     hop_g: np.ndarray | None = None
 
@@ -110,9 +111,12 @@ def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: Mo
     c = np.clip(b - a, 0, L)
     e = (a == 0) & valid
     h = (b == L) & valid
-    g = min(speed.get("groups_in_flight", 1), t.concurrency)
+    # groups in flight: a fixed count, or None as the engine runs (one group per stage: then each chain
+    # is judged with its own stage count's groups, see _score)
+    g_set = speed.get("groups_in_flight", 1)
+    g = None if g_set is None else min(g_set, t.concurrency)
     profiles, corr = speed.get("profiles"), speed.get("corrections")
-    batches = sorted({t.concurrency, math.ceil(t.concurrency / g)} | {math.ceil(t.concurrency / k) for k in range(1, K + 1)})
+    batches = sorted({t.concurrency, math.ceil(t.concurrency / (g or 1))} | {math.ceil(t.concurrency / k) for k in range(1, K + 1)})
     # Per (hardware, layers, embed, head) tables; nodes with the same hardware share them.
     cache: dict[tuple, tuple] = {}
     shape = (n, L + 1, L + 1)
@@ -161,7 +165,7 @@ def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: Mo
                 hop_b[m][i, j] = hop_ms(model, link, m)
     price = np.array([node_price(x, prices) for x in nodes])
     tb = _Tables(nodes, L, feas, pre, dec_b[t.concurrency], price, hop_ok, hop_pre, hop_b[t.concurrency], g=g)
-    tb.dec_g, tb.hop_g = dec_b[math.ceil(t.concurrency / g)], hop_b[math.ceil(t.concurrency / g)]
+    tb.dec_g, tb.hop_g = dec_b[math.ceil(t.concurrency / (g or 1))], hop_b[math.ceil(t.concurrency / (g or 1))]
     for k in range(1, K + 1):
         m = math.ceil(t.concurrency / k)
         tb.dec_m[k], tb.hop_m[k] = dec_b[m], hop_b[m]
@@ -179,23 +183,27 @@ def _score(tb: _Tables, intent: IntentSpec, chains: np.ndarray, bounds: np.ndarr
     ttft, tpot, slow, price = np.zeros((P, C)), np.zeros((P, C)), np.zeros((P, C)), np.zeros((P, 1))
     pass_g = np.zeros((P, C))
     ok = np.ones((P, C), bool)
+    if tb.g is None:               # one group per stage: this chain length's groups (as the engine runs it)
+        g, dec_g, hop_g = min(k, t.concurrency), tb.dec_m[k], tb.hop_m[k]
+    else:
+        g, dec_g, hop_g = tb.g, tb.dec_g, tb.hop_g
     for j in range(k):
         w = chains[:, j][:, None]
         a, b = bounds[None, :, j], bounds[None, :, j + 1]
         ok &= tb.feas[w, a, b]
         ttft += tb.pre[w, a, b]
         tpot += tb.dec[w, a, b]
-        stage_g = tb.dec_g[w, a, b]        # a group of ceil(B / g) (costmodel.estimate)
+        stage_g = dec_g[w, a, b]           # a group of ceil(B / g) (costmodel.estimate)
         price += tb.price[chains[:, j]][:, None]
         if j + 1 < k:
             v = chains[:, j + 1][:, None]
             ttft += tb.hop_pre[w, v]
             tpot += tb.hop_dec[w, v]
-            stage_g = stage_g + tb.hop_g[w, v]
+            stage_g = stage_g + hop_g[w, v]
         pass_g += stage_g
         slow = np.maximum(slow, stage_g)
-    if tb.g > 1:
-        tpot = np.maximum(pass_g, tb.g * slow)   # TPOT is one round (equal to tpot above when g = 1)
+    if g > 1:
+        tpot = np.maximum(pass_g, g * slow)   # TPOT is one round (equal to tpot above when g = 1)
     if intent.max_ttft_ms is not None:
         ok &= ttft <= intent.max_ttft_ms
     if intent.max_tpot_ms is not None:
@@ -361,7 +369,8 @@ def plan(intent: IntentSpec, cluster: Cluster, policy: Policy, model: ModelSpec,
          current: PlacementPlan | None = None, max_stages: int = 8,
          prices: dict[str, float] | None = None, **speed) -> PlanProposal:
     """The best valid plan for the intent's objective; raises Infeasible with reasons when none exists.
-    `speed`: profiles=, corrections=, groups_in_flight= for the cost model (costmodel.estimate)."""
+    `speed`: profiles=, corrections=, groups_in_flight= for the cost model (costmodel.estimate);
+    groups_in_flight=None judges each plan as the engine runs it, one group per stage."""
     try:
         eff = effective_rules(policy, intent)
     except UnknownDataClass as e:

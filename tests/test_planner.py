@@ -121,3 +121,24 @@ def test_objectives_differ_as_they_should():
     fast = plan(IntentSpec(data_class="internal", objective="throughput"), c, p, m)
     assert cheap.report.estimates.cost_per_hour <= fast.report.estimates.cost_per_hour
     assert fast.report.estimates.throughput_tok_s >= cheap.report.estimates.throughput_tok_s
+
+
+@FAST
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 10), layers=st.integers(2, 30), slo=st.booleans())
+def test_groups_in_flight_none_judges_each_plan_with_its_own_stage_count(seed, n, layers, slo):
+    """groups_in_flight=None: as the engine runs a plan, one group per stage. A caller asking for "at most k
+    stages" used to pass k groups, so a plan with fewer stages was judged with more groups than it runs."""
+    cluster, policy, intent, model = random_instance(seed, n, layers, with_slo=slo)
+    try:
+        p = plan(intent, cluster, policy, model, max_stages=4, groups_in_flight=None)
+    except Infeasible as e:
+        assert e.reasons
+        return
+    k = len(p.plan.stages)
+    assert p.report.estimates.groups_in_flight == min(k, intent.traffic.concurrency)
+    report = validate(p.plan, cluster, policy, intent, model, groups_in_flight=None)
+    assert report.ok, report.text()
+    # the planner's own TPOT for the chain matches the cost model's at the plan's own groups
+    from policies.costmodel import estimate
+    est = estimate(p.plan, cluster, model, intent.traffic, groups_in_flight=None)
+    assert p.report.estimates.tpot_ms == pytest.approx(est.tpot_ms)
