@@ -95,6 +95,7 @@ def test_at_worker_start_survives_a_bad_profile_file(tmp_path, monkeypatch):
     import executor.calibrate as cal
     monkeypatch.setenv("CONTINUO_PROFILES", str(tmp_path))
     monkeypatch.setattr(cal, "model_name_of", lambda cfg: "tiny")
+    monkeypatch.delenv(cal.AT_START_ENV, raising=False)         # tests/conftest.py turns it off
     (tmp_path / "broken.yaml").write_text("model: tiny\nkind: CPU\nstage_ms: fast\n")
     logs = []
     assert cal.at_worker_start(TINY, "cpu", 1, "edge-a", log=logs.append) is None
