@@ -25,6 +25,7 @@ predictions then still count the cluster file's link figures).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -138,6 +139,10 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     raise RuntimeError(f"reconfiguration to {v.plan.summary()} failed: {rep.error}")
             plan = svc.plan.plan
             driver = plan.stages[0].node if emulated else None   # the driver sits beside the first stage
+            # the groups the engine keeps in flight on this plan (one per stage by default): the cost model
+            # and the simulator are told the same, so they model the pipeline the engine runs
+            groups = svc.engine.groups
+            sim_g = dataclasses.replace(sim_cfg, groups_in_flight=groups)
             # warm-up after the move; its TTFT and TPOT also feed the correction factors (observed /
             # calibrated, smoothed over the plans measured so far), as a serving controller would
             warm = _measure(svc, 1, 2, cfg.vocab_size, seed=99)[1:]
@@ -148,7 +153,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     tel.stage_times(), plan, cluster, spec, len(warm[0].prompt_ids) + OUTPUT_TOKENS // 2, profiles):
                 corrected_by = "each stage's measured compute time (telemetry) / calibrated"
             else:
-                raw = estimate(plan, cluster, spec, t1, profiles=profiles, driver_node=driver)
+                raw = estimate(plan, cluster, spec, t1, profiles=profiles, driver_node=driver, groups_in_flight=groups)
                 corrections.observe_plan(raw, 1e3 * warm[0].ttft, 1e3 * warm[0].tpot)
                 corrected_by = "the warm-up's TTFT and TPOT / calibrated"
             for load, width in LOADS.items():
@@ -158,10 +163,12 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                 prompt = statistics.mean(len(o.prompt_ids) for o in outs)
                 traffic = Traffic(concurrency=width, prompt_tokens=round(prompt), output_tokens=OUTPUT_TOKENS,
                                   context_tokens=512)
-                sheet = estimate(plan, cluster, spec, traffic, prefill_rows=width, driver_node=driver)
-                cal = estimate(plan, cluster, spec, traffic, profiles=profiles, prefill_rows=width, driver_node=driver)
+                sheet = estimate(plan, cluster, spec, traffic, prefill_rows=width, driver_node=driver,
+                                 groups_in_flight=groups)
+                cal = estimate(plan, cluster, spec, traffic, profiles=profiles, prefill_rows=width, driver_node=driver,
+                               groups_in_flight=groups)
                 cor = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
-                               prefill_rows=width, driver_node=driver)
+                               prefill_rows=width, driver_node=driver, groups_in_flight=groups)
                 # the client waits for a wave before sending the next (a closed loop): each wave is
                 # simulated on its own, its requests arriving as they were measured to
                 sim_ttft, sim_tpot = [], []
@@ -171,7 +178,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     trace = Trace([0.0] * len(wave), [len(o.prompt_ids) for o in wave],
                                   [len(o.token_ids) for o in wave], "measured arrivals")
                     sim = simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
-                                   intent=plan.intent, driver_node=driver, config=sim_cfg)
+                                   intent=plan.intent, driver_node=driver, config=sim_g)
                     sim_ttft += sim.ttft_ms
                     sim_tpot += sim.tpot_ms
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
@@ -179,7 +186,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
                        "corrected_ttft_ms": cor.ttft_ms, "corrected_tpot_ms": cor.tpot_ms,
                        "simulator_ttft_ms": statistics.median(sim_ttft), "simulator_tpot_ms": statistics.median(sim_tpot),
-                       "calibrated_source": cal.source, "requests": len(outs)}
+                       "calibrated_source": cal.source, "requests": len(outs), "groups_in_flight": groups}
                 for side in SIDES:
                     for m in ("ttft", "tpot"):
                         row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
