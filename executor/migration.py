@@ -304,8 +304,11 @@ class Migrator:
     def _run(self, first=None) -> None:
         # Serving comes first: on cores shared with the step loop this thread yields the CPU
         # (a nicer OS priority, Linux: per thread), so a transfer slows steps rather than stalls them.
+        # Ten levels nicer than the process (relative: under a process started with `nice -n -15` an
+        # absolute 10 would be 25 levels below serving, and a move under load would all but stop).
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
         except (AttributeError, OSError):
             pass
         failed = False
