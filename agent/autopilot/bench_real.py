@@ -20,7 +20,8 @@ Figures:
                          (a batch's fp32 kernels can flip a near-tie: a difference is reported, not hidden)
   reconfigurations       applied by the controller
   flips                  within a phase of constant load, a change back to a plan used earlier in that phase
-  loss -> applied s      from the drain (the file written) to the controller's re-plan applied (its apply returned)
+  loss -> noticed s      from the drain (the file written) to the start of the tick that saw it
+  loss -> applied s      ... to the controller's re-plan applied (its live move returned)
   SLO attainment         per phase: requests that arrived in it with TTFT and TPOT within the bounds
 
 On one 2-core machine more nodes add no compute, so this proves the mechanism and its reactions, not
@@ -165,7 +166,7 @@ def run(phase_s: float = 40.0, max_tokens: int = 24, interval_s: float = 3.0, se
             node = svc.plan.plan.stages[-1].node
             text = cluster_file.read_text()
             cluster_file.write_text(text.replace(f"{{name: {node}, ", f"{{name: {node}, state: draining, "))
-            events["drain"] = {"node": node, "t": time.perf_counter() - t0}
+            events["drain"] = {"node": node, "t": time.perf_counter() - t0, "wall": time.time()}
             log(f"t={events['drain']['t']:.0f} s: {node} drained (cluster file)")
             # mid-idle: kill the worker of a node that carries no stage now (not the drained one)
             time.sleep(phase_s)
@@ -175,7 +176,7 @@ def run(phase_s: float = 40.0, max_tokens: int = 24, interval_s: float = 3.0, se
                 return
             victim = idle[0]
             os.kill(svc.runtime.procs[victim].pid, signal.SIGKILL)
-            events["kill"] = {"node": victim, "t": time.perf_counter() - t0}
+            events["kill"] = {"node": victim, "t": time.perf_counter() - t0, "wall": time.time()}
             log(f"t={events['kill']['t']:.0f} s: worker of {victim} killed (SIGKILL; it carried no stage)")
         chaos = threading.Thread(target=drain_then_kill, daemon=True)
         chaos.start()
@@ -227,14 +228,17 @@ def _figures(load, decided, events, reference, phases, t0, slo_ttft, slo_tpot, j
     if "drain" in events:
         node, at = events["drain"]["node"], events["drain"]["t"]
         after = next(((t, d) for t, d in applied if t >= at and node not in d.chosen.nodes), None)
-        noticed = next((t for t, d in decided if t - t0 >= at and node in d.lost), None)
-        loss = {"node": node, "noticed_s": None if noticed is None else round(noticed - t0 - at, 2),
+        # noticed: the start of the first tick that saw the node lost (Decision.t, the wall clock); the
+        # re-plan is applied when that tick's live move returns
+        wall = events["drain"]["wall"]
+        noticed = next((d.t for _, d in decided if d.t >= wall and node in d.lost), None)
+        loss = {"node": node, "noticed_s": None if noticed is None else round(noticed - wall, 2),
                 "applied_s": None if after is None else round(after[0] - at, 2),
                 "plan": after[1].chosen.summary() if after else None}
     kill = dict(events.get("kill") or {})
     if kill.get("node"):
-        noticed = next((t for t, d in decided if t - t0 >= kill["t"] and kill["node"] in d.lost), None)
-        kill["noticed_s"] = None if noticed is None else round(noticed - t0 - kill["t"], 2)
+        noticed = next((d.t for _, d in decided if d.t >= kill["wall"] and kill["node"] in d.lost), None)
+        kill["noticed_s"] = None if noticed is None else round(noticed - kill["wall"], 2)
     per_phase = {}
     for name, _, _ in bounds:
         rs = [r for r in done if r["phase"] == name]
