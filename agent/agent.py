@@ -154,6 +154,7 @@ class Agent:
         self.cluster, self.policy, self.executor = cluster, policy, executor
         # journal (issue 16): a person's applies are recorded beside the autopilot's decisions
         self.journal = journal
+        self.pilot = None           # the autopilot the chat started (agent.tools.Pilot), while there is one
         self._llm, self.use_llm, self.model = llm, use_llm, model
         self.mode = self._check_mode(mode)
         self.confirm = confirm

@@ -40,6 +40,7 @@ class AgentLike(Protocol):
              validated: ValidatedPlan | None = None) -> Any: ...
     def diff(self, plan: PlacementPlan, validated: ValidatedPlan | None = None) -> list: ...
     def rollback(self, mode: str | None = None) -> Any: ...
+    def autopilot(self, intent: Any, target: Any = None, config: Any = None, journal: Any = None) -> Any: ...
 
 
 @dataclass
@@ -72,6 +73,78 @@ class _NoArgs(BaseModel):
     pass
 
 
+class _HistoryArgs(BaseModel):
+    at: str | None = Field(None, description="a time to look around: 'HH:MM' (today, UTC), an ISO time "
+                           "(2026-12-02T14:02), or how long ago ('30m', '2h'); omit for the latest")
+    node: str | None = Field(None, description="only changes that involve this node")
+    limit: int = Field(5, ge=1, le=20, description="at most this many entries")
+
+
+class _PilotArgs(BaseModel):
+    action: Literal["start", "stop"]
+    intent: str | None = Field(None, description="start: the operator's intent in their words (data class, "
+                               "SLOs, nodes to avoid); omit to keep the intent of the plan serving now")
+    mode: Literal["advisory", "confirm", "auto"] | None = Field(
+        None, description="advisory: recommend and journal, never act; confirm: ask first; auto: act. Default: "
+                          "the most this chat's mode allows")
+
+
+# What the chat's own mode lets an autopilot it starts do (it never acts more than the chat may).
+PILOT_MODES = {"read-only": (), "suggest": ("advisory",), "confirm": ("advisory", "confirm"),
+               "auto": ("advisory", "confirm", "auto")}
+CHANGES = ("applied", "advised", "declined", "failed", "rejected")     # decisions worth explaining
+
+
+def _when(text: str, now: float) -> float:
+    """'HH:MM[:SS]' today (UTC), else an ISO time or a relative one (agent.journal.parse_since)."""
+    import re
+    from datetime import datetime, timezone
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*", text)
+    if m:
+        day = datetime.fromtimestamp(now, timezone.utc)
+        return day.replace(hour=int(m[1]), minute=int(m[2]), second=int(m[3] or 0), microsecond=0).timestamp()
+    from .journal import parse_since
+    try:
+        return parse_since(text, now)
+    except ValueError as e:
+        raise ToolError(str(e).replace("--since", "at")) from None
+
+
+def _history_rows(agent: Any) -> list[dict]:
+    """Changes made or recommended, oldest first: the agent's journal if it keeps one (the autopilot's
+    decisions and a person's applies), else the decisions of the autopilot this chat started."""
+    rows = []
+    journal = getattr(agent, "journal", None)
+    if journal is not None:
+        for e in journal.entries(kinds={"decision", "apply"}):
+            d = e["data"]
+            if e["kind"] == "decision" and d.get("status") in CHANGES:
+                rows.append({"t": d.get("t", e["ts"]), "who": "autopilot", "action": d.get("action"),
+                             "status": d.get("status"), "from": d.get("current"), "to": d.get("chosen"),
+                             "reason": d.get("reason", ""), "lost": d.get("lost") or {}})
+            elif e["kind"] == "apply" and d.get("source") == "human":
+                rows.append({"t": e["ts"], "who": f"a person ({d.get('mode')} mode)", "action": "apply",
+                             "status": d.get("status"), "from": None, "to": d.get("plan") or d.get("summary"),
+                             "reason": d.get("message", ""), "lost": {}})
+        return rows
+    pilot = getattr(agent, "pilot", None)
+    for d in (pilot.autopilot.decisions if pilot else []):
+        if d.status in CHANGES:
+            rows.append({"t": d.t, "who": "autopilot", "action": d.action, "status": d.status,
+                         "from": d.current.summary() if d.current else None,
+                         "to": d.chosen.summary() if d.chosen else None, "reason": d.reason, "lost": d.lost})
+    return rows
+
+
+@dataclass
+class Pilot:
+    """An autopilot the chat started, running in a thread until stopped."""
+    autopilot: Any
+    stop: Any
+    thread: Any
+    mode: str
+
+
 class _PolicyArgs(BaseModel):
     data_class: str | None = Field(None, description="one data class; omit for all")
 
@@ -94,7 +167,7 @@ class _ValidateArgs(BaseModel):
 
 
 def make_tools(bench: Workbench) -> list[StructuredTool]:
-    """The eight tools, bound to one workbench. metadata["changes_cluster"] says which ones change the world."""
+    """The eleven tools, bound to one workbench. metadata["changes_cluster"] says which ones change the world."""
     agent = bench.agent
 
     def inspect_cluster() -> str:
@@ -165,6 +238,83 @@ def make_tools(bench: Workbench) -> list[StructuredTool]:
             raise ToolError("nothing to roll back: this agent has applied no plan")
         return _outcome_text(agent.rollback(bench.mode))
 
+    def history(at: str | None = None, node: str | None = None, limit: int = 5) -> str:
+        import time
+        from datetime import datetime, timezone
+        rows = _history_rows(agent)
+        if node:
+            names = [n.name for n in agent.cluster.nodes]
+            if node not in names:
+                raise ToolError(f"no node named {node!r}; the cluster has {', '.join(names)}")
+            rows = [r for r in rows if node in (r["from"] or "") or node in (r["to"] or "") or node in r["lost"]]
+        if at:
+            t = _when(at, time.time())
+            rows = sorted(rows, key=lambda r: abs(r["t"] - t))[:limit]
+            rows.sort(key=lambda r: r["t"])
+        else:
+            rows = rows[-limit:]
+        if not rows:
+            where = "the journal" if getattr(agent, "journal", None) is not None else "this chat's autopilot"
+            return f"no change recorded in {where}" + (f" involving {node}" if node else "") + \
+                   ("" if getattr(agent, "journal", None) is not None or getattr(agent, "pilot", None) else
+                    " (this agent keeps no journal: start it with one to see earlier changes)")
+        out = []
+        for r in rows:
+            when = datetime.fromtimestamp(r["t"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            move = f"{r['from']} -> {r['to']}" if r["from"] else f"to {r['to']}"
+            out.append(f"- {when}: {r['who']} {r['action']} ({r['status']}): {move}. Why: {r['reason']}")
+        return "\n".join(out)
+
+    def autopilot_status() -> str:
+        pilot = getattr(agent, "pilot", None)
+        if pilot is None:
+            return "no autopilot started from this chat"
+        ap = pilot.autopilot
+        state = "running" if pilot.thread.is_alive() else "stopped"
+        last = ap.decisions[-1] if ap.decisions else None
+        head = f"autopilot {state}, mode {pilot.mode}, {len(ap.decisions)} decisions"
+        if last is None:
+            return head + "; none yet"
+        rate = last.load.get("arrival_rate")
+        return (head + f"; last: {last.action} ({last.status}) at load {rate if rate is None else round(rate, 2)} req/s, "
+                f"planned for {round(last.forecast.get('rate') or 0.0, 2)} req/s, "
+                f"plan {last.current.summary() if last.current else None}. Why: {last.reason}")
+
+    def autopilot_control(action: str, intent: str | None = None, mode: str | None = None) -> str:
+        import threading
+        pilot = getattr(agent, "pilot", None)
+        if action == "stop":
+            if pilot is None or not pilot.thread.is_alive():
+                raise ToolError("no autopilot is running")
+            pilot.stop.set()
+            pilot.thread.join(timeout=pilot.autopilot.config.interval_s + 30)
+            return f"autopilot stopped after {len(pilot.autopilot.decisions)} decisions"
+        allowed = PILOT_MODES.get(bench.mode, ())
+        if not allowed:
+            raise ToolError(f"{bench.mode} mode: this chat may not start an autopilot")
+        mode = mode or allowed[-1]
+        if mode not in allowed:
+            raise ToolError(f"{bench.mode} mode: an autopilot started here may only run as {' or '.join(allowed)}")
+        if pilot is not None and pilot.thread.is_alive():
+            raise ToolError(f"an autopilot is already running (mode {pilot.mode}); stop it first")
+        spec = intent
+        if spec is None:
+            live = agent.live_plan()
+            spec = live.intent if live is not None and live.intent is not None else None
+            if spec is None:
+                raise ToolError("say what the autopilot should keep (the intent: data class, SLOs)")
+        from .autopilot import AutopilotConfig
+        try:
+            ap = agent.autopilot(spec, config=AutopilotConfig(mode=mode), journal=getattr(agent, "journal", None))
+        except ValueError as e:          # no running service to drive, an intent it cannot read
+            raise ToolError(str(e)) from None
+        stop = threading.Event()
+        thread = threading.Thread(target=ap.run, args=(stop,), name="autopilot", daemon=True)
+        agent.pilot = Pilot(ap, stop, thread, mode)
+        thread.start()
+        return (f"autopilot started in {mode} mode for {ap.intent.data_class} data, one decision every "
+                f"{ap.config.interval_s:g} s; autopilot_status shows what it sees and decides")
+
     def _candidate(stages: list[Stage] | None, data_class: str | None) -> PlacementPlan:
         if stages is None:
             if bench.candidate is None:
@@ -188,6 +338,12 @@ def make_tools(bench: Workbench) -> list[StructuredTool]:
         (diff_plans, _NoArgs, False, "What would move: the proposed plan against the live one, layer by layer."),
         (apply_plan, _NoArgs, True, "Apply the proposed plan to the running service (live reconfiguration)."),
         (rollback, _NoArgs, True, "Put back the plan that served before the last apply."),
+        (history, _HistoryArgs, False, "What was changed or recommended, when and why (the journal): e.g. why "
+                                       "layers moved off a node at a time."),
+        (autopilot_status, _NoArgs, False, "The autopilot this chat started: running or not, the load it sees, "
+                                           "its last decision and why."),
+        (autopilot_control, _PilotArgs, True, "Start or stop the autopilot, which keeps the service inside an "
+                                              "intent by itself as load and nodes change."),
     ]
     return [StructuredTool.from_function(fn, name=fn.__name__, description=desc, args_schema=args,
                                          metadata={"changes_cluster": changes})

@@ -67,9 +67,80 @@ def tool_texts(history):
 
 def test_every_tool_declares_whether_it_changes_the_cluster(local):
     tools = make_tools(Workbench(agent_for(local), "confirm"))
-    assert {t.name for t in tools if changes_cluster(t)} == {"apply_plan", "rollback"}
+    assert {t.name for t in tools if changes_cluster(t)} == {"apply_plan", "rollback", "autopilot_control"}
     assert {t.name for t in tools} == {"inspect_cluster", "current_plan", "explain_policy", "propose_plan",
-                                      "validate_plan", "diff_plans", "apply_plan", "rollback"}
+                                      "validate_plan", "diff_plans", "apply_plan", "rollback", "history",
+                                      "autopilot_status", "autopilot_control"}
+
+
+def _today_utc(hh, mm):
+    import time
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(time.time(), timezone.utc).replace(hour=hh, minute=mm, second=0,
+                                                                       microsecond=0).timestamp()
+
+
+def test_the_chat_answers_why_layers_moved_off_a_node_at_a_time(local, tmp_path):
+    from agent.journal import Journal
+    j = Journal(tmp_path / "journal.jsonl")
+    j.append("decision", {"t": _today_utc(9, 0), "action": "change", "status": "applied", "reason": "scale up: x",
+                          "current": "cloud-1[0-29]", "chosen": "edge-a[0-14] -> cloud-1[15-29]", "lost": {}})
+    j.append("decision", {"t": _today_utc(14, 1), "action": "hold", "status": "held", "reason": "nothing to do",
+                          "current": "edge-a[0-14] -> edge-b[15-29]", "chosen": None, "lost": {}})
+    j.append("decision", {"t": _today_utc(14, 2), "action": "replan", "status": "applied",
+                          "reason": "edge-b lost (draining in cluster.yaml): the cheapest plan that keeps the SLOs",
+                          "current": "edge-a[0-14] -> edge-b[15-29]", "chosen": "edge-a[0-29]",
+                          "lost": {"edge-b": "draining in cluster.yaml"}})
+    llm = scripted(call("history", at="14:02", node="edge-b"), call("history", node="nowhere"))
+    texts = tool_texts(agent_for(local, llm=llm, mode="read-only", journal=j)
+                       .chat("why did you move layers off edge-b at 14:02?"))
+    assert "14:02:00 UTC: autopilot replan (applied): edge-a[0-14] -> edge-b[15-29] -> edge-a[0-29]" in texts[0]
+    assert "draining in cluster.yaml" in texts[0]
+    assert "nothing to do" not in texts[0] and "cloud-1[0-29]" not in texts[0]   # held ticks, other nodes: left out
+    assert texts[1].startswith("error: no node named 'nowhere'")
+
+
+class FakeService:
+    """What the autopilot's ServiceTarget reads of a Service: telemetry, the plan, health, reconfigure."""
+
+    def __init__(self, validated, cluster):
+        self.plan, self.cluster, self.calls = validated, cluster, []
+
+    def stats(self):
+        return {"now": {"queue_depth": 0, "running": 0},
+                "windows": {"10s": {"arrival_rate": 0.5, "output_tokens_per_s": 10.0, "span_s": 10.0,
+                                    "ttft_s": {"p50": None, "p99": None, "n": 0},
+                                    "tpot_s": {"p50": None, "p99": None, "n": 0}}}}
+
+    def health(self):
+        return {"nodes": {n.name: "ok" for n in self.cluster.nodes}}
+
+    def reconfigure(self, validated, **kw):
+        self.calls.append(validated)
+        raise AssertionError("an advisory autopilot must never reconfigure")
+
+
+def test_the_chat_starts_and_stops_an_autopilot_no_bolder_than_its_own_mode(local, executor):
+    import time
+    svc = FakeService(executor.plan, local[0])
+    intent = "Patient discharge letters (phi), TPOT under 400 ms."
+    llm = scripted(call("autopilot_control", action="start", intent=intent, mode="auto"),
+                   call("autopilot_control", action="start", intent=intent))
+    a = agent_for(local, svc, llm, mode="suggest")
+    texts = tool_texts(a.chat("keep it inside the intent by yourself"))
+    assert texts[0].startswith("error: suggest mode: an autopilot started here may only run as advisory")
+    assert texts[1].startswith("autopilot started in advisory mode for phi data")
+    deadline = time.time() + 30
+    while not a.pilot.autopilot.decisions and time.time() < deadline:
+        time.sleep(0.05)
+    assert a.pilot.thread.is_alive() and a.pilot.autopilot.decisions
+    a._llm = scripted(call("autopilot_status"), call("autopilot_control", action="stop"))
+    texts = tool_texts(a.chat("how is it going? then stop it"))
+    assert texts[0].startswith("autopilot running, mode advisory") and "Why:" in texts[0]
+    assert texts[1].startswith("autopilot stopped after") and not a.pilot.thread.is_alive()
+    assert svc.calls == []                                   # advisory: recommended, never acted
+    ro = agent_for(local, svc, scripted(call("autopilot_control", action="start", intent=intent)), mode="read-only")
+    assert tool_texts(ro.chat("start it"))[0].startswith("error: read-only mode: this chat may not start")
 
 
 def test_repair_after_a_violation(local, executor):
