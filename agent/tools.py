@@ -113,26 +113,24 @@ def _when(text: str, now: float) -> float:
 def _history_rows(agent: Any) -> list[dict]:
     """Changes made or recommended, oldest first: the agent's journal if it keeps one (the autopilot's
     decisions and a person's applies), else the decisions of the autopilot this chat started."""
-    rows = []
+    def decision(d: dict, ts: float) -> dict:
+        return {"t": d.get("t", ts), "who": "autopilot", "action": d.get("action"), "status": d.get("status"),
+                "from": d.get("current"), "to": d.get("chosen"), "reason": d.get("reason", ""),
+                "lost": d.get("lost") or {}}
     journal = getattr(agent, "journal", None)
-    if journal is not None:
-        for e in journal.entries(kinds={"decision", "apply"}):
-            d = e["data"]
-            if e["kind"] == "decision" and d.get("status") in CHANGES:
-                rows.append({"t": d.get("t", e["ts"]), "who": "autopilot", "action": d.get("action"),
-                             "status": d.get("status"), "from": d.get("current"), "to": d.get("chosen"),
-                             "reason": d.get("reason", ""), "lost": d.get("lost") or {}})
-            elif e["kind"] == "apply" and d.get("source") == "human":
-                rows.append({"t": e["ts"], "who": f"a person ({d.get('mode')} mode)", "action": "apply",
-                             "status": d.get("status"), "from": None, "to": d.get("plan") or d.get("summary"),
-                             "reason": d.get("message", ""), "lost": {}})
-        return rows
-    pilot = getattr(agent, "pilot", None)
-    for d in (pilot.autopilot.decisions if pilot else []):
-        if d.status in CHANGES:
-            rows.append({"t": d.t, "who": "autopilot", "action": d.action, "status": d.status,
-                         "from": d.current.summary() if d.current else None,
-                         "to": d.chosen.summary() if d.chosen else None, "reason": d.reason, "lost": d.lost})
+    if journal is None:
+        pilot = getattr(agent, "pilot", None)
+        found = [d.as_json() for d in (pilot.autopilot.decisions if pilot else [])]
+        return [decision(d, d["t"]) for d in found if d["status"] in CHANGES]
+    rows = []
+    for e in journal.entries(kinds={"decision", "apply"}):
+        d = e["data"]
+        if e["kind"] == "decision" and d.get("status") in CHANGES:
+            rows.append(decision(d, e["ts"]))
+        elif e["kind"] == "apply" and d.get("source") == "human":
+            rows.append({"t": e["ts"], "who": f"a person ({d.get('mode')} mode)", "action": "apply",
+                         "status": d.get("status"), "from": None, "to": d.get("summary"),
+                         "reason": d.get("message", ""), "lost": {}})
     return rows
 
 
@@ -254,10 +252,9 @@ def make_tools(bench: Workbench) -> list[StructuredTool]:
         else:
             rows = rows[-limit:]
         if not rows:
-            where = "the journal" if getattr(agent, "journal", None) is not None else "this chat's autopilot"
-            return f"no change recorded in {where}" + (f" involving {node}" if node else "") + \
-                   ("" if getattr(agent, "journal", None) is not None or getattr(agent, "pilot", None) else
-                    " (this agent keeps no journal: start it with one to see earlier changes)")
+            where = ("the journal" if getattr(agent, "journal", None) is not None else
+                     "this chat's autopilot (this agent keeps no journal: start it with one to see earlier changes)")
+            return f"no change{f' involving {node}' if node else ''} recorded in {where}"
         out = []
         for r in rows:
             when = datetime.fromtimestamp(r["t"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

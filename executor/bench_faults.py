@@ -277,26 +277,25 @@ class Bench:
     def calibrate(self, floor_s: float = 5.0) -> None:
         """Set the transfer timeout (and the stall that must outlast it) from two fault-free
         reconfigurations under this bench's load, unless they were given."""
-        if self.transfer_timeout_s is not None:
-            self.stop_s = self.stop_s if self.stop_s is not None else self.transfer_timeout_s + 1.5
-            return
-        svc = self.service()
-        load = Load(svc, self.conc)
-        load.start()
-        took = []
-        try:
-            for target in (PLAN_B, PLAN_A):
-                t = time.perf_counter()
-                state, err = self._reconfigure(svc, target)
-                if state != "done":
-                    raise RuntimeError(f"the fault-free calibration reconfiguration ended {state}: {err}")
-                took.append(time.perf_counter() - t)
-        finally:
-            load.finish(LOST_AFTER_S)
-        self.transfer_timeout_s = max(floor_s, 4 * max(took))
-        self.stop_s = self.stop_s if self.stop_s is not None else self.transfer_timeout_s + 1.5
-        self.log(f"transfer timeout {self.transfer_timeout_s:.1f} s (4 x the slowest fault-free reconfiguration, "
-                 f"{max(took):.2f} s, at least {floor_s:g} s); a stall lasts {self.stop_s:.1f} s")
+        if self.transfer_timeout_s is None:
+            svc = self.service()
+            load = Load(svc, self.conc)
+            load.start()
+            took = []
+            try:
+                for target in (PLAN_B, PLAN_A):
+                    t = time.perf_counter()
+                    state, err = self._reconfigure(svc, target)
+                    if state != "done":
+                        raise RuntimeError(f"the fault-free calibration reconfiguration ended {state}: {err}")
+                    took.append(time.perf_counter() - t)
+            finally:
+                load.finish(LOST_AFTER_S)
+            self.transfer_timeout_s = max(floor_s, 4 * max(took))
+            self.log(f"transfer timeout {self.transfer_timeout_s:.1f} s (4 x the slowest fault-free "
+                     f"reconfiguration, {max(took):.2f} s, at least {floor_s:g} s)")
+        if self.stop_s is None:
+            self.stop_s = self.transfer_timeout_s + 1.5
 
     def _probe(self, svc) -> bool:
         try:
@@ -322,11 +321,10 @@ class Bench:
             # stage in it without a new mapping. So each allocation fault starts on fresh workers.
             self.dirty = True
         svc = self.service()
-        c0 = 0
         old = _stages(svc)
         new = PLAN_B if old == PLAN_A else PLAN_A
         dest = next(n for n, _, _ in new if n not in {m for m, _, _ in old})
-        c = Case(kind, phase, f"{'A->B' if new == PLAN_B else 'B->A'} (destination {dest})", reconfigurations=c0)
+        c = Case(kind, phase, f"{'A->B' if new == PLAN_B else 'B->A'} (destination {dest})")
         before = _layers(svc)
         self.offset += 3
         load = Load(svc, self.conc, self.offset)
