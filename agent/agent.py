@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from policies import (Cluster, IntentSpec, LayerRun, ModelSpec, PlacementPlan, PlanDelta, Policy, Refused, Report,
                       ValidatedPlan, load_model_spec, review)
+from policies.profile import ProfileSet, load_profiles
 
 from .intent_file import MODES
 from .journal import Journal
@@ -150,11 +151,14 @@ class Agent:
                  model: ModelSpec | None = None, mode: str = "confirm",
                  confirm: Callable[[Outcome], bool] | None = None, *, use_llm: bool = True, max_attempts: int = 3,
                  max_steps: int = 12, method: str = "live", ask_on_conflict: bool = False,
-                 journal: Journal | None = None):
+                 journal: Journal | None = None, profiles: ProfileSet | None = None):
         self.cluster, self.policy, self.executor = cluster, policy, executor
         # journal (issue 16): a person's applies are recorded beside the autopilot's decisions
         self.journal = journal
         self.pilot = None           # the autopilot the chat started (agent.tools.Pilot), while there is one
+        # measured speeds (`continuo calibrate`, or a worker's calibration at start) where they exist, as
+        # `continuo plan` and `validate` use them: the plans and estimates the operator is shown
+        self.profiles = profiles if profiles is not None else load_profiles()
         self._llm, self.use_llm, self.model = llm, use_llm, model
         self.mode = self._check_mode(mode)
         self.confirm = confirm
@@ -203,7 +207,8 @@ class Agent:
 
     def plan_spec(self, spec: IntentSpec) -> PlanProposal:
         """The planner's best valid plan for a spec, checked against the live plan; raises Infeasible."""
-        return make_plan(spec, self.cluster, self.policy, self.model_for(spec), current=self.live_plan())
+        return make_plan(spec, self.cluster, self.policy, self.model_for(spec), current=self.live_plan(),
+                         profiles=self.profiles)
 
     def plan(self, text: str) -> PlanProposal:
         """Parse and plan; raises NeedsClarification or planner.Infeasible."""
@@ -269,7 +274,8 @@ class Agent:
         if self._proves(validated, plan, spec, current):
             report = validated.report
         else:
-            report, validated = review(plan, self.cluster, self.policy, spec, model, current=current)
+            report, validated = review(plan, self.cluster, self.policy, spec, model, current=current,
+                                       profiles=self.profiles)
         plan = validated.plan if validated is not None else plan.model_copy(update={"estimates": report.estimates})
         delta = report.delta or PlanDelta.between(current, plan, model)
         out = Outcome("pending", spec or plan.intent, plan, report, list(delta.runs), current)

@@ -22,6 +22,7 @@ def autopilot_for(agent, intent, target=None, config=None, journal=None, **kw) -
     spec = intent if isinstance(intent, IntentSpec) else agent.parse(intent)
     if config is None:
         config = AutopilotConfig(mode={"confirm": "confirm", "auto": "auto"}.get(agent.mode, "advisory"))
+    kw.setdefault("profiles", getattr(agent, "profiles", None))    # the speeds the agent plans with
     confirm = kw.pop("confirm", None) or ((lambda d: bool(agent.confirm(d))) if agent.confirm else None)
     return Autopilot(target or target_for(agent.executor, agent.cluster), spec, agent.policy, agent.model_for(spec),
                      config, journal=journal, confirm=confirm, **kw)
