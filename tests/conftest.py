@@ -15,3 +15,7 @@ import tempfile
 # starts, so they inherit it.
 os.environ.setdefault("CONTINUO_PROFILES", tempfile.mkdtemp(prefix="continuo-test-profiles-"))
 os.environ.setdefault("CONTINUO_CALIBRATE_AT_START", "0")
+# ...nor append to the journal in the current directory (.continuo/journal.jsonl) that the CLI
+# commands under test write by default.
+os.environ.setdefault("CONTINUO_JOURNAL", os.path.join(tempfile.mkdtemp(prefix="continuo-test-journal-"),
+                                                       "journal.jsonl"))
