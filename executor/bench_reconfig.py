@@ -266,7 +266,8 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
                 "steady_gap_p50_ms": 1e3 * p50_gap, "bytes_moved": moved,
                 "each": each,
             }
-            console.print(f"{method}: {json.dumps(results[method])}")
+            # one line per method even when stdout is no terminal (rich would wrap it at 80 columns)
+            console.print(f"{method}: {json.dumps(results[method])}", soft_wrap=True, highlight=False)
     finally:
         svc.close()
     t = Table(title="Reconfiguration under load (downtime: worst gap during / in an equally long quiet window; "
