@@ -306,14 +306,17 @@ class Migrator:
         # (a nicer OS priority, Linux: per thread), so a transfer slows steps rather than stalls them.
         # Ten levels nicer than the process (relative: under a process started with `nice -n -15` an
         # absolute 10 would be 25 levels below serving, and a move under load would all but stop).
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
-        except (AttributeError, OSError):
-            pass
+        # A thread taking over after a failure (`first`: the task it starts with) inherits that priority.
+        if first is None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+            except (AttributeError, OSError):
+                pass
         failed = False
         while True:
-            msg, first = (first, None) if first is not None else (self.tasks.get(), None)
+            msg = first if first is not None else self.tasks.get()
+            first = None
             if failed:
                 # oneDNN keeps a failure to create a primitive (e.g. out of memory while packing a new
                 # stage's weights) in thread-local state: every later primitive on this thread fails,
