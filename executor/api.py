@@ -607,8 +607,13 @@ class StageStats(_Doc):
     comm_s: float | None = Field(description="waiting on receives (the stage before, the hop) + staging sends")
     tokens_per_step: float | None
     rows_per_step: float | None
+    decode_steps: int = Field(description="steps in which every row decoded one token")
     decode_compute_s: float | None = Field(description="mean compute of decode-only steps")
+    decode_rows_per_step: float | None = Field(description="mean rows of the decode-only steps")
+    decode_context: float | None = Field(description="mean tokens of context per row in the decode-only steps")
+    prefill_steps: int = Field(description="steps with prompt tokens")
     prefill_compute_s: float | None = Field(description="mean compute of steps with prompt tokens")
+    prefill_tokens_per_step: float | None = Field(description="mean tokens of the steps with prompt tokens")
 
 
 class HopStats(_Doc):

@@ -90,6 +90,7 @@ class StageTime:
     decode_steps: int
     decode_compute_s: float | None
     decode_rows_per_step: float | None
+    decode_context: float | None     # mean tokens of context per row in the decode-only steps
     prefill_steps: int
     prefill_compute_s: float | None
     prefill_tokens_per_step: float | None
@@ -280,8 +281,11 @@ class Telemetry:
                 "kv_use": {n: {"mean": _mean(v), "max": max(v)} for n, v in sorted(kv.items())},
                 "stages": [{"node": t.node, "layers": [t.start, t.end], "steps": t.steps, "step_s": t.step_s,
                             "compute_s": t.compute_s, "comm_s": t.comm_s, "tokens_per_step": t.tokens_per_step,
-                            "rows_per_step": t.rows_per_step, "decode_compute_s": t.decode_compute_s,
-                            "prefill_compute_s": t.prefill_compute_s} for t in _stage_times(ws)],
+                            "rows_per_step": t.rows_per_step, "decode_steps": t.decode_steps,
+                            "decode_compute_s": t.decode_compute_s, "decode_rows_per_step": t.decode_rows_per_step,
+                            "decode_context": t.decode_context, "prefill_steps": t.prefill_steps,
+                            "prefill_compute_s": t.prefill_compute_s,
+                            "prefill_tokens_per_step": t.prefill_tokens_per_step} for t in _stage_times(ws)],
                 "hops": _hops(ws, span),
             }
         return out
@@ -300,6 +304,7 @@ def _stage_times(steps: Sequence[StepSample]) -> list[StageTime]:
             node, a, b, len(xs), _mean([st.step_s for _, st in xs]), _mean([st.compute_s for _, st in xs]),
             _mean([st.comm_s for _, st in xs]), _mean([st.tokens for _, st in xs]), _mean([st.rows for _, st in xs]),
             len(dec), _mean([st.compute_s for st in dec]), _mean([st.rows for st in dec]),
+            _mean([s.context for s, _ in xs if s.decode]),
             len(pre), _mean([st.compute_s for st in pre]), _mean([st.tokens for st in pre])))
     return out
 

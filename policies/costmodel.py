@@ -64,6 +64,7 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -154,6 +155,27 @@ def decode_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, traffic: 
     work = batch * (s.layers * (model.flops_per_token_per_layer + model.attention_flops_per_token_per_layer(ctx))
                     + (model.head_flops_per_token if s.head else 0))
     return 1e3 * _max(read / bw, work / flops)
+
+
+def joined_prefill_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, context: int, tokens: float,
+                      profile: Profile | None = None) -> float:
+    """What `tokens` prompt tokens add to a decode step of `batch` sequences at `context` when they ride in
+    the same step (chunked prefill joined to decode, as the engine and the simulator run it): the weights
+    are read once for both, so on a bandwidth-bound step a chunk costs only the compute it adds beyond
+    the read. From the profile when given (its prefill curve from batch to batch + tokens tokens), else
+    datasheet figures (policies/simulator.py's step model, the same formula)."""
+    if tokens <= 0:
+        return 0.0
+    if profile is not None:
+        return s.layers * max(0.0, profile.layer_prefill_ms(batch + tokens) - profile.layer_prefill_ms(batch))
+    bw, flops = _speed(node)
+    read = weight_bytes(model, s) - (model.embedding_bytes if s.embed else 0)
+    read += batch * context * s.layers * model.kv_bytes_per_token_per_layer
+    work = batch * (s.layers * (model.flops_per_token_per_layer + model.attention_flops_per_token_per_layer(context))
+                    + (model.head_flops_per_token if s.head else 0))
+    extra = tokens * s.layers * (model.flops_per_token_per_layer
+                                 + model.attention_flops_per_token_per_layer(int(tokens // 2)))
+    return 1e3 * (_max(read / bw, (work + extra) / flops) - _max(read / bw, work / flops))
 
 
 class Corrections:
@@ -288,10 +310,13 @@ def engine_groups(stages: int, groups_in_flight: int | None) -> int:
 def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: Traffic,
              prices: dict[str, float] | None = None, profiles: ProfileSet | None = None,
              corrections: Corrections | None = None, groups_in_flight: int | None = 1,
-             prefill_rows: int = 1, driver_node: str | None = None) -> Estimates:
+             prefill_rows: int = 1, driver_node: str | None = None,
+             prompt_tokens_per_s: float = 0.0) -> Estimates:
     """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above).
     groups_in_flight=None: as the engine by default, one group per stage. (The default stays 1 until
-    the simulator and the planner, which mirror these formulas, default to the engine's too.)"""
+    the simulator and the planner, which mirror these formulas, default to the engine's too.)
+    prompt_tokens_per_s: the prompts arriving while it decodes, in tokens per second; their chunks ride
+    in the decode steps (joined_prefill_ms), so TPOT and throughput are at that load (0: decode alone)."""
     if prefill_rows < 1:
         raise ValueError(f"prefill_rows must be at least 1, not {prefill_rows}")
     L, k, B, P = model.num_layers, len(plan.stages), traffic.concurrency, traffic.prompt_tokens
@@ -307,7 +332,9 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
         fp = corrections.factor(st.node, "prefill") if corrections else 1.0
         fd = corrections.factor(st.node, "decode") if corrections else 1.0
         pre_fn.append(lambda r, shape=shape, node=node, prof=prof, fp=fp: fp * prefill_ms(model, shape, node, P, prof, r))
-        dec_fn.append(lambda m, shape=shape, node=node, prof=prof, fd=fd: fd * decode_ms(model, shape, node, m, traffic, prof))
+        dec_fn.append(lambda m, x=0.0, shape=shape, node=node, prof=prof, fd=fd: fd * (
+            decode_ms(model, shape, node, m, traffic, prof)
+            + joined_prefill_ms(model, shape, node, m, decode_context(traffic), x, prof)))
         link = cluster.link(st.node, plan.stages[i + 1].node) if i + 1 < k else None
         hop_fn.append((lambda t, link=link: hop_ms(model, link, t)) if link is not None else (lambda t: 0.0))
         ser_fn.append((lambda t, link=link: hop_ms(model, link, t) - link.latency_ms) if link is not None
@@ -340,12 +367,29 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     ttft = statistics.median(ttfts)
 
     # decode, steady state: each group's token needs a pass through every stage; each stage computes
-    # every group's step once per round, each link carries every group's activations once
-    def pass_ms(m):
-        return sum(dec_fn[s](m) + hop_fn[s](m) for s in range(k)) + back(m)
-    round_ms = max(max(pass_ms(m) for m in set(sizes)),
-                   max(sum(dec_fn[s](m) for m in sizes) for s in range(k)),
-                   max(sum(ser_fn[s](m) for m in sizes) for s in range(k)))
+    # every group's step once per round, each link carries every group's activations once; x prompt
+    # tokens ride in each group's step (and its hops)
+    def round_of(x: float) -> float:
+        def pass_ms(m):
+            return sum(dec_fn[s](m, x) + hop_fn[s](m + x) for s in range(k)) + back(m)
+        return max(max(pass_ms(m) for m in set(sizes)),
+                   max(sum(dec_fn[s](m, x) for m in sizes) for s in range(k)),
+                   max(sum(ser_fn[s](m + x) for m in sizes) for s in range(k)))
+    round_ms = round_of(0.0)
+    if prompt_tokens_per_s > 0:
+        # a longer round gathers more prompt tokens per step: iterate to the fixed point; past the load
+        # the steps can absorb (the round grows without bound) the pipeline cannot keep up: inf
+        for _ in range(60):
+            nxt = round_of(prompt_tokens_per_s * round_ms / 1e3 / len(sizes))
+            if nxt > 1e3 * round_of(0.0):
+                round_ms = math.inf
+                break
+            done = abs(nxt - round_ms) <= 1e-4 * round_ms
+            round_ms = nxt
+            if done:
+                break
+        else:
+            round_ms = math.inf
     cost = sum(node_price(cluster.node(n), prices) for n in dict.fromkeys(plan.nodes))
     sources = {s.source for s in stages}
     return Estimates(ttft_ms=ttft, tpot_ms=round_ms, throughput_tok_s=1e3 * B / round_ms,

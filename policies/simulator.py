@@ -127,6 +127,10 @@ class _Stages:
         self.k = len(plan.stages)
         self.model = model
         self.nodes = [s.node for s in plan.stages]
+        self.ranges = [(s.node, s.start, s.stop) for s in plan.stages]
+        # the last step's shape, for a Session's per-stage telemetry: (engine steps it stands for,
+        # decoding rows and prompt tokens per step, compute ms per step of each class)
+        self.last: tuple[int, float, float, list[float]] = (0, 0.0, 0.0, [])
         self.sources: list[str] = []
         raw, classes = [], {}
         self.stage_class: list[int] = []
@@ -193,6 +197,7 @@ class _Stages:
         dd, pp, ss = d / n, p / n, sampled / n
         total, slowest = 0.0, 0.0
         per_layer: dict = {}           # stages of one speed share the per-layer figure of this step
+        times = []
         for c, (shape, prof, speed, fp, fd, lat, per_tok, count) in enumerate(self.classes):
             f = fp if pp > dd else fd
             key = id(prof) if prof is not None else speed
@@ -202,9 +207,11 @@ class _Stages:
             t = f * (shape.layers * lm + self._ends_ms(prof, speed, shape, ss))
             t_hop = t + (lat + per_tok * (dd + pp) if per_tok or lat else 0.0)
             self.busy[c] += t * n
+            times.append(t)
             total += t_hop * count
             slowest = max(slowest, t_hop)
         total += self.back_lat + self.back_per_row * ss if self.back_lat or self.back_per_row else 0.0
+        self.last = (n, dd, pp, times)
         if g > 1:
             return max(total, g * slowest) + cfg.step_overhead_ms
         return total + (parts - 1) * slowest + cfg.step_overhead_ms
@@ -257,6 +264,9 @@ def simulate(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Tra
         return done.value
 
 
+STAGE_TIMES_KEEP_S = 600.0          # how far back a Session keeps per-step records for telemetry's "stages"
+
+
 class _Live:
     """What a Session shares with the run it drives: the clock bound, the inbox, the state it reads."""
 
@@ -275,6 +285,9 @@ class _Live:
         self.t_first: list[float] = []
         self.t_last: list[float] = []
         self.rejected_ix: list[int] = []
+        # per engine step, as the service's telemetry samples it (Session.telemetry's "stages"):
+        # (when it ends, its _Stages, decode-only, steps it stands for, rows, tokens, context, compute ms per class)
+        self.steps: deque[tuple] = deque()
 
 
 class Session:
@@ -372,10 +385,50 @@ class Session:
              "queue_depth": {"mean": None, "max": None}, "running": {"mean": None, "max": None},
              "ttft_s": {"p50": _pct(ttft, .5), "p99": _pct(ttft, .99), "n": len(ttft)},
              "tpot_s": {"p50": _pct(tpot, .5), "p99": _pct(tpot, .99), "n": len(tpot)},
-             "stages": [], "hops": []}
+             "stages": self._stage_times(since), "hops": []}
         return {"enabled": True, "uptime_s": now, "simulated": True,
                 "now": {"queue_depth": lv.queue, "running": lv.running, "kv": {}},
                 "windows": {name: w}}
+
+    def _stage_times(self, since: float) -> list[dict]:
+        """Per stage (node and layer range), the steps that ended in (since, now], in the shape of /admin/stats'
+        window "stages": mean compute per step, apart for decode-only steps and steps with prompt tokens (each
+        group's step is one step, as the engine's telemetry counts them). Steps that ended at or before `since`
+        are dropped (a caller reads consecutive windows, as SimTarget does), and so are those older than
+        STAGE_TIMES_KEEP_S."""
+        log = self._live.steps
+        while log and log[0][0] <= since:
+            log.popleft()
+        acc: dict[tuple, list[float]] = {}   # (node, start, stop) -> sums, see `add`
+        order: list[tuple] = []
+        for t_end, stages, decode, n, rows, tokens, ctx, times in log:
+            if t_end > self.now:
+                break
+            for (node, a, b), c in zip(stages.ranges, stages.stage_class):
+                key = (node, a, b)
+                if key not in acc:
+                    acc[key] = [0.0] * 8
+                    order.append(key)
+                x, ms = acc[key], times[c]
+                j = 0 if decode else 4
+                x[j] += n
+                x[j + 1] += n * ms / 1e3
+                x[j + 2] += n * (rows if decode else tokens)
+                x[j + 3] += n * ctx
+
+        def mean(total: float, count: float) -> float | None:
+            return total / count if count else None
+        out = []
+        for (node, a, b) in order:
+            d_n, d_s, d_rows, d_ctx, p_n, p_s, p_tok, _ = acc[(node, a, b)]
+            steps = d_n + p_n
+            out.append({"node": node, "layers": [a, b], "steps": int(steps), "step_s": mean(d_s + p_s, steps),
+                        "compute_s": mean(d_s + p_s, steps), "comm_s": None, "tokens_per_step": None,
+                        "rows_per_step": None, "decode_steps": int(d_n), "decode_compute_s": mean(d_s, d_n),
+                        "decode_rows_per_step": mean(d_rows, d_n), "decode_context": mean(d_ctx, d_n),
+                        "prefill_steps": int(p_n), "prefill_compute_s": mean(p_s, p_n),
+                        "prefill_tokens_per_step": mean(p_tok, p_n)})
+        return out
 
     def _finished_since(self, since: float):
         log, t_last = self._live.finished_log, self._live.t_last
@@ -479,6 +532,12 @@ def _run(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
             prefilling[:] = [e for e in prefilling if e[1] > 0]
         ctx = ctx_sum / n_dec if n_dec else 0.0
         ms = stages.step_ms(n_dec, ctx, p, rows, n_dec + len(done), cfg)
+        if live is not None:
+            parts, dd, pp, times = stages.last
+            log = live.steps               # a window reaches back STAGE_TIMES_KEEP_S at most (as the service's
+            while log and log[0][0] < t - STAGE_TIMES_KEEP_S:           # longest does): older steps go
+                log.popleft()
+            log.append((t + ms / 1e3, stages, p == 0, parts, dd, dd + pp, ctx, times))
         in_step = done
         busy = True
         push(t + ms / 1e3, 0)

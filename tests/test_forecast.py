@@ -82,3 +82,18 @@ def test_time_must_advance_and_knobs_are_checked():
         Holt().forecast(10)
     with pytest.raises(ValueError, match="alpha must be in"):
         Holt(alpha=0.0)
+
+
+def test_rate_noise_is_the_poisson_standard_error_of_the_smoothed_rate():
+    import numpy as np
+    from agent.autopilot.forecast import rate_noise
+    rate, span, alpha = 2.0, 10.0, 0.3
+    # measured: the level of an EWMA over Poisson counts of a constant rate
+    counts = np.random.default_rng(3).poisson(rate * span, size=20000) / span
+    f, levels = Holt(alpha, 0.01, None), []
+    for i, x in enumerate(counts):
+        f.observe(span * i, float(x))
+        levels.append(f.level)
+    measured = float(np.std(levels[200:]))
+    assert abs(measured / rate_noise(rate, span, alpha) - 1) < 0.1
+    assert rate_noise(0.0, span, alpha) == 0.0 and rate_noise(rate, 0.0, alpha) == 0.0

@@ -229,3 +229,37 @@ def test_a_wave_of_prompts_is_micro_batched_alike_in_both_models():
     assert r.ttft_ms_p50 == pytest.approx(s0 + s1 + max(s0, s1))
     assert est.ttft_ms == pytest.approx(r.ttft_ms_p50)
     assert est.tpot_ms == pytest.approx(r.tpot_ms_p50, rel=1e-6)
+
+
+def test_session_telemetry_has_each_stages_step_times_as_the_service_reports_them():
+    """Session.telemetry's window "stages": per stage, decode-only steps apart from steps with prompt tokens,
+    each figure countable by hand from the flat profile (as test_one_request_one_stage)."""
+    from policies.simulator import Session
+    cluster, model, plan, intent, ps = setup((("edge-a", 0, 14), ("edge-b", 15, 29)))
+    s = Session(cluster, plan, model, Trace([0.0], [64], [11]), profiles=ps, intent=intent)
+    s.advance(5.0)
+    w = s.telemetry(0.0, "5s")["windows"]["5s"]
+    a, b = w["stages"]
+    assert (a["node"], a["layers"], b["node"], b["layers"]) == ("edge-a", [0, 15], "edge-b", [15, 30])
+    # one prefill step, then 10 decode-only steps of one row
+    assert [(x["prefill_steps"], x["decode_steps"]) for x in (a, b)] == [(1, 10), (1, 10)]
+    assert a["decode_rows_per_step"] == b["decode_rows_per_step"] == 1
+    assert a["prefill_tokens_per_step"] == 64
+    # edge-a: 1 + 15 x 0.5 = 8.5 ms a decode step, 1 + 15 x 2 = 31 ms the prefill; edge-b adds the 4 ms head
+    assert a["decode_compute_s"] == pytest.approx(8.5e-3) and b["decode_compute_s"] == pytest.approx(12.5e-3)
+    assert a["prefill_compute_s"] == pytest.approx(31e-3) and b["prefill_compute_s"] == pytest.approx(35e-3)
+    assert a["decode_context"] == pytest.approx(sum(64 + i for i in range(1, 11)) / 10)
+    # a later window holds only the steps after the first: none here
+    assert s.telemetry(5.0, "5s")["windows"]["5s"]["stages"] == []
+
+
+def test_prompts_riding_in_decode_steps_cost_what_they_add():
+    """estimate(prompt_tokens_per_s=...): on a bandwidth-bound step a prompt's chunk costs the compute it adds;
+    TPOT grows with the prompt load, and past what the steps can absorb it is infinite."""
+    cluster, model, plan, intent, _ = setup()
+    t = intent.traffic
+    idle = estimate(plan, cluster, model, t)
+    assert estimate(plan, cluster, model, t, prompt_tokens_per_s=0.0).tpot_ms == idle.tpot_ms
+    tpots = [estimate(plan, cluster, model, t, prompt_tokens_per_s=r).tpot_ms for r in (1e3, 1e5, 1e6)]
+    assert idle.tpot_ms <= tpots[0] <= tpots[1] <= tpots[2] and tpots[1] > idle.tpot_ms
+    assert estimate(plan, cluster, model, t, prompt_tokens_per_s=1e12).tpot_ms == float("inf")

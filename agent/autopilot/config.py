@@ -44,6 +44,8 @@ class AutopilotConfig:
     min_gain: float = 0.10          # a cheaper plan must save at least this fraction of the cost per hour
     headroom: float = 0.80          # a plan carries at most this fraction of its throughput (scale-up above it)
     scale_down_headroom: float = 0.60   # survivors must carry the load at or under this fraction (the band stops flips)
+    noise_z: float = 2.0            # scale-down is judged on the forecast plus this many standard errors of the
+                                    # measured rate (a Poisson count), so a few low readings do not shrink it
     alpha: float = 0.3              # forecaster: level smoothing
     beta: float = 0.1               # forecaster: trend smoothing
     damping_s: float = 60.0         # forecaster: the trend's projection fades with this time constant
@@ -72,7 +74,7 @@ class AutopilotConfig:
             v = getattr(self, knob)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(knob, "must be a positive number of seconds")
-        for knob in ("cooldown_s", "min_gain", "min_rate"):
+        for knob in ("cooldown_s", "min_gain", "min_rate", "noise_z"):
             v = getattr(self, knob)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(knob, "must be a number >= 0")

@@ -28,10 +28,11 @@ plans' nodes are held and during the pause the old ones serve nothing. That cost
 the horizon: gain = (cost_now - cost_new) * horizon - move cost, as a fraction of cost_now * horizon.
 
 The load is the arrival rate (requests per second); a request's shape (prompt and output tokens)
-is the intent's traffic. A plan carries a load when its throughput at the intent's concurrency
-(the seats its KV reservation holds), in requests per second, is at least load / headroom, and the
-TTFT / TPOT the cost model predicts at the concurrency that load keeps busy (Little's law) are
-within the intent's bounds.
+is the intent's traffic. A plan carries a load when its capacity (the rate at which all the seats
+its KV reservation holds are busy, `_at_load`) is at least load / headroom, and the TTFT / TPOT the
+cost model predicts at the concurrency that load keeps busy (Little's law), with the load's prompts
+riding in the decode steps, are within the intent's bounds. A plan wanted but not one valid move
+away is reached in two (`_via`).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from policies import Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, Vali
 from policies.costmodel import Corrections, decode_context, estimate, node_price
 
 from .config import AutopilotConfig
-from .forecast import Holt
+from .forecast import Holt, rate_noise
 from .target import Target
 
 GATE_MODE = {"advisory": "suggest", "confirm": "confirm", "auto": "auto"}   # autopilot mode -> Agent.gate mode
@@ -178,7 +179,7 @@ class Autopilot:
         t = self.target.now()
         snap, live, cluster = self.target.snapshot(), self.target.live_plan(), self.target.cluster()
         lost = self._lost(cluster, live)
-        load, measured = _read_load(snap, cfg.window)
+        load, measured, stages = _read_load(snap, cfg.window)
         self.forecaster.observe(t, load["arrival_rate"])
         rate_now = load["arrival_rate"]
         # plan for the peak the horizon may bring, plus the backlog the queue holds, drained over the horizon
@@ -189,15 +190,26 @@ class Autopilot:
             return self._record(Decision(t, "hold", "held", "nothing serves: the autopilot adapts a running plan",
                                          load, forecast, lost=lost))
         self._reviews = {}
-        self._correct(live, cluster, load, measured)
+        self._correct(live, cluster, load, measured, stages)
         now_view = self._assess(live, cluster, rate_now)
         predicted = {"ttft_ms": now_view.ttft_ms, "tpot_ms": now_view.tpot_ms, "util": now_view.util,
                      "capacity_rps": now_view.capacity_rps}
-        plans = self._plans(cluster, lost)
+        plans = self._plans(cluster, lost, live)
         assessed = [self._assess(p, cluster, rate) for p in plans]
         current = self._assess(live, cluster, rate)
+        # scale-down is judged on the load the survivors may carry: the forecast plus noise_z standard errors
+        # of the measured rate (forecast.rate_noise), at scale_down_headroom, and within the SLOs up to where
+        # the controller would scale up again (that load / the band's width)
+        span = load["span_s"] or float(cfg.window[:-1])
+        survivors = rate + cfg.noise_z * rate_noise(max(rate, self.forecaster.level or 0.0), span, cfg.alpha)
+        forecast["survivors_rate"] = survivors
+        band = cfg.headroom / cfg.scale_down_headroom
+
+        def down(p: PlacementPlan) -> tuple[Assessment, bool]:
+            return self._assess(p, cluster, survivors), self._assess(p, cluster, survivors * band).slo_ok
         action, choice, reason, rows = self._choose(current, assessed, lost, cluster, load,
-                                                    lambda p: self._review(p, cluster, live)[0])
+                                                    lambda p: self._review(p, cluster, live)[0], down,
+                                                    lambda p, via: self._review(p, cluster, via)[0].ok)
         d = Decision(t, action, "held", reason, load, forecast, live, choice.plan if choice else None, rows,
                      predicted, measured, lost=lost)
         return self._record(self._gate(d, choice, cluster, live, bool(lost)))
@@ -212,32 +224,49 @@ class Autopilot:
             lost.update(extra())
         return lost
 
-    def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict) -> None:
-        """Fold the measured TTFT/TPOT (p50) into the corrections, against the raw estimate at the measured load
-        (Dynamo's measured / expected). A measured TTFT includes the time a request waited for a seat, which
-        the estimate does not: while requests queue (or every seat is taken) it measures the queue, not the
-        nodes' prefill speed, so prefill is corrected only from windows without a queue (folding a queue in
-        made every plan look several times slower, so none kept the SLOs and the controller never scaled up)."""
+    def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict, stages: list[dict]) -> None:
+        """Fold what the window measured into the corrections (Dynamo's measured / expected).
+
+        Where the telemetry has each stage's compute time (the window's "stages", split into decode-only
+        steps and steps with prompt tokens), each stage's factors come from its own steps against the cost
+        model's step time for the same shape (Corrections.observe_stage_times, as bench predict does): a
+        stage's speed, apart from the load. Otherwise from the plan's measured TTFT/TPOT (p50) against the
+        raw figures at the measured load (`_at_load`: TPOT stretched by the share of time prefill takes, so
+        prefill's interference is not mistaken for slow decode; folding it in had made the plans with more
+        seats look too slow to keep the TPOT bound at any load). A measured TTFT includes the time a request
+        waited for a seat, which the estimate does not: while requests queue (or every seat is taken) it
+        measures the queue, not the nodes' prefill speed, so prefill is corrected only from windows without
+        a queue (folding a queue in made every plan look several times slower, so none kept the SLOs and the
+        controller never scaled up)."""
+        traffic = _traffic(live, self.intent)
+        times = [_StageWindow.of(d) for d in stages]
+        by_context: dict[float, list] = {}
+        for st in times:                       # one call per decode context (the telemetry's, else the intent's)
+            by_context.setdefault(st.decode_context or decode_context(traffic), []).append(st)
+        if sum(self.corrections.observe_stage_times(group, live, cluster, self.model, round(ctx), self.profiles)
+               for ctx, group in by_context.items()):
+            return
         if min(measured.get("ttft_n", 0), measured.get("tpot_n", 0)) < MIN_SLO_SAMPLES:
             return
         if not (measured.get("ttft_p50_ms") and measured.get("tpot_p50_ms")):
             return
-        traffic = _traffic(live, self.intent)
         conc = max(1, min(traffic.concurrency, round(load["running"] or 1)))
-        raw = estimate(live, cluster, self.model, traffic.model_copy(update={"concurrency": conc}),
-                       self.prices, self.profiles, None, self._groups(live))
+        raw = self._at_load(live, cluster, load["arrival_rate"], corrections=None, concurrency=conc)
         queued = (load["queue"] or 0) > 0 or (load["running"] or 0) >= traffic.concurrency
-        for st in raw.stages:
+        if not (math.isfinite(raw.ttft_ms) and math.isfinite(raw.tpot_ms)):
+            return                             # the model says this load overruns the plan: no ratio to learn
+        for node in dict.fromkeys(live.nodes):
             if not queued:
-                self.corrections.observe(st.node, "prefill", measured["ttft_p50_ms"], raw.ttft_ms)
-            self.corrections.observe(st.node, "decode", measured["tpot_p50_ms"], raw.tpot_ms)
+                self.corrections.observe(node, "prefill", measured["ttft_p50_ms"], raw.ttft_ms)
+            self.corrections.observe(node, "decode", measured["tpot_p50_ms"], raw.tpot_ms)
 
     # ------------------------------------------------------------------ candidates and their assessment
 
     def _groups(self, plan: PlacementPlan) -> int:
         return self.groups_in_flight or len(plan.stages)
 
-    def _plans(self, cluster: Cluster, lost: dict[str, str]) -> list[PlacementPlan]:
+    def _plans(self, cluster: Cluster, lost: dict[str, str], live: PlacementPlan | None = None
+               ) -> list[PlacementPlan]:
         """The planner's plans for this cluster state, lost nodes excluded: for each seat level (the intent's
         concurrency and `seat_levels`) and k = 1..max_stages, the cheapest and the fastest with at most k stages,
         with the same cost model the plans are judged by (profiles and the corrections measured so far).
@@ -245,15 +274,21 @@ class Autopilot:
         REPLAN_FACTOR since (not at every small step: measured factors wander from window to window, and
         planning again each tick cost seconds a tick); the load only changes which wins. With a node lost,
         each is also planned without the SLO bounds, as the fallback when no plan keeps them (such a plan
-        carries the relaxed intent: `_relaxed`)."""
+        carries the relaxed intent: `_relaxed`).
+        With no node lost, each is also planned as a move from `live` (the planner's best plan that the
+        validator passes as a move from it, so mid-way no node holds more than it can): planned on their own
+        only, most of the plans with more seats were not one valid step away from the live plan, and the
+        controller sat on a plan it could not leave while the queue grew. Planned again when the live plan
+        changes."""
         from ..planner import Infeasible, plan as make_plan
-        key = "|".join((cluster.fingerprint(), ",".join(sorted(lost))))
+        moves_from = (None,) if lost or live is None else (None, live)
+        key = "|".join((cluster.fingerprint(), ",".join(sorted(lost)), live.placement_key() if live else ""))
         if self._candidates is not None and self._candidates[0] == key and not self._corrections_moved():
             return self._candidates[1]
         self._planned_with = dict(self.corrections.factors)
         spec = self._planning_intent(lost)
         found: dict[tuple, PlacementPlan] = {}
-        for base in ((spec, _relaxed(spec)) if lost else (spec,)):
+        for base, current in [(b, c) for b in ((spec, _relaxed(spec)) if lost else (spec,)) for c in moves_from]:
             for seats in self._seat_levels():
                 sized = base if seats == base.traffic.concurrency else base.model_copy(
                     update={"traffic": base.traffic.model_copy(update={"concurrency": seats})})
@@ -269,7 +304,7 @@ class Autopilot:
                             continue
                         try:
                             p = make_plan(sized.model_copy(update={"objective": objective}), cluster, self.policy,
-                                          self.model, max_stages=k, prices=self.prices, profiles=self.profiles,
+                                          self.model, current=current, max_stages=k, prices=self.prices, profiles=self.profiles,
                                           corrections=self.corrections, groups_in_flight=self.groups_in_flight or k)
                         except Infeasible:
                             infeasible = True     # the constraints, not the objective, leave no plan: so for both
@@ -316,26 +351,51 @@ class Autopilot:
 
     def _assess(self, plan: PlacementPlan, cluster: Cluster, rate: float) -> Assessment:
         """A plan at `rate` requests per second (see the module docstring); its seats are its own reservation."""
+        a = self._at_load(plan, cluster, rate, self.corrections)
+        a.slo_ok = ((self.intent.max_ttft_ms is None or a.ttft_ms <= self.intent.max_ttft_ms)
+                    and (self.intent.max_tpot_ms is None or a.tpot_ms <= self.intent.max_tpot_ms))
+        a.cost = sum(node_price(cluster.node(x), self.prices) for x in dict.fromkeys(plan.nodes))
+        return a
+
+    def _at_load(self, plan: PlacementPlan, cluster: Cluster, rate: float, corrections: Corrections | None,
+                 concurrency: int | None = None) -> Assessment:
+        """What the cost model says `plan` does at `rate` requests per second (cost and SLO verdict left
+        for _assess). The prompts arriving meanwhile ride in the decode steps (estimate's
+        prompt_tokens_per_s), so TPOT is at that load: on a bandwidth-bound step a prompt's chunk costs
+        only the compute it adds, not a prefill of its own (judging each prompt as a separate prefill that
+        stalls every decode round had every plan miss the TPOT bound at 4 req/s where the simulator
+        served 8.6 within it). TTFT and TPOT are at the concurrency the load keeps busy (Little's law;
+        `concurrency` to give it instead); the engine admits a request to a free seat at once and
+        chunks its prompt into the next steps, so below capacity TTFT hardly grows with the load.
+        capacity: the rate at which every seat is busy, rate * (TTFT + output_tokens * TPOT(rate)) = seats.
+        """
         t = _traffic(plan, self.intent)
-        g = self._groups(plan)
-        speed = dict(prices=self.prices, profiles=self.profiles, corrections=self.corrections, groups_in_flight=g)
-        full = estimate(plan, cluster, self.model, t, **speed)
-        capacity = full.throughput_tok_s / t.output_tokens
-        # Little's law: in flight = rate * time in the system; that time depends on how many are in flight
-        n, est = 1, None
-        for _ in range(8):
-            est = full if n == t.concurrency else estimate(plan, cluster, self.model,
-                                                           t.model_copy(update={"concurrency": n}), **speed)
-            busy = rate * (est.ttft_ms + (t.output_tokens - 1) * est.tpot_ms) / 1e3
-            nxt = max(1, min(t.concurrency, math.ceil(busy)))
+        speed = dict(prices=self.prices, profiles=self.profiles, corrections=corrections,
+                     groups_in_flight=self._groups(plan))
+        P, O, B = t.prompt_tokens, t.output_tokens, t.concurrency
+
+        def est(n: int, r: float):
+            return estimate(plan, cluster, self.model, t if n == B else t.model_copy(update={"concurrency": n}),
+                            prompt_tokens_per_s=r * P, **speed)
+        full = est(B, 0.0)
+        capacity = 1e3 * B / (full.ttft_ms + O * full.tpot_ms)
+        for _ in range(3):          # the busier the seats, the more prompts ride in each step: a few rounds
+            e = est(B, capacity)
+            capacity = 0.5 * capacity + 0.5 * (1e3 * B / (e.ttft_ms + O * e.tpot_ms))
+        util = rate / capacity if capacity > 0 else math.inf
+        n = concurrency or 1
+        e = est(n, rate)
+        for _ in range(0 if concurrency else 8):
+            # Little's law: in flight = rate * time in the system; that time depends on how many are in flight
+            busy = rate * (e.ttft_ms + (O - 1) * e.tpot_ms) / 1e3
+            nxt = max(1, min(B, math.ceil(busy))) if math.isfinite(busy) else B
             if nxt == n:
                 break
             n = nxt
-        slo = ((self.intent.max_ttft_ms is None or est.ttft_ms <= self.intent.max_ttft_ms)
-               and (self.intent.max_tpot_ms is None or est.tpot_ms <= self.intent.max_tpot_ms))
-        cost = sum(node_price(cluster.node(x), self.prices) for x in dict.fromkeys(plan.nodes))
-        util = rate / capacity if capacity > 0 else math.inf
-        return Assessment(plan, cost, capacity, util, n, est.ttft_ms, est.tpot_ms, slo)
+            e = est(n, rate)
+        # past capacity the queue grows without bound: no TTFT bound is kept, however fast each step is
+        ttft = e.ttft_ms if util < 1 else math.inf
+        return Assessment(plan, 0.0, capacity, util, n, ttft, e.tpot_ms, False)
 
     def _move(self, live: PlacementPlan, new: PlacementPlan, cluster: Cluster, load: dict) -> tuple[float, float]:
         """(seconds, price) of moving from `live` to `new`: the bytes each (src, dst) pair sends over its link,
@@ -361,9 +421,22 @@ class Autopilot:
     # ------------------------------------------------------------------ choose: the whole policy
 
     def _choose(self, current: Assessment, assessed: list[Assessment], lost: dict[str, str], cluster: Cluster,
-                load: dict, check: Callable[[PlacementPlan], Any] | None = None
+                load: dict, check: Callable[[PlacementPlan], Any] | None = None,
+                down: Callable[[PlacementPlan], tuple[Assessment, bool]] | None = None,
+                reachable: Callable[[PlacementPlan, PlacementPlan], bool] | None = None
                 ) -> tuple[str, Assessment | None, str, list[dict]]:
         """(action, the chosen assessment or None to hold, the reason, every alternative with its verdict).
+
+        `down(plan)` -> (the plan at the survivors' load, whether it keeps the SLOs at that load / the band)
+        judges a cheaper plan (default: at the forecast, the SLOs only there). The survivors' load is the
+        forecast plus the measured rate's noise: judged on the forecast alone, three noisy low readings (a
+        Poisson count over 10 s) in a row consolidated a plan that the next high ones scaled out again. And the SLOs must hold up to
+        where the controller would scale up again: the band stopped flips on capacity only, and queueing
+        makes the predicted TTFT climb steeply near capacity.
+
+        `reachable(new, via)`: whether the validator passes `new` as a move from `via`. When scaling up and the
+        plan wanted is not one valid step from the live plan (mid-way a node would hold the layers and KV of
+        both), a valid plan from which it is becomes the first step (`_via`); the next tick takes the second.
 
         Only a plan the validator passes as a move from the live plan (`check(plan)` -> its Report) is ever
         chosen: a candidate that is valid on its own may not be one step away (mid-way a node holds the
@@ -416,12 +489,32 @@ class Autopilot:
                 return "change", pick, f"scale up: on the live plan {miss}; the cheapest plan that keeps the " \
                     f"SLOs carries it at {pick.util:.0%}", \
                     table(pick, lambda a, g: "costs more" if a.keeps(cfg.headroom) else "would miss the SLOs or overload")
+            # no plan one valid step away keeps them: the cheapest that does, reached in two steps
+            far = sorted((s for s in scored if id(s[0]) in invalid and s[0].keeps(cfg.headroom)),
+                         key=lambda s: (s[2], len(set(s[0].plan.nodes))))
+            step = self._via(far, valid, reachable)
+            if step is not None:
+                first, goal = step
+                return "change", first, f"scale up: on the live plan {miss}; {goal.plan.summary()} keeps the " \
+                    f"SLOs at {goal.util:.0%} but is not one valid step away: first this plan, from which it is", \
+                    table(first, lambda a, g: "not a step toward a plan that keeps the SLOs")
+
             # no plan carries the forecast within the SLOs: the most capacity among plans that keep the
             # SLOs at their own full seats (what they serve within the bounds; a plan with more seats but
             # a TPOT over the bound serves every request late), then the most capacity of the rest
             def goodput(a: Assessment):
                 return (a.slo_ok, a.capacity_rps)
             best = max((s[0] for s in valid), key=goodput, default=None)
+            top = max((s for s in scored if id(s[0]) in invalid), key=lambda s: goodput(s[0]), default=None)
+            if top is not None and (best is None or goodput(top[0]) > goodput(best)) and \
+                    top[0].capacity_rps > current.capacity_rps * (1 + cfg.min_gain):
+                step = self._via([top], valid, reachable)
+                if step is not None:
+                    first, goal = step
+                    return "change", first, f"scale up: on the live plan {miss}; no plan keeps the SLOs at the " \
+                        f"forecast, {goal.plan.summary()} has the most capacity ({goal.capacity_rps:.2f} req/s) " \
+                        "but is not one valid step away: first this plan, from which it is", \
+                        table(first, lambda a, g: "not a step toward the plan with the most capacity")
             if best is not None and ((best.slo_ok and not current.slo_ok) or (
                     best.slo_ok == current.slo_ok and best.capacity_rps > current.capacity_rps * (1 + cfg.min_gain))):
                 return "change", best, f"scale up: on the live plan {miss}; no plan keeps the SLOs at the " \
@@ -431,16 +524,37 @@ class Autopilot:
             return "hold", None, f"on the live plan {miss}, but no valid plan does better", \
                 table(None, lambda a, g: "no better")
         # the live plan keeps the SLOs: is there a cheaper one that carries the whole load with margin?
-        cheaper = [s for s in by_total if s[0].keeps(cfg.scale_down_headroom) and s[3] >= cfg.min_gain]
+        judged: dict[int, tuple[Assessment, bool]] = {}     # id(assessment at the forecast) -> down(plan)
+        for a, _, _, gain in by_total:
+            if gain >= cfg.min_gain:
+                judged[id(a)] = down(a.plan) if down is not None else (a, a.slo_ok)
+        cheaper = [s for s in by_total if id(s[0]) in judged and judged[id(s[0])][0].keeps(cfg.scale_down_headroom)
+                   and judged[id(s[0])][1]]
+
+        def why_not(a: Assessment, gain: float) -> str:
+            return _why_not(*judged.get(id(a), (a, True)), gain, cfg)
         if cheaper:
             pick, _, _, gain = cheaper[0]
-            return "change", pick, f"consolidate: {pick.plan.summary()} carries the forecast alone at " \
-                f"{pick.util:.0%} of its capacity (under the {cfg.scale_down_headroom:.0%} scale-down headroom) " \
-                f"and saves {gain:.0%} of the cost over the horizon, the move counted", \
-                table(pick, lambda a, g: _why_not(a, g, cfg))
+            return "change", pick, f"consolidate: {pick.plan.summary()} carries the survivors' load " \
+                f"alone at {judged[id(pick)][0].util:.0%} of its capacity (under the " \
+                f"{cfg.scale_down_headroom:.0%} scale-down headroom) and saves {gain:.0%} of the cost over " \
+                "the horizon, the move counted", table(pick, why_not)
         return "hold", None, f"the live plan keeps the SLOs at the forecast ({current.util:.0%} of its capacity) " \
             "and no plan is cheaper by the gain threshold with the survivors' load under the scale-down headroom", \
-            table(None, lambda a, g: _why_not(a, g, cfg))
+            table(None, why_not)
+
+    @staticmethod
+    def _via(goals, valid, reachable) -> tuple[Assessment, Assessment] | None:
+        """(first step, goal): for the first of `goals` (scored rows, best first) that some valid plan reaches
+        in one more valid move, the valid plan with the most capacity that does; None when there is none."""
+        if reachable is None:
+            return None
+        steps = sorted((s[0] for s in valid), key=lambda a: -a.capacity_rps)
+        for goal, *_ in goals:
+            for first in steps:
+                if first.plan.placement_key() != goal.plan.placement_key() and reachable(goal.plan, first.plan):
+                    return first, goal
+        return None
 
     # ------------------------------------------------------------------ gate
 
@@ -544,11 +658,16 @@ def _relaxed(spec: IntentSpec) -> IntentSpec:
     return spec.model_copy(update={"max_ttft_ms": None, "max_tpot_ms": None})
 
 
-def _why_not(a: Assessment, gain: float, cfg: AutopilotConfig) -> str:
+def _why_not(a: Assessment, in_band: bool, gain: float, cfg: AutopilotConfig) -> str:
+    """Why a plan was not chosen to consolidate onto; `a` is it at the survivors' load (at the forecast
+    for a plan that saves less than min_gain), `in_band` whether it keeps the SLOs up to the band's top."""
     if not a.slo_ok:
         return "would miss the SLOs"
     if a.util > cfg.scale_down_headroom:
-        return f"would carry the forecast at {a.util:.0%} of its capacity (over {cfg.scale_down_headroom:.0%})"
+        return f"would carry the survivors' load at {a.util:.0%} of its capacity (over {cfg.scale_down_headroom:.0%})"
+    if not in_band:
+        return (f"would miss the SLOs at {cfg.headroom / cfg.scale_down_headroom:.2f}x the survivors' load "
+                "(what it may meet before scaling up again)")
     if gain <= 0:
         return "costs more" if gain < 0 else "costs the same"
     return f"saves {gain:.0%} only (under the {cfg.min_gain:.0%} threshold)"
@@ -573,4 +692,31 @@ def _read_load(snap: dict, window: str) -> tuple[dict, dict]:
     ms = lambda v: None if v is None else 1e3 * v  # noqa: E731
     measured = {"ttft_p50_ms": ms(ttft.get("p50")), "ttft_p99_ms": ms(ttft.get("p99")), "ttft_n": ttft.get("n", 0),
                 "tpot_p50_ms": ms(tpot.get("p50")), "tpot_p99_ms": ms(tpot.get("p99")), "tpot_n": tpot.get("n", 0)}
-    return load, measured
+    return load, measured, list(w.get("stages") or ())
+
+
+@dataclass(frozen=True)
+class _StageWindow:
+    """One entry of a telemetry window's "stages" (GET /admin/stats), with the attributes
+    Corrections.observe_stage_times reads (executor.telemetry.StageTime's, which agent/ does not import)."""
+    node: str
+    start: int
+    end: int
+    decode_steps: int
+    decode_compute_s: float | None
+    decode_rows_per_step: float | None
+    decode_context: float | None
+    prefill_steps: int
+    prefill_compute_s: float | None
+    prefill_tokens_per_step: float | None
+
+    @classmethod
+    def of(cls, d: dict) -> "_StageWindow":
+        """From the JSON entry; raises ValueError naming what is missing or malformed."""
+        try:
+            a, b = d["layers"]
+            return cls(str(d["node"]), int(a), int(b), int(d.get("decode_steps") or 0), d.get("decode_compute_s"),
+                       d.get("decode_rows_per_step"), d.get("decode_context"), int(d.get("prefill_steps") or 0),
+                       d.get("prefill_compute_s"), d.get("prefill_tokens_per_step"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"telemetry window stage entry {d!r}: {type(e).__name__}: {e}") from None

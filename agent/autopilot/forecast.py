@@ -70,3 +70,13 @@ class Holt:
     def peak(self, horizon_s: float) -> float:
         """The highest value expected over [now, now + horizon]: the trend is linear, so one end or the other."""
         return max(self.forecast(0.0), self.forecast(horizon_s))
+
+
+def rate_noise(rate: float, span_s: float, alpha: float) -> float:
+    """The standard error of a smoothed arrival rate: a Poisson count over `span_s` seconds has a standard
+    error of sqrt(rate / span_s) requests per second, and an EWMA with weight `alpha` keeps
+    sqrt(alpha / (2 - alpha)) of an observation's noise in its level. (Bursty traffic is noisier than
+    Poisson; the controller's hysteresis covers the rest.)"""
+    if rate <= 0 or span_s <= 0:
+        return 0.0
+    return math.sqrt(rate / span_s) * math.sqrt(alpha / (2 - alpha))
