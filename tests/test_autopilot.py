@@ -377,3 +377,40 @@ def test_a_plan_two_valid_steps_away_is_reached_through_a_first_step():
     assert Autopilot._via(rows(goal), rows(big, near), reachable) == (near, goal)
     assert Autopilot._via(rows(goal), rows(big), reachable) is None
     assert Autopilot._via(rows(goal), rows(big, near), None) is None
+
+
+def test_stage_telemetry_sets_the_stage_factors_and_the_tpot_residual():
+    """With the window's per-stage step times, each stage's decode factor comes from its own decode-only
+    steps, and what the plan's measured TPOT still differs by becomes the TPOT residual applied to every
+    plan's prediction; a malformed stage entry is an error naming it."""
+    from policies.costmodel import StageShape, stage_step_ms
+    plan = plan_of(("edge-a", 0, 29))
+    tg = ScriptedTarget(plan)
+    ap = pilot(tg, hysteresis=99)
+    pred = stage_step_ms(MODEL, StageShape(30, True, True), CLUSTER.node("edge-a"), "decode", 2, 300)
+    stages = [{"node": "edge-a", "layers": [0, 30], "decode_steps": 50, "decode_compute_s": 2 * pred / 1e3,
+               "decode_rows_per_step": 2.0, "decode_context": 300.0, "prefill_steps": 0}]
+    base = ap._at_load(plan, CLUSTER, 0.2, ap.corrections, concurrency=2).tpot_ms
+    measured_tpot = 3 * base                       # the stages say 2x slower, the requests 3x
+    snap = tg.snapshot()
+    w = snap["windows"]["10s"]
+    w.update(stages=stages, tpot_s={"p50": measured_tpot / 1e3, "p99": None, "n": 20},
+             ttft_s={"p50": 0.1, "p99": None, "n": 20}, arrival_rate=0.2)
+    snap["now"]["running"] = 2
+    tg.snapshot = lambda: snap
+    ap.tick()
+    assert ap.corrections.factor("edge-a", "decode") == pytest.approx(2.0, rel=1e-3)
+    assert ap.tpot_residual == pytest.approx(1.5, rel=0.05)
+    assert ap._at_load(plan, CLUSTER, 0.2, ap.corrections, concurrency=2).tpot_ms == pytest.approx(measured_tpot, rel=0.05)
+    w["stages"] = [{"node": "edge-a"}]
+    tg.t += 10.0
+    level = ap.forecaster.level
+    with pytest.raises(ValueError, match="stage entry"):
+        ap.tick()
+    assert ap.forecaster.level == level and len(ap.decisions) == 1     # the bad snapshot changed nothing
+
+
+def test_prefill_chunk_tokens_knob():
+    assert AutopilotConfig(prefill_chunk_tokens=512).prefill_chunk_tokens == 512
+    with pytest.raises(AutopilotConfigError, match="prefill_chunk_tokens"):
+        AutopilotConfig(prefill_chunk_tokens=0)

@@ -60,7 +60,11 @@ def test_consolidates_live_then_a_drained_node_is_left_at_once(served, tmp_path)
                    AutopilotConfig(mode="auto", hysteresis=1, cooldown_s=600.0), journal=journal)
     (fut,) = submit_all(svc, [[5, 6, 7]], params)                 # in flight while the plan changes
     d = ap.tick()
-    assert d.status == "applied" and d.action == "change" and "consolidate" in d.reason, (d.reason, d.apply)
+    # onto one node: a consolidation, or a scale-up when the measured stage times put the two CPU stages
+    # over their headroom at this window's two requests (capacity counts each request's TTFT as well as
+    # its decode) and the single node, with no hop, carries more
+    assert d.status == "applied" and d.action == "change", (d.reason, d.apply)
+    assert "consolidate" in d.reason or ("scale up" in d.reason and "over the 80% headroom" in d.reason), d.reason
     assert len(svc.plan.plan.stages) == 1 and d.apply["state"] == "done" and d.apply["pause_ms"] > 0
     out, err = fut.result(timeout=120)
     assert err is None and out.token_ids == reference             # the in-flight request never noticed

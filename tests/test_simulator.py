@@ -263,3 +263,13 @@ def test_prompts_riding_in_decode_steps_cost_what_they_add():
     tpots = [estimate(plan, cluster, model, t, prompt_tokens_per_s=r).tpot_ms for r in (1e3, 1e5, 1e6)]
     assert idle.tpot_ms <= tpots[0] <= tpots[1] <= tpots[2] and tpots[1] > idle.tpot_ms
     assert estimate(plan, cluster, model, t, prompt_tokens_per_s=1e12).tpot_ms == float("inf")
+
+
+def test_smaller_prompt_chunks_hide_more_under_the_weight_read():
+    cluster, model, plan, intent, _ = setup()
+    t = intent.traffic
+    whole = estimate(plan, cluster, model, t, prompt_tokens_per_s=2e4).tpot_ms
+    small = estimate(plan, cluster, model, t, prompt_tokens_per_s=2e4, prompt_chunk_tokens=8).tpot_ms
+    assert small <= whole
+    with pytest.raises(ValueError, match="prompt_chunk_tokens"):
+        estimate(plan, cluster, model, t, prompt_tokens_per_s=2e4, prompt_chunk_tokens=0)

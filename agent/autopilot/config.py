@@ -55,6 +55,8 @@ class AutopilotConfig:
     min_rate: float = 0.0           # arrivals per second assumed at least (0: an idle service may shrink to one node)
     scale_up_hysteresis: int | None = None   # ticks in a row before scaling up when the live plan would miss
                                     # the SLOs or run over `headroom` (a panic window); None: `hysteresis`
+    prefill_chunk_tokens: int | None = None  # the engine's prefill budget per step while others decode
+                                    # (how big a prompt chunk rides in a decode step); None: whole prompts
     seat_levels: tuple = ()         # KV reservations (concurrency) a plan may be sized for besides the intent's
                                     # traffic.concurrency (its smallest): more seats carry more load on the same nodes
 
@@ -85,6 +87,9 @@ class AutopilotConfig:
         v = self.scale_up_hysteresis
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             bad("scale_up_hysteresis", "must be a whole number >= 1 (or absent: the same as hysteresis)")
+        v = self.prefill_chunk_tokens
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            bad("prefill_chunk_tokens", "must be a whole number of tokens >= 1 (or absent: whole prompts)")
         v = self.seat_levels
         if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
             bad("seat_levels", "must be a list of whole numbers >= 1 (concurrencies a plan may reserve KV for)")

@@ -50,6 +50,7 @@ from .target import Target
 
 GATE_MODE = {"advisory": "suggest", "confirm": "confirm", "auto": "auto"}   # autopilot mode -> Agent.gate mode
 REPLAN_FACTOR = 1.25       # plan the candidates again when a correction factor moved by more than this since
+MAX_RESIDUAL = 2.0         # the TPOT residual (see Autopilot._correct) is clamped to [1/this, this]
 MIN_SLO_SAMPLES = 5          # measured TTFT/TPOT feed the corrections only from this many requests in the window
 
 
@@ -149,6 +150,7 @@ class Autopilot:
         self.journal, self.confirm = journal, confirm
         self.profiles, self.prices, self.groups_in_flight = profiles, prices, groups_in_flight
         self.corrections = corrections if corrections is not None else Corrections()
+        self.tpot_residual, self._residual_n = 1.0, 0   # measured / predicted TPOT left after the stages' factors
         self.forecaster = Holt(self.config.alpha, self.config.beta, self.config.damping_s)
         self.decisions: list[Decision] = []
         self._candidates: tuple[str, list[PlacementPlan]] | None = None   # (cluster state + lost, plans)
@@ -224,7 +226,8 @@ class Autopilot:
             lost.update(extra())
         return lost
 
-    def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict, stages: list[dict]) -> None:
+    def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict,
+                 stages: list["_StageWindow"]) -> None:
         """Fold what the window measured into the corrections (Dynamo's measured / expected).
 
         Where the telemetry has each stage's compute time (the window's "stages", split into decode-only
@@ -239,12 +242,22 @@ class Autopilot:
         a queue (folding a queue in made every plan look several times slower, so none kept the SLOs and the
         controller never scaled up)."""
         traffic = _traffic(live, self.intent)
-        times = [_StageWindow.of(d) for d in stages]
         by_context: dict[float, list] = {}
-        for st in times:                       # one call per decode context (the telemetry's, else the intent's)
+        for st in stages:                       # one call per decode context (the telemetry's, else the intent's)
             by_context.setdefault(st.decode_context or decode_context(traffic), []).append(st)
         if sum(self.corrections.observe_stage_times(group, live, cluster, self.model, round(ctx), self.profiles)
                for ctx, group in by_context.items()):
+            # what the per-stage figures leave out (how the prompts' chunks fall into steps, overheads):
+            # measured / predicted TPOT of the live plan at the measured load, with the stages corrected
+            if measured.get("tpot_n", 0) >= MIN_SLO_SAMPLES and measured.get("tpot_p50_ms"):
+                conc = max(1, min(traffic.concurrency, round(load["running"] or 1)))
+                pred = self._at_load(live, cluster, load["arrival_rate"], self.corrections, concurrency=conc,
+                                     residual=1.0).tpot_ms
+                if math.isfinite(pred) and pred > 0:
+                    r = min(max(measured["tpot_p50_ms"] / pred, 1 / MAX_RESIDUAL), MAX_RESIDUAL)
+                    a = self.corrections.alpha
+                    self.tpot_residual = r if self._residual_n == 0 else (1 - a) * self.tpot_residual + a * r
+                    self._residual_n += 1
             return
         if min(measured.get("ttft_n", 0), measured.get("tpot_n", 0)) < MIN_SLO_SAMPLES:
             return
@@ -358,7 +371,7 @@ class Autopilot:
         return a
 
     def _at_load(self, plan: PlacementPlan, cluster: Cluster, rate: float, corrections: Corrections | None,
-                 concurrency: int | None = None) -> Assessment:
+                 concurrency: int | None = None, residual: float | None = None) -> Assessment:
         """What the cost model says `plan` does at `rate` requests per second (cost and SLO verdict left
         for _assess). The prompts arriving meanwhile ride in the decode steps (estimate's
         prompt_tokens_per_s), so TPOT is at that load: on a bandwidth-bound step a prompt's chunk costs
@@ -368,15 +381,20 @@ class Autopilot:
         `concurrency` to give it instead); the engine admits a request to a free seat at once and
         chunks its prompt into the next steps, so below capacity TTFT hardly grows with the load.
         capacity: the rate at which every seat is busy, rate * (TTFT + output_tokens * TPOT(rate)) = seats.
+        With corrections, TPOT is also scaled by the residual measured on the live plan (`tpot_residual`,
+        see _correct; `residual` to give another), as Dynamo scales by measured / expected ITL.
         """
         t = _traffic(plan, self.intent)
         speed = dict(prices=self.prices, profiles=self.profiles, corrections=corrections,
                      groups_in_flight=self._groups(plan))
         P, O, B = t.prompt_tokens, t.output_tokens, t.concurrency
 
+        scale = (self.tpot_residual if residual is None else residual) if corrections is not None else 1.0
+
         def est(n: int, r: float):
-            return estimate(plan, cluster, self.model, t if n == B else t.model_copy(update={"concurrency": n}),
-                            prompt_tokens_per_s=r * P, **speed)
+            e = estimate(plan, cluster, self.model, t if n == B else t.model_copy(update={"concurrency": n}),
+                         prompt_tokens_per_s=r * P, prompt_chunk_tokens=self.config.prefill_chunk_tokens, **speed)
+            return e if scale == 1.0 else e.model_copy(update={"tpot_ms": e.tpot_ms * scale})
         full = est(B, 0.0)
         capacity = 1e3 * B / (full.ttft_ms + O * full.tpot_ms)
         for _ in range(3):          # the busier the seats, the more prompts ride in each step: a few rounds
@@ -692,7 +710,7 @@ def _read_load(snap: dict, window: str) -> tuple[dict, dict]:
     ms = lambda v: None if v is None else 1e3 * v  # noqa: E731
     measured = {"ttft_p50_ms": ms(ttft.get("p50")), "ttft_p99_ms": ms(ttft.get("p99")), "ttft_n": ttft.get("n", 0),
                 "tpot_p50_ms": ms(tpot.get("p50")), "tpot_p99_ms": ms(tpot.get("p99")), "tpot_n": tpot.get("n", 0)}
-    return load, measured, list(w.get("stages") or ())
+    return load, measured, [_StageWindow.of(d) for d in w.get("stages") or ()]
 
 
 @dataclass(frozen=True)

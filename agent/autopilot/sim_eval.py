@@ -559,7 +559,8 @@ def run_controller(sc: Scenario, first: PlacementPlan, **config) -> Row:
     target = _target(sc, first)
     cfg = AutopilotConfig(**{"mode": "auto", "interval_s": sc.interval_s, "window": f"{sc.interval_s:g}s",
                              "horizon_s": 2 * sc.interval_s, "cooldown_s": sc.interval_s,
-                             "seat_levels": tuple(SEAT_LEVELS), "scale_up_hysteresis": 1, **config})
+                             "seat_levels": tuple(SEAT_LEVELS), "scale_up_hysteresis": 1,
+                             "prefill_chunk_tokens": MAX_PREFILL_TOKENS_DECODING, **config})
     ap = Autopilot(target, sc.intent, sc.policy, sc.model, cfg)
     for k in range(1, sc.intervals + 1):
         target.advance(min(k * sc.interval_s, sc.end_s))
