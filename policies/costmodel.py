@@ -318,10 +318,10 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     prompt_tokens_per_s: the prompts arriving while it decodes, in tokens per second; their chunks ride
     in the decode steps (joined_prefill_ms), so TPOT and throughput are at that load (0: decode alone).
     prompt_chunk_tokens: the tokens of a prompt one step takes at most while others decode (the engine's
-    prefill budget while decoding, shared by the groups of a round; default the whole prompt). Chunks come whole, not spread thinly over
-    every step: a step carrying one costs joined_prefill_ms of the chunk, and x tokens a step on average
-    cost x / chunk of that (spread evenly, x tokens would mostly hide under the weight read, and the
-    simulator measured TPOT 20-45% over such an estimate at load)."""
+    prefill budget while decoding, shared by the groups of a round; default the whole prompt). Chunks
+    come whole, not spread thinly over every step: a step carrying one costs joined_prefill_ms of the
+    chunk, and x tokens a step on average cost x / chunk of that (spread evenly, x tokens would mostly
+    hide under the weight read, and the simulator measured TPOT 20-45% over such an estimate at load)."""
     if prefill_rows < 1:
         raise ValueError(f"prefill_rows must be at least 1, not {prefill_rows}")
     if prompt_chunk_tokens is not None and prompt_chunk_tokens < 1:

@@ -401,7 +401,8 @@ def test_stage_telemetry_sets_the_stage_factors_and_the_tpot_residual():
     ap.tick()
     assert ap.corrections.factor("edge-a", "decode") == pytest.approx(2.0, rel=1e-3)
     assert ap.tpot_residual == pytest.approx(1.5, rel=0.05)
-    assert ap._at_load(plan, CLUSTER, 0.2, ap.corrections, concurrency=2).tpot_ms == pytest.approx(measured_tpot, rel=0.05)
+    corrected = ap._at_load(plan, CLUSTER, 0.2, ap.corrections, concurrency=2).tpot_ms
+    assert corrected == pytest.approx(measured_tpot, rel=0.05)
     w["stages"] = [{"node": "edge-a"}]
     tg.t += 10.0
     level = ap.forecaster.level

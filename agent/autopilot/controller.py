@@ -234,9 +234,9 @@ class Autopilot:
         steps and steps with prompt tokens), each stage's factors come from its own steps against the cost
         model's step time for the same shape (Corrections.observe_stage_times, as bench predict does): a
         stage's speed, apart from the load. Otherwise from the plan's measured TTFT/TPOT (p50) against the
-        raw figures at the measured load (`_at_load`: TPOT stretched by the share of time prefill takes, so
-        prefill's interference is not mistaken for slow decode; folding it in had made the plans with more
-        seats look too slow to keep the TPOT bound at any load). A measured TTFT includes the time a request
+        raw figures at the measured load (`_at_load`, the load's prompts riding in the decode steps, so
+        their cost is not mistaken for slow decode; folding it into the decode factor had made the plans
+        with more seats look too slow to keep the TPOT bound at any load). A measured TTFT includes the time a request
         waited for a seat, which the estimate does not: while requests queue (or every seat is taken) it
         measures the queue, not the nodes' prefill speed, so prefill is corrected only from windows without
         a queue (folding a queue in made every plan look several times slower, so none kept the SLOs and the
@@ -317,7 +317,8 @@ class Autopilot:
                             continue
                         try:
                             p = make_plan(sized.model_copy(update={"objective": objective}), cluster, self.policy,
-                                          self.model, current=current, max_stages=k, prices=self.prices, profiles=self.profiles,
+                                          self.model, current=current, max_stages=k, prices=self.prices,
+                                          profiles=self.profiles,
                                           corrections=self.corrections, groups_in_flight=self.groups_in_flight or k)
                         except Infeasible:
                             infeasible = True     # the constraints, not the objective, leave no plan: so for both
@@ -448,9 +449,9 @@ class Autopilot:
         `down(plan)` -> (the plan at the survivors' load, whether it keeps the SLOs at that load / the band)
         judges a cheaper plan (default: at the forecast, the SLOs only there). The survivors' load is the
         forecast plus the measured rate's noise: judged on the forecast alone, three noisy low readings (a
-        Poisson count over 10 s) in a row consolidated a plan that the next high ones scaled out again. And the SLOs must hold up to
-        where the controller would scale up again: the band stopped flips on capacity only, and queueing
-        makes the predicted TTFT climb steeply near capacity.
+        Poisson count over 10 s) in a row consolidated a plan that the next high ones scaled out again.
+        And the SLOs must hold up to where the controller would scale up again: the band alone stopped
+        flips on capacity only.
 
         `reachable(new, via)`: whether the validator passes `new` as a move from `via`. When scaling up and the
         plan wanted is not one valid step from the live plan (mid-way a node would hold the layers and KV of
