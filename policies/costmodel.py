@@ -150,11 +150,17 @@ def decode_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, traffic: 
     if profile is not None:
         return profile.stage_decode_ms(s.layers, s.embed, s.head, batch, ctx)
     bw, flops = _speed(node)
-    read = weight_bytes(model, s) - (model.embedding_bytes if s.embed else 0)
-    read += batch * ctx * s.layers * model.kv_bytes_per_token_per_layer
-    work = batch * (s.layers * (model.flops_per_token_per_layer + model.attention_flops_per_token_per_layer(ctx))
-                    + (model.head_flops_per_token if s.head else 0))
+    read, work = _decode_read_work(model, s, batch, ctx)
     return 1e3 * _max(read / bw, work / flops)
+
+
+def _decode_read_work(model: ModelSpec, s: StageShape, batch: int, context: int) -> tuple[float, float]:
+    """(bytes read, FLOPs) of one decode step of `batch` sequences at `context` on a stage (datasheet model)."""
+    read = weight_bytes(model, s) - (model.embedding_bytes if s.embed else 0)
+    read += batch * context * s.layers * model.kv_bytes_per_token_per_layer
+    work = batch * (s.layers * (model.flops_per_token_per_layer + model.attention_flops_per_token_per_layer(context))
+                    + (model.head_flops_per_token if s.head else 0))
+    return read, work
 
 
 def joined_prefill_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, context: int, tokens: float,
@@ -169,10 +175,7 @@ def joined_prefill_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, c
     if profile is not None:
         return s.layers * max(0.0, profile.layer_prefill_ms(batch + tokens) - profile.layer_prefill_ms(batch))
     bw, flops = _speed(node)
-    read = weight_bytes(model, s) - (model.embedding_bytes if s.embed else 0)
-    read += batch * context * s.layers * model.kv_bytes_per_token_per_layer
-    work = batch * (s.layers * (model.flops_per_token_per_layer + model.attention_flops_per_token_per_layer(context))
-                    + (model.head_flops_per_token if s.head else 0))
+    read, work = _decode_read_work(model, s, batch, context)
     extra = tokens * s.layers * (model.flops_per_token_per_layer
                                  + model.attention_flops_per_token_per_layer(int(tokens // 2)))
     return 1e3 * (_max(read / bw, (work + extra) / flops) - _max(read / bw, work / flops))
@@ -384,13 +387,13 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
         return max(max(pass_ms(m) for m in set(sizes)),
                    max(sum(dec_fn[s](m, x) for m in sizes) for s in range(k)),
                    max(sum(ser_fn[s](m + x) for m in sizes) for s in range(k)))
-    round_ms = round_of(0.0)
+    round_ms = idle_round_ms = round_of(0.0)
     if prompt_tokens_per_s > 0:
         # a longer round gathers more prompt tokens per step: iterate to the fixed point; past the load
         # the steps can absorb (the round grows without bound) the pipeline cannot keep up: inf
         for _ in range(60):
             nxt = round_of(prompt_tokens_per_s * round_ms / 1e3 / len(sizes))
-            if nxt > 1e3 * round_of(0.0):
+            if nxt > 1e3 * idle_round_ms:
                 round_ms = math.inf
                 break
             done = abs(nxt - round_ms) <= 1e-4 * round_ms
