@@ -399,7 +399,9 @@ class Session:
         log = self._live.steps
         while log and log[0][0] <= since:
             log.popleft()
-        acc: dict[tuple, list[float]] = {}   # (node, start, stop) -> sums, see `add`
+        # (node, start, stop) -> [decode steps, decode s, decode rows, decode context,
+        #                         prefill steps, prefill s, prefill tokens, prefill context], each summed over steps
+        acc: dict[tuple, list[float]] = {}
         order: list[tuple] = []
         for t_end, stages, decode, n, rows, tokens, ctx, times in log:
             if t_end > self.now:
