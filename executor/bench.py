@@ -150,8 +150,10 @@ def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int
             tag = f"_c{conc}"
             n = pipe["cores"]
             for key in ("pipeline2_vs_stage1_t1", f"pipeline2_vs_stage1_t{n}", "pipeline3_vs_stage1_t1",
-                        "pipeline2_groups_vs_one_group"):
-                result[key + tag] = round(pipe[key], 3)
+                        "pipeline2_groups_vs_one_group", "pipeline2_ceiling_alone", "pipeline2_ceiling_in_workers",
+                        "pipeline3_ceiling_alone", "pipeline3_ceiling_in_workers"):
+                if pipe[key] is not None:
+                    result[key + tag] = round(pipe[key], 3)
             if conc == 8:
                 result["pipeline2_vs_stage1"] = round(pipe["pipeline2_vs_stage1"], 3)
             result["pipeline_identical_to_one_process" + tag] = pipe["identical_to_one_process"]
@@ -163,6 +165,11 @@ def run_engine_bench(json_out: bool = False, max_tokens: int = 128, repeats: int
                   f"{pipe[f'pipeline2_vs_stage1_t{n}']:.2f}x; 3 stages vs 1 thread {pipe['pipeline3_vs_stage1_t1']:.2f}x; "
                   f"2 groups in flight vs 1 {pipe['pipeline2_groups_vs_one_group']:.2f}x; identical to one process: "
                   f"{all(pipe['identical_to_one_process'].values())}")
+            ceil = lambda k, w: f"{pipe[f'pipeline{k}_ceiling_{w}']:.2f}x" if pipe[f"pipeline{k}_ceiling_{w}"] else "n/a"  # noqa: E731
+            print(f"  what overlap can win at most vs one 1-thread process (decode step times measured here; see "
+                  f"executor/bench_pipeline.py): 2 stages {ceil(2, 'alone')} with each stage alone, "
+                  f"{ceil(2, 'in_workers')} at the stage times the workers had running together; 3 stages "
+                  f"{ceil(3, 'alone')} / {ceil(3, 'in_workers')}")
             for side, f in pipe["sides"].items():
                 est = (f"; estimated {f['est_tok_s']:.1f} tok/s, TPOT {f['est_tpot_ms']:.1f} ms ({f['est_source']})"
                        if "est_tok_s" in f else "")

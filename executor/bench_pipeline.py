@@ -11,6 +11,16 @@ Sides (each the same prompts, greedy, `concurrency` requests at once):
 Layers are split by measured time (each layer's decode time in this process, the embedding with the
 first layer, norm + LM head with the last), not by layer count: the LM head of a 49k vocabulary weighs
 about as much as 8 of SmolLM2's layers.
+
+What overlap can win at most (`pipeline{k}_ceiling`), from decode step times measured in the same run:
+one 1-thread process steps all C rows through every layer (full(C)); k stages with k groups in flight
+each step C/k rows through their layers, so the pipeline's period is its slowest stage at C/k rows:
+    ceiling = full(C) / (k * max_i stage_i(C/k))
+`alone`: the stage times measured in this process with nothing else running; `in_workers`: each
+stage's compute time in its worker while the pipeline ran (telemetry records, decode steps), i.e.
+with the other stages busy on the other cores at the same time. Where a decode step reads every
+weight whatever its rows (memory-bound), full(C) ~ full(C/k) and no overlap can beat ~1x: the k
+stages' gain is then memory for k times the KV (seats), not tokens per second at the same seats.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import torch
 from .engine import Engine, EngineConfig, RequestOutput, SamplingParams
 from .runtime import NodeRuntime
 from .stage import build_stages
+from .transport import STEP_RECORD
 from .weights import open_source
 
 NODES = ("edge-a", "edge-b", "cloud-1")
@@ -42,6 +53,27 @@ def _figures(outs: list[RequestOutput], wall: float) -> dict:
     tpot = [o.tpot for o in outs if o.tpot is not None]
     return {"tok_s": toks / wall, "ttft_p50_ms": 1e3 * statistics.median(ttft), "ttft_p99_ms": 1e3 * _pct(ttft, .99),
             "tpot_p50_ms": 1e3 * statistics.median(tpot), "tpot_p99_ms": 1e3 * _pct(tpot, .99)}
+
+
+class _StageCompute:
+    """DistributedPipeline.on_step sink: each stage's compute seconds per decode-only step (from the
+    STEP_RECORDs the workers send back with the logits; no extra round trip)."""
+
+    def __init__(self):
+        self.by_stage: dict[int, list[float]] = {}
+
+    def __call__(self, batch, route, received, t0, t1) -> None:
+        if not all(k == 1 for k in batch.num_new):
+            return
+        n = len(STEP_RECORD)
+        for got in received:
+            meta = got.meta
+            for i in range(0, len(meta) - n + 1, n):
+                rec = dict(zip(STEP_RECORD, meta[i:i + n]))
+                self.by_stage.setdefault(rec["start"], []).append(rec["compute_us"] / 1e6)
+
+    def p50_ms(self) -> list[float]:
+        return [1e3 * statistics.median(v) for _, v in sorted(self.by_stage.items())]
 
 
 def _run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[dict, list[list[int]]]:
@@ -166,6 +198,7 @@ def run_pipeline_bench(max_tokens: int = 64, source=None, cores: int | None = No
             sides[name], outputs[name] = _run(one, prompts, max_tokens)
             del one
         torch.set_num_threads(1)
+        full_c = sum(layer_costs(src, rows=concurrency))   # one 1-thread process's decode step, all C rows
         for k in (2, 3):
             # a stage's rows per step are its group's: time the layers at that batch size
             costs = layer_costs(src, rows=max(1, -(-concurrency // k)))
@@ -180,12 +213,21 @@ def run_pipeline_bench(max_tokens: int = 64, source=None, cores: int | None = No
                     eng = Engine([pipe], EngineConfig(**{**ec.__dict__, "pipeline_groups": groups}), tok,
                                  cfg.eos_token_ids)
                     name = f"pipeline{k}" + ("_g1" if groups == 1 else "")
-                    sides[name], outputs[name] = _run(eng, prompts, max_tokens)
+                    pipe.on_step = sink = _StageCompute()
+                    try:
+                        sides[name], outputs[name] = _run(eng, prompts, max_tokens)
+                    finally:
+                        pipe.on_step = None
+                    sides[name]["stage_compute_ms_in_workers"] = [round(x, 2) for x in sink.p50_ms()]
                     sides[name].update(_estimated_tok_s(src, model_name, stages, concurrency, len(prompts[0]),
                                                         max_tokens, groups))
                     sides[name]["bounds"] = b
-                    sides[name]["stage_ms_measured_in_process"] = [
+                    sides[name]["stage_ms_measured_in_process"] = alone = [
                         round(1e3 * sum(costs[b[i]:b[i + 1]]), 2) for i in range(k)]
+                    if groups == k:
+                        busy = sides[name]["stage_compute_ms_in_workers"]
+                        sides[name]["ceiling_alone"] = 1e3 * full_c / (k * max(alone))
+                        sides[name]["ceiling_in_workers"] = 1e3 * full_c / (k * max(busy)) if busy else None
                 sides[f"pipeline{k}"]["workers"] = [
                     {"node": i.node, "layers": i.layers, "rss_mb": round(i.rss_bytes / 2**20),
                      "weights_mb": round(i.weight_bytes / 2**20), "step_ms_p50": i.step_ms_p50} for i in rt.stats()]
@@ -204,6 +246,12 @@ def run_pipeline_bench(max_tokens: int = 64, source=None, cores: int | None = No
         f"pipeline2_vs_stage1_t{cores}": sides["pipeline2"]["tok_s"] / tn,
         "pipeline3_vs_stage1_t1": sides["pipeline3"]["tok_s"] / t1,
         "pipeline2_groups_vs_one_group": sides["pipeline2"]["tok_s"] / sides["pipeline2_g1"]["tok_s"],
+        # what overlap could win at most vs stage1_t1 (module docstring): alone / with the others busy
+        "stage1_t1_decode_step_ms_in_process": round(1e3 * full_c, 2),
+        "pipeline2_ceiling_alone": sides["pipeline2"]["ceiling_alone"],
+        "pipeline2_ceiling_in_workers": sides["pipeline2"]["ceiling_in_workers"],
+        "pipeline3_ceiling_alone": sides["pipeline3"]["ceiling_alone"],
+        "pipeline3_ceiling_in_workers": sides["pipeline3"]["ceiling_in_workers"],
         # what `continuo bench engine` printed before, kept for comparison: 2 stages vs all cores
         "pipeline2_vs_stage1": sides["pipeline2"]["tok_s"] / tn,
     }
