@@ -193,7 +193,18 @@ def test_peak_replicas_are_disjoint_valid_and_carry_the_peak_together(fleet):
     assert len(ev.peak_replicas(sc, 0.5, levels=(64,), max_stages=4)) == 1
 
 
-def test_static_weighted_replicas_split_arrivals_by_capacity_and_never_change(fleet):
+def test_weighted_pick_gives_each_replica_its_share_spread_out():
+    credit = [0.0, 0.0, 0.0]
+    picks = [ev.weighted_pick([0, 1, 2], [3.0, 1.0, 2.0], credit) for _ in range(60)]
+    assert [picks.count(r) for r in range(3)] == [30, 10, 20]
+    assert all(picks[i:i + 3] != [0, 0, 0] for i in range(58))       # no runs of the heaviest
+    # a replica that is not up gets nothing; the others split in their own proportion
+    credit = [0.0, 0.0, 0.0]
+    picks = [ev.weighted_pick([0, 2], [3.0, 1.0, 1.0], credit) for _ in range(40)]
+    assert picks.count(1) == 0 and picks.count(0) == 30 and picks.count(2) == 10
+
+
+def test_static_replicas_never_change(fleet):
     sc = fleet
     a, b = _plan(sc, *A), ev.copy_chain(sc, _plan(sc, *A), set(_plan(sc, *A).nodes))
     row = ev.run_replicas(sc, [a, b], start_replicas=2, static=True, weights=[3.0, 1.0], name="(f) test", note="")

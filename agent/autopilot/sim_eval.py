@@ -485,6 +485,16 @@ def peak_replicas(sc: Scenario, peak: float, levels=SEAT_LEVELS, max_stages: int
     return chains
 
 
+def weighted_pick(up: list[int], weights: list[float], credit: list[float]) -> int:
+    """Smooth weighted round robin (nginx's): of the replicas `up`, the one owed most; over many picks
+    each gets its weight's share, spread out rather than in runs. `credit` is the state, kept by the caller."""
+    for u in up:
+        credit[u] += weights[u]
+    r = max(up, key=lambda u: credit[u])
+    credit[r] -= sum(weights[u] for u in up)
+    return r
+
+
 def run_replicas(sc: Scenario, chains: list[PlacementPlan], start_replicas: int = 1, static: bool = False,
                  weights: list[float] | None = None, name: str = "(c) replicas", note: str | None = None) -> Row:
     """(c): see the module docstring. Each replica is a Session fed the arrivals routed to it.
@@ -529,10 +539,7 @@ def run_replicas(sc: Scenario, chains: list[PlacementPlan], start_replicas: int 
         while j < len(tr) and tr.arrival_s[j] <= t1:
             up = [r for r in range(active) if ready_at[r] <= tr.arrival_s[j]] or [0]
             if weights:
-                for u in up:
-                    credit[u] += weights[u]
-                r = max(up, key=lambda u: credit[u])
-                credit[r] -= sum(weights[u] for u in up)
+                r = weighted_pick(up, weights, credit)
             else:
                 r = up[rr % len(up)]
                 rr += 1
@@ -549,7 +556,7 @@ def run_replicas(sc: Scenario, chains: list[PlacementPlan], start_replicas: int 
         queue = sum(s._live.queue for s in sessions[:active] if s is not None)
         # the threshold rule
         if static:
-            pass
+            pass                        # (f): every replica stays up, neither rule applies
         elif queue > UP_QUEUE * active and active < len(chains):
             activate(active, t1)
             row.changes.append((t1, f"{active} replicas", f"{active + 1} replicas"))
