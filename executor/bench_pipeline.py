@@ -137,15 +137,23 @@ def layer_costs(src, rows: int, steps: int = 6) -> list[float]:
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        eng = Engine([stage], EngineConfig(max_num_seqs=rows, max_model_len=256, num_kv_blocks=max(64, rows * 8)))
         prompts = [[1 + (i * 7 + j) % 200 for j in range(16)] for i in range(rows)]
+        # every prompt prefills in the one uncounted step: with the default budget (512 tokens) the
+        # prompts of over 32 rows would trickle into the counted steps, which would then be neither
+        # `rows`-row decode steps nor `steps` of them (64 rows read as 1.76 s a step where it is 0.31 s)
+        eng = Engine([stage], EngineConfig(max_num_seqs=rows, max_model_len=256, num_kv_blocks=max(64, rows * 8),
+                                           max_prefill_tokens=max(512, 16 * rows)))
         eng.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))      # warm-up (and prefill shapes)
         for p in prompts:
             eng.add_request(p, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
         eng.step()                                  # the prefill step: not counted
         spent[:] = [0.0] * len(spent)
+        counted = 0
         while eng.has_unfinished():
             eng.step()
+            counted += 1
+        if counted != steps:
+            raise RuntimeError(f"layer_costs: {counted} decode steps ran where {steps} were timed")
     finally:
         torch.set_num_threads(saved)
         for h in hooks:

@@ -34,3 +34,23 @@ def test_stage_compute_counts_decode_steps_per_stage_only():
     sink(decode, None, got(_record(1, 0, 42_000), _record(2, 17, 70_000)), 0, 0)
     sink(prefill, None, got(_record(1, 0, 900_000), _record(2, 17, 900_000)), 0, 0)   # not counted
     assert sink.p50_ms() == [42.0, 60.0]      # stage order by first layer; medians of decode steps
+
+
+def test_layer_costs_times_decode_steps_of_all_rows_even_past_one_prefill_budget(monkeypatch):
+    # 64 rows of 16-token prompts are 1024 tokens: over the engine's default prefill budget (512), so
+    # half the prompts used to trickle into the timed steps, which were then divided by the wrong count
+    import executor.bench_pipeline as bp
+    from executor.weights import RandomSource
+    from tests.tiny_service import CFG
+    steps_run = []
+
+    class Counting(bp.Engine):
+        def step(self):
+            out = super().step()
+            steps_run.append(1)
+            return out
+    monkeypatch.setattr(bp, "Engine", Counting)
+    costs = bp.layer_costs(RandomSource(CFG), rows=64, steps=3)
+    assert len(costs) == CFG.num_layers and all(c > 0 for c in costs)
+    # warm-up: one prefill step and one decode step; then the uncounted prefill and 3 timed steps
+    assert len(steps_run) == 2 + 1 + 3
