@@ -211,7 +211,7 @@ def run_all(as_json: bool = False, llm=None, use_llm: bool = True, final: bool =
         print(json.dumps(total))
     else:
         _print(f"all scenarios ({name})", total | {"rows": rows}, verbose=False)
-        print(f"   per set: " + ", ".join(f"{k} {_pct(v['field_accuracy']).strip()}"
+        print("   per set: " + ", ".join(f"{k} {_pct(v['field_accuracy']).strip()}"
                                           for k, v in per_scenario.items()))
     return total
 

@@ -120,7 +120,7 @@ def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: Mo
     # Per (hardware, layers, embed, head) tables; nodes with the same hardware share them.
     cache: dict[tuple, tuple] = {}
     shape = (n, L + 1, L + 1)
-    feas, pre, dec = np.zeros(shape, bool), np.full(shape, INF), np.full(shape, INF)
+    feas, pre = np.zeros(shape, bool), np.full(shape, INF)
     dec_b = {m: np.full(shape, INF) for m in batches}
     for i, node in enumerate(nodes):
         prof = profiles.find(node, model.name) if profiles else None
@@ -147,7 +147,7 @@ def _build_tables(nodes: list[Node], cluster: Cluster, eff: Effective, model: Mo
         for j, m in enumerate(batches):
             dec_b[m][i] = np.where(fit, tab[2 + j][c, e.astype(int), h.astype(int)], INF)
     hop_ok = np.zeros((n, n), bool)
-    hop_pre, hop_dec = np.full((n, n), INF), np.full((n, n), INF)
+    hop_pre = np.full((n, n), INF)
     hop_b = {m: np.full((n, n), INF) for m in batches}
     for i, u in enumerate(nodes):
         for j, v in enumerate(nodes):
@@ -350,7 +350,6 @@ def _search(nodes, cluster, policy, eff, model, intent, K, prices, current, spee
         pairs = list(_dp_candidates(tb, intent, K))
     scored = []
     for chain, bounds in pairs:
-        k = len(chain)
         s, _ = _score(tb, intent, np.array([chain]), np.array([bounds]), intent.objective)
         if np.isfinite(s[0, 0]):
             scored.append((float(s[0, 0]), chain, bounds))

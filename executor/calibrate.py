@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from policies.loading import InputError
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"torch sees no CUDA device here (a CPU build of torch?)", field="--device")
+        raise InputError("torch sees no CUDA device here (a CPU build of torch?)", field="--device")
     if a.repeats < 1:
         raise InputError(f"must be at least 1, not {a.repeats}", field="--repeats")
     cfg = model_config(a.model)
