@@ -415,3 +415,16 @@ def test_prefill_chunk_tokens_knob():
     assert AutopilotConfig(prefill_chunk_tokens=512).prefill_chunk_tokens == 512
     with pytest.raises(AutopilotConfigError, match="prefill_chunk_tokens"):
         AutopilotConfig(prefill_chunk_tokens=0)
+
+
+def test_a_forecast_beyond_any_one_pipeline_says_it_takes_a_second_replica():
+    tg = ScriptedTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=1)
+    most = max(capacity(ap, *s) for s in ([("edge-a", 0, 29)], TWO,
+                                          [("edge-a", 0, 9), ("edge-b", 10, 19), ("cloud-1", 20, 29)]))
+    d = run(ap, tg, [20 * most] * 3)[-1]
+    assert "second pipeline replica" in d.reason and "more than any one pipeline carries" in d.reason
+    # a load that one pipeline carries says nothing of the kind
+    tg2 = ScriptedTarget(plan_of(("edge-a", 0, 29)))
+    ap2 = pilot(tg2, hysteresis=1)
+    assert all("replica" not in d.reason for d in run(ap2, tg2, [0.5 * most] * 3))

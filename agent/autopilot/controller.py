@@ -521,6 +521,8 @@ class Autopilot:
             # no plan carries the forecast within the SLOs: the most capacity among plans that keep the
             # SLOs at their own full seats (what they serve within the bounds; a plan with more seats but
             # a TPOT over the bound serves every request late), then the most capacity of the rest
+            miss += _beyond_one_pipeline(current, [s[0] for s in scored], cfg.headroom)
+
             def goodput(a: Assessment):
                 return (a.slo_ok, a.capacity_rps)
             best = max((s[0] for s in valid), key=goodput, default=None)
@@ -675,6 +677,19 @@ def _traffic(plan: PlacementPlan, intent: IntentSpec):
 def _relaxed(spec: IntentSpec) -> IntentSpec:
     """The intent without its SLO bounds (every other field, and the policy, as they are)."""
     return spec.model_copy(update={"max_ttft_ms": None, "max_tpot_ms": None})
+
+
+def _beyond_one_pipeline(current: Assessment, others: list[Assessment], headroom: float) -> str:
+    """When the forecast is more than any one pipeline carries, words that say so (else ''): no choice
+    among single pipelines then keeps the SLOs, and the operator should know that it takes a second
+    replica, which the executor does not serve yet (issue 16)."""
+    rate = current.util * current.capacity_rps
+    most = max([current, *others], key=lambda a: a.capacity_rps)
+    if most.capacity_rps <= 0 or rate <= most.capacity_rps * headroom:
+        return ""
+    return (f" (the forecast, {rate:.2f} req/s, is more than any one pipeline carries under the {headroom:.0%} "
+            f"headroom: at most {most.capacity_rps:.2f} req/s, on {most.plan.summary()}; it takes a second "
+            "pipeline replica, which Continuo does not run yet)")
 
 
 def _why_not(a: Assessment, in_band: bool, gain: float, cfg: AutopilotConfig) -> str:
