@@ -140,7 +140,7 @@ def layer_costs(src, rows: int, steps: int = 6) -> list[float]:
         prompts = [[1 + (i * 7 + j) % 200 for j in range(16)] for i in range(rows)]
         # every prompt prefills in the one uncounted step: with the default budget (512 tokens) the
         # prompts of over 32 rows would trickle into the counted steps, which would then be neither
-        # `rows`-row decode steps nor `steps` of them (64 rows read as 1.76 s a step where it is 0.31 s)
+        # `rows`-row decode steps nor `steps` of them (64 rows read as 1.1-1.8 s a step where it is 0.31 s)
         eng = Engine([stage], EngineConfig(max_num_seqs=rows, max_model_len=256, num_kv_blocks=max(64, rows * 8),
                                            max_prefill_tokens=max(512, 16 * rows)))
         eng.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))      # warm-up (and prefill shapes)
