@@ -97,20 +97,21 @@ _BLOCKS = {
     "Q4_0": (18, lambda b: _f16(b[:, :2]) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()),
     "Q4_1": (20, lambda b: _f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])),
 }
+_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _dequantize(t) -> torch.Tensor:
     """A GGUF tensor as float32 [out, in] (like HF), in torch where the layout is one of ours."""
     kind = t.tensor_type.name
     data = t.data
-    if kind in ("F32", "F16", "BF16") or kind in _BLOCKS:
+    if kind in _FLOATS or kind in _BLOCKS:
         raw = torch.empty(data.nbytes, dtype=torch.uint8)
         raw.numpy()[:] = data.reshape(-1).view(np.uint8)           # one copy out of the read-only map
         rows, row_bytes = data.shape[:-1], data.shape[-1] * data.itemsize
         if kind in _BLOCKS:
             size, f = _BLOCKS[kind]
             return f(raw.view(-1, size)).view(*rows, row_bytes // size * 32)
-        elem = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
+        elem = _FLOATS[kind]
         return raw.view(elem).float().view(*rows, row_bytes // elem.itemsize)
     from gguf.quants import dequantize
     return torch.from_numpy(np.array(dequantize(data, t.tensor_type), dtype=np.float32))   # np.array copies
