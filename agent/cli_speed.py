@@ -60,7 +60,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     @app.command("calibrate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def calibrate_cmd(ctx: typer.Context):
         """Time the model's own stage code on this node's device and write a profile:
-        `continuo calibrate [--model M] [--device cpu|cuda] [--threads N] [--kind K] [--node N] [--out DIR] [--json]`."""
+        `continuo calibrate [--model M] [--device cpu|cuda] [--threads N] [--kind K] [--node N] [--corun N] [--out DIR] [--json]`."""
         from executor.calibrate import main
         raise typer.Exit(main(list(ctx.args)) or 0)
 

@@ -13,6 +13,11 @@ plans x 2 loads, the real service's TTFT and TPOT p50 against:
               (Corrections.observe_plan)
   simulator   the simulator on the corrected cost model, fed the loads' own waves
 
+The three nodes are worker processes on this one machine (`host: this-machine` in the cluster
+file): the calibration also measures the co-run table (a decode step with 1, 2, 3 stages decoding at
+once, over alone), and the cost model and the simulator slow stages that compute at once by it. The
+control, printed beside them: the same models' TPOT with every node on a machine of its own.
+
 Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
 assumption), `4x` waves of 4 requests submitted together (prefilled in one step, decoded as a batch
 of 4: the cost model is given concurrency 4 and prefill_rows 4). Each request makes 32 tokens
@@ -59,6 +64,7 @@ OUTPUT_TOKENS = 32
 PROMPTS = (48, 64, 80)
 TARGET = 0.15
 SIDES = ("datasheet", "calibrated", "corrected", "simulator")
+CONTROLS = ("corrected_apart", "simulator_apart")     # TPOT as if no two nodes shared this machine
 
 
 def _plan(stages, cluster, policy, spec, intent, current=None):
@@ -110,11 +116,13 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
     t0 = time.perf_counter()
     # the sizes these loads reach: contexts of 48-112 tokens, prompts of 48-80 in waves of 1 or 4
     prof = calibrate(cfg, "smollm2-135m", "cpu", threads=1, kind="CPU", decode_batch=(1, 2, 4), decode_context=(64, 128),
-                     prefill_tokens=(32, 64, 128, 256), head_rows=(1, 2, 4),
+                     prefill_tokens=(32, 64, 128, 256), head_rows=(1, 2, 4), corun=max(len(p) for p in plans),
                      log=lambda m: console.print(f"calibrate: {m}", highlight=False))
     path = save_profile(prof, profile_dir or tempfile.mkdtemp(prefix="continuo-profiles-"))
     console.print(f"calibrated in {time.perf_counter() - t0:.1f} s -> {path}", highlight=False)
     profiles = ProfileSet([prof])
+    # scenarios/local's nodes are worker processes on this one machine (host: in the cluster file)
+    apart = cluster.model_copy(update={"nodes": tuple(n.model_copy(update={"host": None}) for n in cluster.nodes)})
     intent = IntentSpec(data_class="public", traffic=Traffic(concurrency=4, context_tokens=512))
     ec = EngineConfig(max_num_seqs=8, max_model_len=512, num_kv_blocks=128, block_size=16)
     kw = {}
@@ -169,9 +177,12 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                                groups_in_flight=groups)
                 cor = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
                                prefill_rows=width, driver_node=driver, groups_in_flight=groups)
+                # the control: the same, as if each node had a machine of its own (no co-run slowdown)
+                cor_apart = estimate(plan, apart, spec, traffic, profiles=profiles, corrections=corrections,
+                                     prefill_rows=width, driver_node=driver, groups_in_flight=groups)
                 # the client waits for a wave before sending the next (a closed loop): each wave is
                 # simulated on its own, its requests arriving as they were measured to
-                sim_ttft, sim_tpot = [], []
+                sim_ttft, sim_tpot, apart_tpot = [], [], []
                 for w in range(0, len(outs), width):
                     wave = outs[w:w + width]
                     # a wave is submitted in one call on the engine thread: the engine sees it all at once
@@ -181,15 +192,20 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                                    intent=plan.intent, driver_node=driver, config=sim_g)
                     sim_ttft += sim.ttft_ms
                     sim_tpot += sim.tpot_ms
+                    apart_tpot += simulate(apart, plan, spec, trace, profiles=profiles, corrections=corrections,
+                                           intent=plan.intent, driver_node=driver, config=sim_g).tpot_ms
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
                        "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
                        "corrected_ttft_ms": cor.ttft_ms, "corrected_tpot_ms": cor.tpot_ms,
                        "simulator_ttft_ms": statistics.median(sim_ttft), "simulator_tpot_ms": statistics.median(sim_tpot),
+                       "corrected_apart_tpot_ms": cor_apart.tpot_ms, "simulator_apart_tpot_ms": statistics.median(apart_tpot),
                        "calibrated_source": cal.source, "requests": len(outs), "groups_in_flight": groups}
                 for side in SIDES:
                     for m in ("ttft", "tpot"):
                         row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
+                for side in CONTROLS:
+                    row[f"{side}_tpot_err"] = _err(row[f"{side}_tpot_ms"], row["measured_tpot_ms"])
                 rows.append(row)
                 console.print(f"{row['plan']} {load}: measured TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms; "
                               f"calibrated {cal.ttft_ms:.1f} / {cal.tpot_ms:.1f}; corrected {cor.ttft_ms:.1f} / "
@@ -219,12 +235,28 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
         console.print(f"{side:<10}: mean |error| {100 * summary[side]['mean_abs_err']:.1f}%, max "
                       f"{100 * summary[side]['max_abs_err']:.1f}%, {summary[side]['within_15pct']}/{len(errs)} "
                       f"figures within {TARGET:.0%}", highlight=False)
+    # the control for the co-run slowdown: the same measurements against the same models with every
+    # node on a machine of its own (TTFT is the same either way: the prefill flow shop is not slowed)
+    controls = {}
+    for side in CONTROLS:
+        base = side.replace("_apart", "")
+        errs = [abs(r[f"{side}_tpot_err"]) for r in rows]
+        with_hosts = [abs(r[f"{base}_tpot_err"]) for r in rows]
+        controls[side] = {"mean_abs_tpot_err": statistics.mean(errs), "tpot_within_15pct": sum(e <= TARGET for e in errs),
+                          "with_hosts_mean_abs_tpot_err": statistics.mean(with_hosts),
+                          "with_hosts_tpot_within_15pct": sum(e <= TARGET for e in with_hosts), "of": len(errs)}
+        c = controls[side]
+        console.print(f"{base:<10}: TPOT with the nodes' shared host (co-run slowdown {prof.corun.slowdown if prof.corun else '-'}) "
+                      f"mean |error| {100 * c['with_hosts_mean_abs_tpot_err']:.1f}%, {c['with_hosts_tpot_within_15pct']}/"
+                      f"{c['of']} within {TARGET:.0%}; as if apart {100 * c['mean_abs_tpot_err']:.1f}%, "
+                      f"{c['tpot_within_15pct']}/{c['of']}", highlight=False)
     console.print(f"corrected: {corrected_by}, smoothed over the plans measured so far", highlight=False)
     load_after = os.getloadavg()[0]
     console.print(f"machine load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on "
                   f"{os.cpu_count()} cores: other work on a shared machine slows the service and the calibration "
                   "unevenly", highlight=False)
-    result = {"links": links, "corrected_by": corrected_by, "rows": rows, "summary": summary, "profile": str(path),
+    result = {"links": links, "corrected_by": corrected_by, "rows": rows, "summary": summary, "controls": controls,
+              "corun": prof.corun.model_dump() if prof.corun else None, "profile": str(path),
               "calibrate_s": prof.seconds, "loadavg": [load_before, load_after]}
     if as_json:
         print(json.dumps(result))

@@ -1,7 +1,7 @@
 """`continuo calibrate`: time the serving code's own stages on this node's device and write a profile.
 
     continuo calibrate [--model smollm2-135m] [--device cpu|cuda] [--threads N] [--kind CPU] [--node NAME]
-                       [--out DIR] [--json]
+                       [--corun N] [--out DIR] [--json]
 
 What is timed is `LocalStage.forward` (executor/stage.py: the same model code, KV cache and
 packing a worker serves with) on stages of a copy of the model's config cut to 6 layers, with
@@ -20,6 +20,11 @@ stages of a difference run alternately and the median of the paired differences 
 machines are shared: a busy neighbour then slows both sides of a pair alike), after a warm-up;
 CUDA is synchronised around each run. Differences are floored at a small positive value. It takes
 seconds for a small model on a CPU core; the profile says how long it took.
+
+With --corun N (CPU), the profile also gets the host's co-run table: the decode step of mid4 at
+batch 1, timed while 0, 1, ... N-1 helper processes decode their own copies without a break, over
+the step alone. Nodes that share a host (`host:` in the cluster file) are slowed by it when they
+compute at once (policies/costmodel.py, host_slowdowns).
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ IDLE_S = float(os.environ.get("CONTINUO_CALIBRATE_IDLE_S", "0.002"))
 FAST_MS = 20.0       # a pair of steps quicker than this is timed `repeats` times ...
 SLOW_MS = 200.0      # ... under this a third as often, above it once (long prompts, big batches are steady)
 CUT_LAYERS = 6
+CORUN_CONTEXT = 64   # the co-run table's decode steps: batch 1 at this context (memory-bound, the worst case)
 
 
 def model_config(name_or_path: str) -> ModelConfig:
@@ -147,11 +153,74 @@ def _prefill(stage: LocalStage, cfg: ModelConfig, tokens: int, rows: int = 1):
     return (lambda: stage.forward(step, x)), (lambda: stage.free(reqs))
 
 
+def _corun_helper(cut: ModelConfig, threads: int, dtype: str, seed: int, ready, stop) -> None:
+    """A stage of its own (own weights: shared pages would share the cache too) decoding without a
+    break until told to stop: one of the `n - 1` others while measure_corun times n at once."""
+    torch.set_num_threads(threads)
+    stage = build_stage(RandomSource(cut, seed=seed), 1, 5, -(-(CORUN_CONTEXT + 1) // 16) + 2, 16, getattr(torch, dtype))
+    fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)
+    fn()
+    reset()
+    ready.set()
+    while not stop.is_set():
+        fn()
+        reset()
+
+
+def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int, dtype: str, repeats: int,
+                  log=None) -> dict:
+    """The co-run table: a 4-layer stage's decode step (batch 1) timed with 1, 2, ... `procs` stages
+    decoding at once on this host (the others in helper processes with their own weights), over the
+    step alone. Alone is timed before and after the others and averaged, so a neighbour that comes or
+    goes meanwhile counts half. CPU only: what nodes sharing one machine's cores do to each other."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")         # a fork would copy this process's torch state mid-flight
+    fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)
+    runs = max(15, 3 * repeats)
+
+    def timed() -> float:
+        fn()
+        reset()
+        ts = []
+        for _ in range(runs):
+            time.sleep(IDLE_S)
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+            reset()
+        return statistics.median(ts)
+    alone = timed()
+    times, helpers, stop = [], [], ctx.Event()
+    try:
+        for n in range(2, procs + 1):
+            ready = ctx.Event()
+            h = ctx.Process(target=_corun_helper, args=(cut, threads, dtype, 100 + n, ready, stop), daemon=True)
+            h.start()
+            helpers.append(h)
+            if not ready.wait(120):
+                raise RuntimeError(f"co-run helper {n - 1} did not start within 120 s")
+            times.append(timed())
+    finally:
+        stop.set()
+        for h in helpers:
+            h.join(10)
+            if h.is_alive():
+                h.kill()
+    alone = (alone + timed()) / 2
+    slow = [1.0] + [round(max(1.0, t / alone), 3) for t in times]
+    if log:
+        log("co-run slowdown " + ", ".join(f"{n} at once {x:.2f}x" for n, x in zip(range(1, procs + 1), slow)))
+    return {"procs": list(range(1, procs + 1)), "slowdown": slow}
+
+
 def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads: int | None = None,
               kind: str | None = None, node: str | None = None, dtype: str = "float32", repeats: int = 7,
               decode_batch=DECODE_BATCH, decode_context=DECODE_CONTEXT, prefill_tokens=PREFILL_TOKENS,
-              head_rows=HEAD_ROWS, log=None) -> Profile:
-    """Measure a profile of `config` on `device` (see the module docstring for what is timed)."""
+              head_rows=HEAD_ROWS, log=None, corun: int = 0) -> Profile:
+    """Measure a profile of `config` on `device` (see the module docstring for what is timed).
+    corun >= 2: also the co-run table with up to that many stages decoding at once (CPU only)."""
+    if corun and torch.device(device).type != "cpu":
+        raise ValueError(f"the co-run slowdown is measured on CPU hosts only, not on {device}")
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -183,6 +252,7 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
     if log:
         log(f"layer decode {layer_dec[0][0]:.3f} ms (batch 1, ctx {c0}), head {head[0]:.3f} ms, "
             f"stage {stage_ms:.3f} ms")
+    table = measure_corun(cut, mid4, corun, torch.get_num_threads(), dtype, repeats, log) if corun >= 2 else None
     return Profile(model=model_name, kind=kind or gpu_kind(str(dev)), node=node, device=str(dev),
                    threads=torch.get_num_threads() if dev.type == "cpu" else None, dtype=dtype, host=this_host(),
                    measured_at=now_utc(), seconds=round(time.perf_counter() - t_start, 2),
@@ -190,7 +260,8 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
                    head={"rows": list(head_rows), "ms": [round(h, 4) for h in head]},
                    prefill={"tokens": list(prefill_tokens), "layer_ms": [round(v, 4) for v in layer_pre]},
                    decode={"batch": list(decode_batch), "context": list(decode_context),
-                           "layer_ms": [[round(v, 4) for v in row] for row in layer_dec]})
+                           "layer_ms": [[round(v, 4) for v in row] for row in layer_dec]},
+                   corun=table)
 
 
 def _existing(model_name: str, kind: str, node: str | None, folder) -> Path | None:
@@ -283,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", default=None, help="a profile for this node only (default: for its kind)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--corun", type=int, default=0, metavar="N",
+                    help="also measure how much slower a decode step gets with up to N stages decoding at once "
+                         "on this host (CPU; for nodes that share it: `host:` in the cluster file)")
     ap.add_argument("--out", default=None, help=f"profile folder (default: {default_dir()})")
     ap.add_argument("--json", action="store_true", help="print the profile as JSON")
     a = ap.parse_args(argv)
@@ -291,10 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("torch sees no CUDA device here (a CPU build of torch?)", field="--device")
     if a.repeats < 1:
         raise InputError(f"must be at least 1, not {a.repeats}", field="--repeats")
+    if a.corun < 0 or a.corun == 1 or a.corun > 16:
+        raise InputError(f"must be 0 (not measured) or 2-16 stages at once, not {a.corun}", field="--corun")
+    if a.corun and not a.device.startswith("cpu"):
+        raise InputError(f"is measured on CPU hosts only, not on {a.device}", field="--corun")
     cfg = model_config(a.model)
     name = Path(a.model).stem if ("/" in a.model or a.model.endswith((".json", ".yaml"))) else a.model.lower()
     prof = calibrate(cfg, name, a.device, a.threads or None, a.kind, a.node, a.dtype, a.repeats,
-                     log=lambda m: print(m, file=sys.stderr))
+                     log=lambda m: print(m, file=sys.stderr), corun=a.corun)
     path = save_profile(prof, a.out)
     if a.json:
         print(json.dumps(prof.model_dump(mode="json")))

@@ -70,6 +70,10 @@ class Node(BaseModel):
     tags: tuple[str, ...] = ()
     state: Literal["up", "draining", "down"] = "up"
     price_per_hour: float | None = Field(None, ge=0, description="overrides the GPU kind's price")
+    # Nodes that name the same host share its cores and memory bandwidth (the local test bench's
+    # worker processes on one machine): stages on them that compute at once slow each other down,
+    # by as much as the host's measured co-run slowdown says (Profile.corun, costmodel.host_slowdowns).
+    host: str | None = Field(None, min_length=1, description="the machine this node shares with others, if any")
 
     @property
     def kind(self) -> GpuKind:

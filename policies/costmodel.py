@@ -56,9 +56,17 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
               (link latency overlaps across groups; only its bytes occupy it)
     TPOT = round (each request gets one token per round); throughput = B / round.
   With g = 1 this is TPOT = sum(decode(B)) + sum(hop(B)): one step runs the whole batch through the
-  stages one after the other. What it leaves out: the driver's own time per step (scheduling,
-  sampling, sending: small next to a stage's step on these models) and stages that share cores (the
-  local test bench's workers on one machine), which the correction factors pick up while serving.
+  stages one after the other.
+  Stages on nodes that name the same `host` (the local test bench's worker processes on one machine)
+  share its cores and memory bandwidth: with g > 1 each stage's decode steps are slowed by
+    sigma_s = sum_n P(n others busy) * corun(1 + n)            (host_slowdowns)
+  where corun is the host's measured co-run slowdown (Profile.corun: a decode step with n stages
+  computing at once / alone; 1 without a profile that has one), each other stage is busy
+  u_o = sigma_o * its work per round / round of the time, independently, and the round uses the
+  slowed steps: a fixed point. (With g = 1 the stages take turns and none is slowed; prefill's flow
+  shop in TTFT is not slowed either.)
+  What it leaves out: the driver's own time per step (scheduling, sampling, sending: small next to a
+  stage's step on these models), which the correction factors pick up while serving.
   cost per hour = sum of the hourly price of the distinct nodes used (per node override, or
     the GPU kind's list price * gpus; a price table passed in overrides by GPU kind).
 """
@@ -66,6 +74,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .cluster import Cluster, Link, Node
@@ -215,9 +224,10 @@ class Corrections:
 
     def observe_stage(self, plan: PlacementPlan, cluster: Cluster, model: ModelSpec, node: str, phase: str,
                       measured_ms: float, tokens: int, context: int | None = None,
-                      profiles: ProfileSet | None = None) -> float:
+                      profiles: ProfileSet | None = None, slowdown: float = 1.0) -> float:
         """Fold in one step of `node`'s stage in `plan`: `tokens` prompt tokens (prefill) or sequences
-        (decode) at `context`; the prediction is the cost model's own, uncorrected."""
+        (decode) at `context`; the prediction is the cost model's own, uncorrected, times `slowdown`
+        (what stages sharing its host did to it meanwhile, which the estimate adds by itself)."""
         st = next((x for x in plan.stages if x.node == node), None)
         if st is None:
             raise KeyError(f"node {node} serves no stage of plan {plan.summary()}")
@@ -225,7 +235,7 @@ class Corrections:
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == model.num_layers)
         prof = profiles.find(n, model.name) if profiles else None
         pred = stage_step_ms(model, shape, n, phase, tokens, context, prof)
-        return self.observe(node, phase, measured_ms, pred)
+        return self.observe(node, phase, measured_ms, pred * slowdown)
 
     def observe_plan(self, raw: Estimates, ttft_ms: float, tpot_ms: float) -> None:
         """Fold measured TTFT and TPOT of a plan into every stage's prefill and decode factors (the
@@ -236,25 +246,48 @@ class Corrections:
             self.observe(st.node, "decode", tpot_ms, raw.tpot_ms)
 
     def observe_stage_times(self, stage_times, plan: PlacementPlan, cluster: Cluster, model: ModelSpec,
-                            context: int, profiles: ProfileSet | None = None) -> int:
+                            context: int, profiles: ProfileSet | None = None, window_s: float | None = None) -> int:
         """Fold in the service's telemetry: `stage_times` as executor.telemetry.Telemetry.stage_times()
         gives them (per stage: mean compute time of decode-only steps and rows per step, of steps with
         prompt tokens and tokens per step). Stages of another plan (another layer range) are skipped;
-        `context` is the mean context of the decoding rows. Returns how many figures were folded in."""
+        `context` is the mean context of the decoding rows. Returns how many figures were folded in.
+        window_s: how long the window the figures cover is. With it, a stage's decode steps are
+        compared with the prediction slowed as much as the stages sharing its host, busy for the share
+        of the window their steps took, slow it (host_slowdowns' expectation): the estimate adds that
+        slowdown by itself, so it is not taken into the factor as well."""
         ranges = {(s.node, s.start, s.stop) for s in plan.stages}
+        ours = [st for st in stage_times if (st.node, st.start, st.end) in ranges]
+        slowed = self._window_slowdowns(ours, cluster, model, profiles, window_s)
         n = 0
-        for st in stage_times:
-            if (st.node, st.start, st.end) not in ranges:
-                continue
+        for st in ours:
             if st.decode_steps and st.decode_compute_s and st.decode_rows_per_step:
                 self.observe_stage(plan, cluster, model, st.node, "decode", 1e3 * st.decode_compute_s,
-                                   max(1, round(st.decode_rows_per_step)), context, profiles)
+                                   max(1, round(st.decode_rows_per_step)), context, profiles,
+                                   slowdown=slowed.get(st.node, 1.0))
                 n += 1
             if st.prefill_steps and st.prefill_compute_s and st.prefill_tokens_per_step:
                 self.observe_stage(plan, cluster, model, st.node, "prefill", 1e3 * st.prefill_compute_s,
                                    max(1, round(st.prefill_tokens_per_step)), None, profiles)
                 n += 1
         return n
+
+    @staticmethod
+    def _window_slowdowns(stage_times, cluster: Cluster, model: ModelSpec, profiles: ProfileSet | None,
+                          window_s: float | None) -> dict[str, float]:
+        """node -> the expected slowdown of its steps over a telemetry window from the other stages on its host."""
+        if not window_s or window_s <= 0:
+            return {}
+        busy = {st.node: min(1.0, ((st.decode_steps or 0) * (st.decode_compute_s or 0.0)
+                                   + (st.prefill_steps or 0) * (st.prefill_compute_s or 0.0)) / window_s)
+                for st in stage_times}
+        out = {}
+        for node in busy:
+            n = cluster.node(node)
+            others = [busy[o] for o in busy if o != node and n.host is not None and cluster.node(o).host == n.host]
+            prof = profiles.find(n, model.name) if profiles else None
+            if others and prof is not None and prof.corun is not None:
+                out[node] = sum(p * prof.corun_slowdown(1 + k) for k, p in enumerate(busy_count_distribution(others)))
+        return out
 
     def factor(self, node: str, phase: str) -> float:
         return self.factors.get((node, phase), 1.0)
@@ -301,6 +334,49 @@ def micro_batches(rows: int, tokens_per_row: int, stages: int) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
+def busy_count_distribution(probs: Sequence[float]) -> list[float]:
+    """P(n of these are busy), n = 0..len(probs), each busy on its own with its probability
+    (a Poisson binomial, built one stage at a time)."""
+    dist = [1.0]
+    for p in probs:
+        dist = [a * (1 - p) + b * p for a, b in zip(dist + [0.0], [0.0] + dist)]
+    return dist
+
+
+def host_slowdowns(hosts: Sequence[str | None], work_ms: Sequence[float], slowdown: Sequence[Callable[[float], float]],
+                   round_of: Callable[[list[float]], float], iterations: int = 30) -> tuple[list[float], float]:
+    """The slowdown of each stage's steps from the other stages on its host that compute at the same
+    time, and the round they make together: a fixed point.
+
+    Stage s does work_ms[s] of steps per round when alone on its host; slowed by sigma[s], it is busy
+    u[s] = min(1, sigma[s] * work_ms[s] / round) of the round. Each other stage on the host is taken to
+    be busy at a random moment of the round with its own u, independently, so n of them are busy with
+    busy_count_distribution's probabilities, and sigma[s] = sum_n P(n) * slowdown[s](1 + n) (the host's
+    measured co-run slowdown with 1 + n stages computing). round_of(sigma) is the round those
+    slowdowns give. Stages with no host (None) or alone on theirs keep 1."""
+    k = len(hosts)
+    sigma = [1.0] * k
+    shared = [[o for o in range(k) if o != s and hosts[s] is not None and hosts[o] == hosts[s]] for s in range(k)]
+    r = round_of(sigma)
+    if not any(shared):
+        return sigma, r
+    for _ in range(iterations):
+        if not (0 < r < math.inf):
+            break
+        u = [min(1.0, sigma[s] * work_ms[s] / r) for s in range(k)]
+        new = []
+        for s in range(k):
+            dist = busy_count_distribution([u[o] for o in shared[s]])
+            new.append(sum(p * slowdown[s](1 + n) for n, p in enumerate(dist)) if shared[s] else 1.0)
+        # halfway to the new value: a longer round lowers u, which lowers sigma; damping keeps it from see-sawing
+        step = max(abs(a - b) for a, b in zip(new, sigma))
+        sigma = [(a + b) / 2 for a, b in zip(new, sigma)]
+        r = round_of(sigma)
+        if step < 1e-4:
+            break
+    return sigma, r
+
+
 def engine_groups(stages: int, groups_in_flight: int | None) -> int:
     """Groups of requests the engine keeps in flight: the setting, else one per stage (EngineConfig.
     pipeline_groups = None; a one-stage plan has nothing to overlap)."""
@@ -336,11 +412,13 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     g = min(g_engine, B)
     sizes = group_sizes(B, g)                     # decoding rows of each group
     # the stages, each with its step-time functions (corrected) and the link to the next stage
-    stages, pre_fn, dec_fn, hop_fn, ser_fn = [], [], [], [], []
+    stages, pre_fn, dec_fn, hop_fn, ser_fn, hosts, slow_fn = [], [], [], [], [], [], []
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
         prof = profiles.find(node, model.name) if profiles else None
+        hosts.append(node.host)
+        slow_fn.append(prof.corun_slowdown if prof is not None else (lambda n: 1.0))
         fp = corrections.factor(st.node, "prefill") if corrections else 1.0
         fd = corrections.factor(st.node, "decode") if corrections else 1.0
         pre_fn.append(lambda r, shape=shape, node=node, prof=prof, fp=fp: fp * prefill_ms(model, shape, node, P, prof, r))
@@ -380,13 +458,25 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
 
     # decode, steady state: each group's token needs a pass through every stage; each stage computes
     # every group's step once per round, each link carries every group's activations once; x prompt
-    # tokens ride in each group's step (and its hops)
-    def round_of(x: float) -> float:
+    # tokens ride in each group's step (and its hops). With groups in flight, stages that share a host
+    # and compute at once slow each other (host_slowdowns: each stage's busy share and the round they
+    # make, a fixed point)
+    slowed = [1.0] * k
+
+    def round_at(x: float, sig: list[float]) -> float:
         def pass_ms(m):
-            return sum(dec_fn[s](m, x) + hop_fn[s](m + x) for s in range(k)) + back(m)
+            return sum(sig[s] * dec_fn[s](m, x) + hop_fn[s](m + x) for s in range(k)) + back(m)
         return max(max(pass_ms(m) for m in set(sizes)),
-                   max(sum(dec_fn[s](m, x) for m in sizes) for s in range(k)),
+                   max(sig[s] * sum(dec_fn[s](m, x) for m in sizes) for s in range(k)),
                    max(sum(ser_fn[s](m + x) for m in sizes) for s in range(k)))
+
+    def round_of(x: float) -> float:
+        nonlocal slowed
+        if g == 1:                  # one group: the stages take turns, none computes beside another
+            return round_at(x, slowed)
+        work = [sum(dec_fn[s](m, x) for m in sizes) for s in range(k)]
+        slowed, r = host_slowdowns(hosts, work, slow_fn, lambda sig: round_at(x, sig))
+        return r
     round_ms = idle_round_ms = round_of(0.0)
     if prompt_tokens_per_s > 0:
         # a longer round gathers more prompt tokens per step: iterate to the fixed point; past the load
@@ -402,6 +492,8 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
                 break
         else:
             round_ms = math.inf
+    if any(f != 1.0 for f in slowed):
+        stages = [st.model_copy(update={"host_slowdown": f}) for st, f in zip(stages, slowed)]
     cost = sum(node_price(cluster.node(n), prices) for n in dict.fromkeys(plan.nodes))
     sources = {s.source for s in stages}
     return Estimates(ttft_ms=ttft, tpot_ms=round_ms, throughput_tok_s=1e3 * B / round_ms,

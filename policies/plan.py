@@ -60,6 +60,7 @@ class StageEstimate(BaseModel):
     source: Literal["measured", "datasheet"] = "datasheet"   # step times from a profile, or datasheet figures
     correction_prefill: float = 1.0      # the factors (measured / predicted while serving) applied
     correction_decode: float = 1.0
+    host_slowdown: float = 1.0           # decode steps slowed by stages on the same host computing at once
 
 
 class Estimates(BaseModel):

@@ -81,6 +81,14 @@ class DecodeTable(BaseModel):
     layer_ms: tuple[tuple[float, ...], ...] = Field(min_length=1, description="[batch][context]")
 
 
+class CorunTable(BaseModel):
+    """How much slower one stage's decode step gets while `procs - 1` others run on the same host at
+    once (shared cores and memory bandwidth): slowdown[i] = step time with procs[i] running / alone."""
+    model_config = _STRICT
+    procs: tuple[int, ...] = Field(min_length=1)
+    slowdown: tuple[float, ...] = Field(min_length=1)
+
+
 class Profile(BaseModel):
     """Measured speed of one node kind (or one node) for one model. Build with load_profile()."""
     model_config = _STRICT
@@ -99,6 +107,7 @@ class Profile(BaseModel):
     head: HeadTable
     prefill: PrefillTable
     decode: DecodeTable
+    corun: CorunTable | None = Field(None, description="measured only when asked (continuo calibrate --corun N)")
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo):
@@ -129,6 +138,15 @@ class Profile(BaseModel):
                 out.append((("decode", "layer_ms", i), f"has {len(row)} values for {len(d.context)} context lengths"))
             out += [(("decode", "layer_ms", i, j), f"must be positive, not {y}") for j, y in enumerate(row)
                     if not y > 0]
+        c = self.corun
+        if c is not None:
+            out += _rising(c.procs, ("corun", "procs"))
+            if c.procs[0] != 1:
+                out.append((("corun", "procs", 0), f"must be 1 (the step alone), not {c.procs[0]}"))
+            if len(c.slowdown) != len(c.procs):
+                out.append((("corun", "slowdown"), f"has {len(c.slowdown)} values for {len(c.procs)} procs"))
+            out += [(("corun", "slowdown", i), f"must be positive, not {y}") for i, y in enumerate(c.slowdown)
+                    if not y > 0]
         return out
 
     # --- reading the tables -----------------------------------------------------------------
@@ -148,6 +166,16 @@ class Profile(BaseModel):
         x0, x1 = d.batch[i], d.batch[i + 1]
         y0, y1 = per_batch[i], per_batch[i + 1]
         return max(min(min(r) for r in d.layer_ms), y0 + (y1 - y0) * (batch - x0) / (x1 - x0))
+
+    def corun_slowdown(self, procs: float) -> float:
+        """Slowdown of a step while `procs` stages (itself included) compute on this host at once:
+        1 alone or without a co-run table; piecewise linear in between and past the last count measured."""
+        c = self.corun
+        if c is None or procs <= 1:
+            return 1.0
+        xs = (1,) + tuple(x for x in c.procs if x > 1)
+        ys = (1.0,) + tuple(y for x, y in zip(c.procs, c.slowdown) if x > 1)
+        return max(1.0, _interp(xs, ys, procs))
 
     def stage_prefill_ms(self, layers, embed: bool, head: bool, tokens: int, rows: int = 1):
         """One prefill step of `rows` prompts of `tokens` tokens each through a stage of `layers` layers."""

@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cluster import Cluster
-from .costmodel import MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, hop_ms, logits_hop_ms
+from .costmodel import MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, hop_ms, host_slowdowns, logits_hop_ms
 from .delta import PlanDelta
 from .intent import KV_BLOCK_TOKENS, IntentSpec, Traffic
 from .modelspec import ModelSpec
@@ -134,6 +134,8 @@ class _Stages:
         self.sources: list[str] = []
         raw, classes = [], {}
         self.stage_class: list[int] = []
+        self.class_host: list[str | None] = []
+        self.class_slow: list = []
         for i, st in enumerate(plan.stages):
             node = cluster.node(st.node)
             prof = profiles.find(node, model.name) if profiles else None
@@ -149,15 +151,25 @@ class _Stages:
             shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
             # datasheet speed is per node kind; profiles are per object: both make the class key
             speed = ("p", id(prof)) if prof is not None else ("d", node.gpu, node.gpus)
-            key = (shape.layers, shape.embed, shape.head, speed, fp, fd, lat, per_tok)
+            key = (shape.layers, shape.embed, shape.head, speed, fp, fd, lat, per_tok, node.host)
             self.sources.append("measured" if prof is not None else "datasheet")
             if key not in classes:
                 classes[key] = len(raw)
                 bw, fl = _speed(node)
                 raw.append([shape, prof, (bw, fl), fp, fd, lat, per_tok, 0])
+                self.class_host.append(node.host)
+                self.class_slow.append(prof.corun_slowdown if prof is not None else (lambda n: 1.0))
             raw[classes[key]][-1] += 1
             self.stage_class.append(classes[key])
         self.classes = raw
+        # stages that share a host slow each other when they compute at once (costmodel.host_slowdowns):
+        # one entry per stage, each class's stages in a row
+        self.per_stage = [c for c, cl in enumerate(raw) for _ in range(cl[-1])]      # each stage's class
+        self.first_stage = [self.per_stage.index(c) for c in range(len(raw))]        # a stage of each class
+        self.stage_host = [self.class_host[c] for c in self.per_stage]
+        self.stage_slow = [self.class_slow[c] for c in self.per_stage]
+        hosts = [h for h in self.stage_host if h is not None]
+        self.shared_host = len(set(hosts)) < len(hosts)
         # the logits of the sampled rows go back to the driver when it sits on another node
         last = plan.stages[-1].node
         back = cluster.link(last, driver_node) if driver_node and driver_node != last else None
@@ -195,9 +207,10 @@ class _Stages:
             parts = max(1, min(self.k, d + rows))
         n = g * parts
         dd, pp, ss = d / n, p / n, sampled / n
-        total, slowest = 0.0, 0.0
         per_layer: dict = {}           # stages of one speed share the per-layer figure of this step
-        times = []
+        times, hops = [], []
+        back = self.back_lat + self.back_per_row * ss if self.back_lat or self.back_per_row else 0.0
+        total, slowest = back, 0.0
         for c, (shape, prof, speed, fp, fd, lat, per_tok, count) in enumerate(self.classes):
             f = fp if pp > dd else fd
             key = id(prof) if prof is not None else speed
@@ -206,15 +219,30 @@ class _Stages:
                 lm = per_layer[key] = self._layer_ms(prof, speed, dd, ctx, pp)
             t = f * (shape.layers * lm + self._ends_ms(prof, speed, shape, ss))
             t_hop = t + (lat + per_tok * (dd + pp) if per_tok or lat else 0.0)
-            self.busy[c] += t * n
             times.append(t)
+            hops.append(t_hop - t)
             total += t_hop * count
             slowest = max(slowest, t_hop)
-        total += self.back_lat + self.back_per_row * ss if self.back_lat or self.back_per_row else 0.0
+        ms = max(total, g * slowest) if g > 1 else total + (parts - 1) * slowest
+
+        def round_ms(sig: list[float]) -> float:     # the same with each class's steps slowed by sig
+            total, slowest = back, 0.0
+            for s, t, h, cl in zip(sig, times, hops, self.classes):
+                total += (s * t + h) * cl[-1]
+                slowest = max(slowest, s * t + h)
+            return max(total, g * slowest) if g > 1 else total + (parts - 1) * slowest
+        if g > 1 and d > 0 and self.shared_host:
+            # Stages on one host slow each other in decode rounds (as in the cost model; a wave's prefill
+            # flows through the stages and is not slowed there either). Every stage of a round does g
+            # steps; a class's stages are alike, so one stands for all.
+            first = self.first_stage
+            st_sig, ms = host_slowdowns(self.stage_host, [g * times[c] for c in self.per_stage], self.stage_slow,
+                                        lambda s: round_ms([s[i] for i in first]))
+            times = [st_sig[i] * t for i, t in zip(first, times)]
+        for c, t in enumerate(times):
+            self.busy[c] += t * n
         self.last = (n, dd, pp, times)
-        if g > 1:
-            return max(total, g * slowest) + cfg.step_overhead_ms
-        return total + (parts - 1) * slowest + cfg.step_overhead_ms
+        return ms + cfg.step_overhead_ms
 
     def utilisation(self, duration_ms: float) -> list[dict]:
         return [{"node": n, "layers": self.classes[c][0].layers,

@@ -145,3 +145,21 @@ def test_the_agent_plans_and_validates_with_the_profiles_in_the_default_folder(t
     assert proposal.plan.estimates.source == "measured"
     assert Agent(cluster, policy, use_llm=False, profiles=ProfileSet()).plan_spec(
         IntentSpec(data_class="phi")).plan.estimates.source == "datasheet"
+
+
+def test_calibrate_measures_the_corun_table_when_asked(tmp_path):
+    """--corun N: the step timed with 1..N stages decoding at once on this host; the first is 1 by
+    definition, the others no less (a helper never speeds the step up)."""
+    prof = calibrate(TINY, "tiny", "cpu", threads=1, corun=2, **GRID)
+    assert prof.corun is not None and prof.corun.procs == (1, 2)
+    assert prof.corun.slowdown[0] == 1.0 and prof.corun.slowdown[1] >= 1.0
+    assert load_profile(save_profile(prof, tmp_path)) == prof
+    assert calibrate(TINY, "tiny", "cpu", threads=1, **GRID).corun is None      # not asked: not measured
+
+
+def test_calibrate_cli_refuses_a_bad_corun():
+    from executor.calibrate import main
+    for bad in ("1", "-2", "99"):
+        with pytest.raises(InputError) as e:
+            main(["--model", "smollm2-135m", "--corun", bad])
+        assert e.value.field == "--corun" and bad in str(e.value)

@@ -245,7 +245,8 @@ class Autopilot:
         by_context: dict[float, list] = {}
         for st in stages:                       # one call per decode context (the telemetry's, else the intent's)
             by_context.setdefault(st.decode_context or decode_context(traffic), []).append(st)
-        if sum(self.corrections.observe_stage_times(group, live, cluster, self.model, round(ctx), self.profiles)
+        if sum(self.corrections.observe_stage_times(group, live, cluster, self.model, round(ctx), self.profiles,
+                                                    window_s=load.get("span_s"))
                for ctx, group in by_context.items()):
             # what the per-stage figures leave out (how the prompts' chunks fall into steps, overheads):
             # measured / predicted TPOT of the live plan at the measured load, with the stages corrected

@@ -17,6 +17,8 @@ What each field comes from:
     tier           continuo.io/tier           (required: edge | cloud)
     trust          continuo.io/trust          (required: owned | attested | public-cloud | untrusted)
     reserved_gb, price_per_hour   continuo.io/reserved-gb, continuo.io/price-per-hour (optional)
+    host           continuo.io/host (optional: nodes that are VMs or containers on one machine, sharing
+                   its cores and memory bandwidth, name the same host)
     tags           tag.continuo.io/NAME labels (any value)
 
 Nodes with no GPU label and no Continuo label (control planes, CPU pools) are left out. Links come from
@@ -45,6 +47,7 @@ PREFIX = "continuo.io/"
 TAG_PREFIX = "tag.continuo.io/"
 JURISDICTION, TIER, TRUST = PREFIX + "jurisdiction", PREFIX + "tier", PREFIX + "trust"
 GPU_OVERRIDE, RESERVED, PRICE = PREFIX + "gpu", PREFIX + "reserved-gb", PREFIX + "price-per-hour"
+HOST = PREFIX + "host"
 GFD_PRODUCT, GFD_COUNT, GFD_MEMORY = "nvidia.com/gpu.product", "nvidia.com/gpu.count", "nvidia.com/gpu.memory"
 GPU_RESOURCE = "nvidia.com/gpu"
 ZONE, ZONE_OLD = "topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone"
@@ -247,6 +250,8 @@ def _node(item: dict, problems: list[Problem], warnings: list[str]) -> dict:
                 out[key] = float(labels[label])
             except ValueError:
                 problem(label, f"'{labels[label]}' is not a number", key.upper(), overwrite=True)
+    if labels.get(HOST):
+        out["host"] = labels[HOST]
     tags = [k.removeprefix(TAG_PREFIX) for k in labels if k.startswith(TAG_PREFIX)]
     if tags:
         out["tags"] = tags
@@ -312,6 +317,8 @@ def node_labels(node: Node) -> dict[str, str]:
         labels[RESERVED] = f"{node.reserved_gb:g}"
     if node.price_per_hour is not None:
         labels[PRICE] = f"{node.price_per_hour:g}"
+    if node.host is not None:
+        labels[HOST] = node.host
     labels.update({TAG_PREFIX + t: "true" for t in node.tags})
     return labels
 

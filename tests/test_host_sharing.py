@@ -1,0 +1,142 @@
+"""Nodes that share a host: the co-run table a profile measures, and what the cost model, the
+simulator and the correction factors make of stages that compute at once on one machine."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from policies import InputError, Traffic, load_cluster, load_model_spec
+from policies.costmodel import Corrections, busy_count_distribution, estimate, host_slowdowns
+from policies.profile import ProfileSet, load_profile, save_profile
+from policies.simulator import SimConfig, simulate
+from policies.traces import Trace
+from tests.test_costmodel_profile import make_profile, plan2
+
+CLUSTER = "scenarios/local/cluster.yaml"
+CORUN = {"procs": [1, 2, 3], "slowdown": [1.0, 1.2, 1.8]}
+
+
+def unshared(cluster):
+    """The same cluster with every node on a machine of its own."""
+    return cluster.model_copy(update={"nodes": tuple(n.model_copy(update={"host": None}) for n in cluster.nodes)})
+
+
+def test_the_local_nodes_share_one_host_and_a_bad_host_is_named(tmp_path):
+    cluster = load_cluster(CLUSTER)
+    assert {n.host for n in cluster.nodes} == {"this-machine"}
+    bad = tmp_path / "c.yaml"
+    bad.write_text(open(CLUSTER).read().replace("host: this-machine}", "host: ''}", 1))
+    with pytest.raises(InputError) as e:
+        load_cluster(bad)
+    assert "host" in str(e.value) and str(bad) in str(e.value)
+
+
+def test_corun_table_reads_and_extends_and_bad_tables_are_refused(tmp_path):
+    p = make_profile(corun=CORUN)
+    assert p.corun_slowdown(1) == 1.0 and p.corun_slowdown(0.5) == 1.0
+    assert p.corun_slowdown(2) == pytest.approx(1.2) and p.corun_slowdown(2.5) == pytest.approx(1.5)
+    assert p.corun_slowdown(4) == pytest.approx(2.4)          # along the last segment
+    assert make_profile().corun_slowdown(3) == 1.0              # not measured: no slowdown
+    assert load_profile(save_profile(p, tmp_path)) == p
+    for table, field, words in [({"procs": [2, 3], "slowdown": [1.2, 1.8]}, "corun.procs", "must be 1"),
+                                ({"procs": [1, 2], "slowdown": [1.0]}, "corun.slowdown", "1 values for 2 procs"),
+                                ({"procs": [1, 3, 2], "slowdown": [1, 1.5, 1.2]}, "corun.procs", "must rise"),
+                                ({"procs": [1, 2], "slowdown": [1.0, -1.0]}, "corun.slowdown", "must be positive")]:
+        f = tmp_path / "bad.yaml"
+        f.write_text(save_profile(p, tmp_path).read_text().replace(
+            "corun:\n  procs: [1, 2, 3]\n  slowdown: [1.0, 1.2, 1.8]",
+            f"corun:\n  procs: {table['procs']}\n  slowdown: {table['slowdown']}"))
+        with pytest.raises(InputError) as e:
+            load_profile(f)
+        assert e.value.field.startswith(field) and words in str(e.value), (table, str(e.value))
+
+
+def test_busy_count_distribution_is_a_poisson_binomial():
+    assert busy_count_distribution([]) == [1.0]
+    d = busy_count_distribution([0.5, 0.5, 0.5])
+    assert d == pytest.approx([1 / 8, 3 / 8, 3 / 8, 1 / 8])
+    d = busy_count_distribution([0.2, 0.9])
+    assert d == pytest.approx([0.8 * 0.1, 0.2 * 0.1 + 0.8 * 0.9, 0.2 * 0.9]) and sum(d) == pytest.approx(1)
+
+
+def test_host_slowdowns_fixed_point():
+    slow = {1: 1.0, 2: 1.2, 3: 1.8}.__getitem__
+    # two stages that are each busy the whole round slow each other by the table's 2-at-once figure
+    sig, r = host_slowdowns(["h", "h"], [50.0, 50.0], [slow, slow], lambda s: max(s[0] * 50, s[1] * 50))
+    assert sig == pytest.approx([1.2, 1.2], abs=1e-3) and r == pytest.approx(60, abs=0.1)
+    # on machines of their own, or with no host, nothing changes
+    for hosts in (["a", "b"], [None, None]):
+        sig, r = host_slowdowns(hosts, [50.0, 50.0], [slow, slow], lambda s: max(s[0] * 50, s[1] * 50))
+        assert sig == [1.0, 1.0] and r == 50
+    # a bottleneck beside two lighter stages: each light one is busy part of the round, so the
+    # bottleneck's slowdown lies between none and the 3-at-once figure, and the round agrees with it
+    sig, r = host_slowdowns(["h"] * 3, [40.0, 40.0, 89.0], [slow] * 3, lambda s: max(a * w for a, w in zip(s, [40, 40, 89])))
+    assert 1.2 < sig[2] < 1.8 and r == pytest.approx(sig[2] * 89, rel=1e-6)
+    u = [min(1, a * w / r) for a, w in zip(sig, [40, 40, 89])]
+    want = sum(p * slow(1 + n) for n, p in enumerate(busy_count_distribution(u[:2])))
+    assert sig[2] == pytest.approx(want, abs=2e-3)             # it is a fixed point
+
+
+def test_estimate_slows_decode_rounds_of_stages_sharing_a_host():
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    plain, corun = ProfileSet([make_profile()]), ProfileSet([make_profile(corun=CORUN)])
+    t4 = Traffic(concurrency=4, prompt_tokens=64, output_tokens=64, context_tokens=256)
+    base = estimate(plan2(), cluster, model, t4, profiles=plain, groups_in_flight=None)
+    shared = estimate(plan2(), cluster, model, t4, profiles=corun, groups_in_flight=None)
+    apart = estimate(plan2(), unshared(cluster), model, t4, profiles=corun, groups_in_flight=None)
+    assert base.groups_in_flight == 2
+    assert base.tpot_ms < shared.tpot_ms <= 1.2 * base.tpot_ms + 1e-9     # two at once: at most 1.2x
+    assert apart.tpot_ms == pytest.approx(base.tpot_ms)
+    assert all(s.host_slowdown > 1 for s in shared.stages) and all(s.host_slowdown == 1 for s in apart.stages)
+    assert shared.ttft_ms == base.ttft_ms                   # the prefill flow shop is not slowed
+    # one group (one request, or groups_in_flight=1): the stages take turns, none is slowed
+    t1 = t4.model_copy(update={"concurrency": 1})
+    assert estimate(plan2(), cluster, model, t1, profiles=corun, groups_in_flight=None).tpot_ms == \
+        pytest.approx(estimate(plan2(), cluster, model, t1, profiles=plain, groups_in_flight=None).tpot_ms)
+    assert estimate(plan2(), cluster, model, t4, profiles=corun, groups_in_flight=1).tpot_ms == \
+        pytest.approx(estimate(plan2(), cluster, model, t4, profiles=plain, groups_in_flight=1).tpot_ms)
+
+
+def test_simulator_slows_rounds_of_stages_sharing_a_host():
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    plan = plan2()
+    trace = Trace([0.0] * 4, [64] * 4, [32] * 4, "a wave of 4")
+    cfg = SimConfig(groups_in_flight=2)
+
+    def tpot(c, profiles):
+        return simulate(c, plan, model, trace, profiles=profiles, config=cfg).tpot_ms
+    plain, corun = ProfileSet([make_profile()]), ProfileSet([make_profile(corun=CORUN)])
+    base, shared = tpot(cluster, plain), tpot(cluster, corun)
+    assert all(1.0 < s / b <= 1.2 + 1e-9 for s, b in zip(shared, base))
+    assert tpot(unshared(cluster), corun) == pytest.approx(base)
+
+
+def test_corrections_leave_out_the_slowdown_the_window_saw():
+    """A stage whose steps took exactly the prediction times the slowdown its busy neighbour made gets
+    a factor of 1 when the window's length is known (the estimate adds that slowdown itself)."""
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    prof = make_profile(corun=CORUN)
+    ps = ProfileSet([prof])
+    plan = plan2()
+    window = 10.0
+    # each stage busy 60% of the window: the other one is busy when a step runs 60% of the time
+    alone = [prof.stage_decode_ms(15, True, False, 2, 96), prof.stage_decode_ms(15, False, True, 2, 96)]
+    sigma = 0.4 * 1.0 + 0.6 * 1.2
+    times = [SimpleNamespace(node=s.node, start=s.start, end=s.stop, decode_steps=round(0.6 * window * 1e3 / (a * sigma)),
+                             decode_compute_s=a * sigma / 1e3, decode_rows_per_step=2, decode_context=96,
+                             prefill_steps=0, prefill_compute_s=None, prefill_tokens_per_step=None)
+             for s, a in zip(plan.stages, alone)]
+    with_window = Corrections(alpha=1.0)
+    assert with_window.observe_stage_times(times, plan, cluster, model, 96, ps, window_s=window) == 2
+    assert with_window.factor("edge-a", "decode") == pytest.approx(1.0, abs=0.01)
+    assert with_window.factor("edge-b", "decode") == pytest.approx(1.0, abs=0.01)
+    without = Corrections(alpha=1.0)
+    without.observe_stage_times(times, plan, cluster, model, 96, ps)
+    assert without.factor("edge-a", "decode") == pytest.approx(sigma, abs=0.01)
+    # on machines of their own there is nothing to leave out
+    apart = Corrections(alpha=1.0)
+    apart.observe_stage_times(times, plan, unshared(cluster), model, 96, ps, window_s=window)
+    assert apart.factor("edge-b", "decode") == pytest.approx(sigma, abs=0.01)
+    assert not math.isnan(apart.factor("edge-a", "decode"))
