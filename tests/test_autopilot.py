@@ -10,7 +10,7 @@ import pytest
 from agent.autopilot import Autopilot, AutopilotConfig, AutopilotConfigError
 from agent.autopilot.config import read_intent_file
 from agent.journal import Journal
-from policies import IntentSpec, PlacementPlan, Stage, approve, load_cluster, load_model_spec, load_policy
+from policies import IntentSpec, PlacementPlan, Stage, approve, load_cluster, load_model_spec, load_policy, review
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = load_cluster(ROOT / "scenarios/local/cluster.yaml")
@@ -424,7 +424,20 @@ def test_a_forecast_beyond_any_one_pipeline_says_it_takes_a_second_replica():
                                           [("edge-a", 0, 9), ("edge-b", 10, 19), ("cloud-1", 20, 29)]))
     d = run(ap, tg, [20 * most] * 3)[-1]
     assert "second pipeline replica" in d.reason and "more than any one pipeline carries" in d.reason
+    # ... and what would: pipelines on disjoint nodes, each a plan the validator passes on its own
+    rep = d.replica
+    assert rep is not None and len(rep["chains"]) >= 2 and d.as_json()["replica"] == rep
+    plans = [PlacementPlan.model_validate(c["plan_json"]) for c in rep["chains"]]
+    nodes = [n for p in plans for n in p.nodes]
+    assert len(nodes) == len(set(nodes)), [p.summary() for p in plans]
+    for p, c in zip(plans, rep["chains"]):
+        assert c["valid"] and not c["violations"] and review(p, CLUSTER, ap.policy, p.intent, ap.model)[0].ok
+        assert c["plan"] in d.reason and 0 < c["carries_rps"] <= c["capacity_rps"]
+    assert "validator passes" in d.reason
+    # together they carry more than the single pipeline with the most capacity under the headroom
+    assert rep["carried_rps"] > most * ap.config.headroom
+    assert rep["carried_rps"] <= rep["rate_rps"] + 1e-9
     # a load that one pipeline carries says nothing of the kind
     tg2 = ScriptedTarget(plan_of(("edge-a", 0, 29)))
     ap2 = pilot(tg2, hysteresis=1)
-    assert all("replica" not in d.reason for d in run(ap2, tg2, [0.5 * most] * 3))
+    assert all("replica" not in d.reason and d.replica is None for d in run(ap2, tg2, [0.5 * most] * 3))

@@ -14,6 +14,8 @@
                        whole forecast load at or under `scale_down_headroom` (scale-down judged on the
                        survivors' load, and the band between the two headrooms stops flips)
                      - else hold
+                     a forecast no one pipeline carries is said so, with advice: the pipeline replicas
+                     on disjoint nodes that would carry it (`_replica_set`), which Continuo does not run
       6. gate        hysteresis (the same recommendation `hysteresis` ticks running), cooldown after a
                      change; a lost node bypasses both. The plan is validated against the live plan
                      (policies.review, the validator every plan passes) and handed to Agent.gate, the
@@ -51,6 +53,7 @@ from .target import Target
 GATE_MODE = {"advisory": "suggest", "confirm": "confirm", "auto": "auto"}   # autopilot mode -> Agent.gate mode
 REPLAN_FACTOR = 1.25       # plan the candidates again when a correction factor moved by more than this since
 MAX_RESIDUAL = 2.0         # the TPOT residual (see Autopilot._correct) is clamped to [1/this, this]
+MAX_REPLICAS = 8           # the most pipeline replicas _replica_set advises for one forecast
 MIN_SLO_SAMPLES = 5          # measured TTFT/TPOT feed the corrections only from this many requests in the window
 
 
@@ -77,6 +80,7 @@ class Decision:
     lost: dict = field(default_factory=dict)          # node -> why it cannot serve
     validation: str = ""                              # the validator's report on the chosen plan
     apply: dict | None = None                         # the Target's apply report
+    replica: dict | None = None                       # advice: replicas that would carry it (see _replica_set)
 
     @property
     def applied(self) -> bool:
@@ -90,7 +94,8 @@ class Decision:
                 "chosen": self.chosen.summary() if self.chosen else None,
                 "chosen_plan": self.chosen.model_dump(mode="json", exclude={"estimates"}) if self.chosen else None,
                 "alternatives": self.alternatives, "predicted": self.predicted, "measured": self.measured,
-                "streak": self.streak, "lost": self.lost, "validation": self.validation, "apply": self.apply}
+                "streak": self.streak, "lost": self.lost, "validation": self.validation, "apply": self.apply,
+                "replica": self.replica}
 
 
 @dataclass
@@ -161,6 +166,7 @@ class Autopilot:
         self._last_change: float | None = None       # when the last change was applied
         self._pause_s = self.config.pause_s          # expected switch pause, then the last one measured
         self._pending: Decision | None = None
+        self._replica_plans: dict = {}     # _replica_set's planner plans by nodes left, for one cluster state
         self._journal("autopilot", {"event": "start", "config": self.config.as_dict(),
                                     "intent": intent.model_dump(mode="json")})
 
@@ -212,9 +218,83 @@ class Autopilot:
         action, choice, reason, rows = self._choose(current, assessed, lost, cluster, load,
                                                     lambda p: self._review(p, cluster, live)[0], down,
                                                     lambda p, via: self._review(p, cluster, via)[0].ok)
+        replica = None
+        if _beyond_one_pipeline(current, assessed, cfg.headroom):
+            # no one pipeline carries the forecast: advise the replicas that would carry it together
+            replica = self._replica_set(cluster, lost, rate)
+            reason += "; " + replica["advice"]
         d = Decision(t, action, "held", reason, load, forecast, live, choice.plan if choice else None, rows,
-                     predicted, measured, lost=lost)
+                     predicted, measured, lost=lost, replica=replica)
         return self._record(self._gate(d, choice, cluster, live, bool(lost)))
+
+    def _replica_set(self, cluster: Cluster, lost: dict[str, str], rate: float) -> dict:
+        """Advice for a forecast that no one pipeline carries: pipelines on disjoint nodes that carry it
+        together, each a plan the validator passes on its own. Greedy, as bench adapt's (f) builds its
+        chains: while some of the forecast is left, the cheapest plan on the nodes still free that carries
+        the rest within the SLOs and the headroom, else the one that carries most per node it takes (a
+        chain over every node can carry less than two chains on halves of them). Continuo runs one pipeline
+        per service today: the operator can run the others as services of their own (`continuo serve
+        --plan`) behind the same load balancer. The planner's plans are kept per set of nodes left."""
+        cfg = self.config
+        key = (cluster.fingerprint(), ",".join(sorted(lost)))
+        if self._replica_plans.get("key") != key:
+            self._replica_plans = {"key": key}
+        used: list[str] = []
+        chains, carried = [], 0.0
+        while rate - carried > 1e-9 and len(chains) < MAX_REPLICAS:
+            options = [self._assess(p, cluster, rate - carried) for p in self._plans_without(cluster, lost, used)]
+            if not options:
+                break
+            ok = sorted((a for a in options if a.keeps(cfg.headroom)), key=lambda a: (a.cost, len(set(a.plan.nodes))))
+            if ok:
+                pick = ok[0]
+            else:                           # each judged at the share it can take: its capacity under the headroom
+                full = [self._assess(a.plan, cluster, a.capacity_rps * cfg.headroom) for a in options]
+                pick = max((a for a in full if a.slo_ok),
+                           key=lambda a: (a.capacity_rps / len(set(a.plan.nodes)), a.capacity_rps), default=None)
+            if pick is None:                # nothing left keeps the SLOs even at its own share
+                break
+            spec = pick.plan.intent or self.intent
+            report, _ = review(pick.plan, cluster, self.policy, spec, self.model, prices=self.prices,
+                               profiles=self.profiles, corrections=self.corrections,
+                               groups_in_flight=self._groups(pick.plan))
+            carries = min(rate - carried, pick.capacity_rps * cfg.headroom)
+            chains.append({"plan": pick.plan.summary(), "plan_json": pick.plan.model_dump(mode="json", exclude={"estimates"}),
+                           "valid": report.ok, "violations": [f"[{v.rule}] {v.message}" for v in report.violations],
+                           "capacity_rps": pick.capacity_rps, "carries_rps": carries, "cost_per_hour": pick.cost})
+            carried += carries
+            used += [n for n in pick.plan.nodes if n not in used]
+        if not chains:
+            advice = "no valid plan serves a replica of it"
+        else:
+            names = " + ".join(f"{c['plan']} ({c['carries_rps']:.2f} req/s)" for c in chains)
+            valid = all(c["valid"] for c in chains)
+            advice = (f"{len(chains)} pipeline replicas on disjoint nodes, each a plan the validator "
+                      f"{'passes' if valid else 'does not all pass'}, would carry {carried:.2f} of the {rate:.2f} "
+                      f"req/s: {names}; run them as services of their own behind one load balancer")
+        return {"rate_rps": rate, "carried_rps": carried, "chains": chains, "advice": advice}
+
+    def _plans_without(self, cluster: Cluster, lost: dict[str, str], used: list[str]) -> list[PlacementPlan]:
+        """The planner's plans (each seat level, cheapest and fastest) on the nodes neither lost nor `used`."""
+        key = ",".join(sorted(used))
+        if key not in self._replica_plans:
+            from ..planner import Infeasible, plan as make_plan
+            spec = self._planning_intent(lost)
+            spec = spec.model_copy(update={"exclude_nodes": tuple(dict.fromkeys((*spec.exclude_nodes, *used)))})
+            found: dict[str, PlacementPlan] = {}
+            for seats in self._seat_levels():
+                sized = spec.model_copy(update={"traffic": spec.traffic.model_copy(update={"concurrency": seats})})
+                for objective in ("cost", "throughput"):
+                    try:
+                        p = make_plan(sized.model_copy(update={"objective": objective}), cluster, self.policy,
+                                      self.model, max_stages=self.config.max_stages, prices=self.prices,
+                                      profiles=self.profiles, corrections=self.corrections,
+                                      groups_in_flight=self.groups_in_flight)
+                    except Infeasible:
+                        break
+                    found.setdefault(p.plan.placement_key(), p.plan.model_copy(update={"intent": sized}))
+            self._replica_plans[key] = list(found.values())
+        return self._replica_plans[key]
 
     # ------------------------------------------------------------------ observe
 
