@@ -618,6 +618,16 @@ def run_controller(sc: Scenario, first: PlacementPlan, **config) -> Row:
             _check(row, sc, d.chosen, before, sc.cluster)
     row = _finish(row, sc, target, wall0)
     row.note += f"; {len(ap.decisions)} decisions"
+    # what it advised when no one pipeline carried the forecast (advice only: it runs one pipeline)
+    advised = [d for d in ap.decisions if d.replica and d.replica["chains"]]
+    if advised:
+        peak = max(advised, key=lambda d: d.replica["rate_rps"])
+        r = peak.replica
+        nodes = len({st["node"] for c in r["chains"] for st in c["plan_json"]["stages"]})
+        bad = sum(not c["valid"] for d in advised for c in d.replica["chains"])
+        row.note += (f"; {len(advised)} advised replicas, at the busiest forecast ({r['rate_rps']:.2f} req/s) "
+                     f"{len(r['chains'])} chains on {nodes} nodes carrying {r['carried_rps']:.2f} req/s; "
+                     f"{bad} advised plans the validator refuses")
     return row
 
 
