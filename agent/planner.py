@@ -44,6 +44,9 @@ class Infeasible(Exception):
         super().__init__("no valid plan: " + "; ".join(reasons))
 
 
+RERANK_SHARED = 16      # valid plans judged by the validator's estimates when eligible nodes share a host
+
+
 @dataclass(frozen=True)
 class PlanProposal:
     """The planner's answer: the plan (with estimates and fingerprint), its validator report, and how it was found.
@@ -329,6 +332,18 @@ def _dp_candidates(tb: _Tables, intent: IntentSpec, K: int):
                 yield chain, bounds
 
 
+def _slowed_by_sharing(nodes, model: ModelSpec, profiles) -> bool:
+    """Whether two of `nodes` share a host whose profile has a co-run table (else sharing slows nothing)."""
+    if not profiles:
+        return False
+    by_host: dict[str, list] = {}
+    for n in nodes:
+        if n.host is not None:
+            by_host.setdefault(n.host, []).append(n)
+    return any(len(ns) > 1 and any((p := profiles.find(n, model.name)) is not None and p.corun is not None for n in ns)
+               for ns in by_host.values())
+
+
 def _to_plan(tb: _Tables, chain, bounds, model: ModelSpec, intent: IntentSpec, cluster: Cluster) -> PlacementPlan:
     stages = tuple(Stage(node=tb.nodes[w].name, first_layer=int(bounds[j]), last_layer=int(bounds[j + 1]) - 1)
                    for j, w in enumerate(chain))
@@ -354,14 +369,27 @@ def _search(nodes, cluster, policy, eff, model, intent, K, prices, current, spee
         if np.isfinite(s[0, 0]):
             scored.append((float(s[0, 0]), chain, bounds))
     scored.sort()
+    # The tables know nothing of nodes that share a host (costmodel.host_slowdowns: stages computing at
+    # once slow each other), which the validator's estimates count. Where eligible nodes share one and
+    # their profiles measured how much (a co-run table), the first RERANK_SHARED valid plans by the
+    # tables are judged by the estimates' objective instead.
+    rerank = RERANK_SHARED if _slowed_by_sharing(nodes, model, speed.get("profiles")) else 1
+    best = None
     for score, chain, bounds in scored:
         plan = _to_plan(tb, chain, bounds, model, intent, cluster)
         report, validated = review(plan, cluster, policy, intent, model, current, prices, **speed)
         if validated is not None:
             value = objective_value(intent.objective, report.estimates, intent.traffic)
-            return PlanProposal(validated.plan, report, intent.objective, value, exact, len(pairs),
-                                validated=validated), len(pairs)
-    return None, len(pairs)
+            if best is None or value < best[0]:
+                best = (value, validated, report)
+            rerank -= 1
+            if rerank == 0:
+                break
+    if best is None:
+        return None, len(pairs)
+    value, validated, report = best
+    return PlanProposal(validated.plan, report, intent.objective, value, exact, len(pairs),
+                        validated=validated), len(pairs)
 
 
 def plan(intent: IntentSpec, cluster: Cluster, policy: Policy, model: ModelSpec,

@@ -140,3 +140,26 @@ def test_corrections_leave_out_the_slowdown_the_window_saw():
     apart.observe_stage_times(times, plan, unshared(cluster), model, 96, ps, window_s=window)
     assert apart.factor("edge-b", "decode") == pytest.approx(sigma, abs=0.01)
     assert not math.isnan(apart.factor("edge-a", "decode"))
+
+
+def test_the_planner_judges_plans_on_a_shared_host_by_the_estimates():
+    """The planner's tables assume every stage has its machine to itself. On one host with a measured
+    co-run table, a chain over all three nodes is not the fastest any more, and the planner says so:
+    its plan's throughput (the validator's estimate) beats the plan the tables alone would pick."""
+    import agent.planner as planner
+    from policies import IntentSpec, load_policy
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    policy = load_policy("scenarios/local/policy.yaml")
+    intent = IntentSpec(data_class="public", objective="throughput",
+                        traffic=Traffic(concurrency=8, prompt_tokens=64, output_tokens=64, context_tokens=256))
+    corun = ProfileSet([make_profile(corun=CORUN)])
+    alone = planner.plan(intent, cluster, policy, model, profiles=ProfileSet([make_profile()]), groups_in_flight=None)
+    shared = planner.plan(intent, cluster, policy, model, profiles=corun, groups_in_flight=None)
+    assert len(alone.plan.stages) == 3 and len(shared.plan.stages) < 3, (alone.plan.summary(), shared.plan.summary())
+    # what the tables' first choice would have been, judged by the same estimates
+    first = estimate(alone.plan, cluster, model, intent.traffic, profiles=corun, groups_in_flight=None)
+    assert shared.report.estimates.throughput_tok_s > first.throughput_tok_s
+    assert shared.report.ok
+    # on machines of their own nothing changes
+    apart = planner.plan(intent, unshared(cluster), policy, model, profiles=corun, groups_in_flight=None)
+    assert apart.plan.placement_key() == alone.plan.placement_key()
