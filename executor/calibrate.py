@@ -175,20 +175,13 @@ def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int,
     goes meanwhile counts half. CPU only: what nodes sharing one machine's cores do to each other."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")         # a fork would copy this process's torch state mid-flight
-    fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)
+    step = _decode(stage, cut, 1, CORUN_CONTEXT)
+    timer = _Timer(torch.device("cpu"), repeats)
     runs = max(15, 3 * repeats)
 
     def timed() -> float:
-        fn()
-        reset()
-        ts = []
-        for _ in range(runs):
-            time.sleep(IDLE_S)
-            t0 = time.perf_counter()
-            fn()
-            ts.append(1e3 * (time.perf_counter() - t0))
-            reset()
-        return statistics.median(ts)
+        timer._once(*step)                      # warm-up
+        return statistics.median(timer._once(*step) for _ in range(runs))
     alone = timed()
     times, helpers, stop = [], [], ctx.Event()
     try:

@@ -286,7 +286,7 @@ class Corrections:
             others = [busy[o] for o in busy if o != node and n.host is not None and cluster.node(o).host == n.host]
             prof = profiles.find(n, model.name) if profiles else None
             if others and prof is not None and prof.corun is not None:
-                out[node] = sum(p * prof.corun_slowdown(1 + k) for k, p in enumerate(busy_count_distribution(others)))
+                out[node] = expected_slowdown(prof.corun_slowdown, others)
         return out
 
     def factor(self, node: str, phase: str) -> float:
@@ -343,6 +343,12 @@ def busy_count_distribution(probs: Sequence[float]) -> list[float]:
     return dist
 
 
+def expected_slowdown(slowdown: Callable[[float], float], others_busy: Sequence[float]) -> float:
+    """A step's expected slowdown from the other stages on its host, each busy with its probability:
+    sum_n P(n of them busy) * slowdown(1 + n)."""
+    return sum(p * slowdown(1 + n) for n, p in enumerate(busy_count_distribution(others_busy)))
+
+
 def host_slowdowns(hosts: Sequence[str | None], work_ms: Sequence[float], slowdown: Sequence[Callable[[float], float]],
                    round_of: Callable[[list[float]], float], iterations: int = 30) -> tuple[list[float], float]:
     """The slowdown of each stage's steps from the other stages on its host that compute at the same
@@ -364,10 +370,7 @@ def host_slowdowns(hosts: Sequence[str | None], work_ms: Sequence[float], slowdo
         if not (0 < r < math.inf):
             break
         u = [min(1.0, sigma[s] * work_ms[s] / r) for s in range(k)]
-        new = []
-        for s in range(k):
-            dist = busy_count_distribution([u[o] for o in shared[s]])
-            new.append(sum(p * slowdown[s](1 + n) for n, p in enumerate(dist)) if shared[s] else 1.0)
+        new = [expected_slowdown(slowdown[s], [u[o] for o in shared[s]]) if shared[s] else 1.0 for s in range(k)]
         # halfway to the new value: a longer round lowers u, which lowers sigma; damping keeps it from see-sawing
         step = max(abs(a - b) for a, b in zip(new, sigma))
         sigma = [(a + b) / 2 for a, b in zip(new, sigma)]
