@@ -166,7 +166,8 @@ class Autopilot:
         self._last_change: float | None = None       # when the last change was applied
         self._pause_s = self.config.pause_s          # expected switch pause, then the last one measured
         self._pending: Decision | None = None
-        self._replica_plans: dict = {}     # _replica_set's planner plans by nodes left, for one cluster state
+        # _replica_set's planner plans by the nodes already taken, for one cluster state: (state, {taken: plans})
+        self._replica_plans: tuple[tuple, dict[str, list[PlacementPlan]]] = ((), {})
         self._journal("autopilot", {"event": "start", "config": self.config.as_dict(),
                                     "intent": intent.model_dump(mode="json")})
 
@@ -236,9 +237,9 @@ class Autopilot:
         per service today: the operator can run the others as services of their own (`continuo serve
         --plan`) behind the same load balancer. The planner's plans are kept per set of nodes left."""
         cfg = self.config
-        key = (cluster.fingerprint(), ",".join(sorted(lost)))
-        if self._replica_plans.get("key") != key:
-            self._replica_plans = {"key": key}
+        state = (cluster.fingerprint(), ",".join(sorted(lost)))
+        if self._replica_plans[0] != state:
+            self._replica_plans = (state, {})
         used: list[str] = []
         chains, carried = [], 0.0
         while rate - carried > 1e-9 and len(chains) < MAX_REPLICAS:
@@ -276,8 +277,8 @@ class Autopilot:
 
     def _plans_without(self, cluster: Cluster, lost: dict[str, str], used: list[str]) -> list[PlacementPlan]:
         """The planner's plans (each seat level, cheapest and fastest) on the nodes neither lost nor `used`."""
-        key = ",".join(sorted(used))
-        if key not in self._replica_plans:
+        key, cache = ",".join(sorted(used)), self._replica_plans[1]
+        if key not in cache:
             from ..planner import Infeasible, plan as make_plan
             spec = self._planning_intent(lost)
             spec = spec.model_copy(update={"exclude_nodes": tuple(dict.fromkeys((*spec.exclude_nodes, *used)))})
@@ -293,8 +294,8 @@ class Autopilot:
                     except Infeasible:
                         break
                     found.setdefault(p.plan.placement_key(), p.plan.model_copy(update={"intent": sized}))
-            self._replica_plans[key] = list(found.values())
-        return self._replica_plans[key]
+            cache[key] = list(found.values())
+        return cache[key]
 
     # ------------------------------------------------------------------ observe
 
