@@ -2,7 +2,7 @@
 
     /v1/models  /v1/completions  /v1/chat/completions  (stream=true: server-sent events)
     /metrics (Prometheus)  /health  /admin/plan  /admin/nodes  /admin/reconfigure  /admin/reconfigurations
-    /admin/stats (telemetry)
+    /admin/stats (telemetry)  /admin/replicas (more pipelines of the model, on nodes of their own)
 
 With credentials (create_app(..., api_keys=, admin_tokens=)), /v1 takes an API key and /admin an
 admin token, both as `Authorization: Bearer <token>`; see "authentication" below.
@@ -36,7 +36,7 @@ from .engine import MAX_TOP_LOGPROBS, ContextTooLong, QueueFull, RequestOutput, 
 from .structured import GrammarError
 from .reconfig import ReconfigurationError
 from .runtime import WorkerDied
-from .service import Listener, Service, ServiceUnavailable
+from .service import Listener, ReplicaError, Service, ServiceUnavailable, UnknownReplica
 
 log = logging.getLogger("continuo.api")
 
@@ -288,6 +288,41 @@ RECONFIGURE_RESPONSES: dict[int | str, dict[str, Any]] = {
     500: _BUG,
     503: {"model": ErrorBody, "description": "the service cannot take requests (a worker died)"},
 }
+
+REPLICA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **RECONFIGURE_RESPONSES,
+    404: {"model": ErrorBody, "description": "no replica goes by that name"},
+    409: {"model": ErrorBody, "description": "the replica cannot be added or drained now (its nodes are taken, "
+                                             "down or busy moving, or its plan does not fit the service)"},
+}
+
+
+def _admin_call(fn, *args):
+    """An admin action on the service, its refusals as the routes document them (RECONFIGURE_RESPONSES,
+    REPLICA_RESPONSES): a malformed plan 400, the validator's refusal 422 with its report, no such
+    replica 404, a refusal of the service 409, a dead worker 503."""
+    from policies import InputError, PlanRejected
+    try:
+        return fn(*args)
+    except InputError as e:
+        raise APIError(400, str(e), param="plan") from None
+    except PlanRejected as e:
+        return _rejected(e)
+    except UnknownReplica as e:
+        raise APIError(404, str(e), code="replica_not_found") from None
+    except ReplicaError as e:
+        raise APIError(409, str(e), code="replica_refused") from None
+    except ReconfigurationError as e:
+        raise APIError(409, str(e), code="reconfiguration_refused") from None
+    except ServiceUnavailable as e:
+        raise APIError(503, str(e), "server_error", code="service_unavailable") from None
+
+
+def _rejected(e) -> JSONResponse:
+    """422: the validator refused a plan; its report says which rules and how to fix them."""
+    return JSONResponse({"error": {"message": "the validator refused the plan", "type": "plan_rejected",
+                                   "param": "plan", "code": "violations"},
+                         "report": e.report.model_dump(mode="json")}, status_code=422)
 
 
 def _err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
@@ -716,6 +751,14 @@ class ReconfigureBody(BaseModel):
     wait: bool = False
 
 
+class ReplicaBody(BaseModel):
+    """POST /admin/replicas: a plan for nodes of their own (the same shape as /admin/reconfigure's)."""
+    model_config = ConfigDict(extra="forbid")
+    plan: dict[str, Any]
+    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+                             description="the replica's name (default r1, r2, ...)")
+
+
 # --- the app --------------------------------------------------------------------------------------
 
 def create_app(service: Service, default_max_tokens: int = 256, *, api_keys: Iterable[str] | None = None,
@@ -1039,20 +1082,28 @@ def create_app(service: Service, default_max_tokens: int = 256, *, api_keys: Ite
     @app.post("/admin/reconfigure", **_protected(admin, RECONFIGURE_RESPONSES))
     async def admin_reconfigure(body: ReconfigureBody):
         """Validate the plan against the live state (policy, transition, freshness), then apply it."""
-        from policies import InputError, PlanRejected
-        try:
-            rep = await asyncio.to_thread(service.reconfigure_plan, body.plan, body.method, body.wait)
-        except InputError as e:
-            raise APIError(400, str(e), param="plan") from None
-        except PlanRejected as e:
-            return JSONResponse({"error": {"message": "the validator refused the plan", "type": "plan_rejected",
-                                           "param": "plan", "code": "violations"},
-                                 "report": e.report.model_dump(mode="json")}, status_code=422)
-        except ReconfigurationError as e:
-            raise APIError(409, str(e), code="reconfiguration_refused") from None
-        except ServiceUnavailable as e:
-            raise APIError(503, str(e), "server_error", code="service_unavailable") from None
-        return rep.as_dict()
+        out = await asyncio.to_thread(_admin_call, service.reconfigure_plan, body.plan, body.method, body.wait)
+        return out if isinstance(out, JSONResponse) else out.as_dict()
+
+    @app.get("/admin/replicas", **_protected(admin, ADMIN_RESPONSES))
+    async def admin_replicas():
+        """The pipelines beside the plan's: nodes, stages, state, what each holds."""
+        return {"replicas": service.replicas()}
+
+    @app.post("/admin/replicas", **_protected(admin, REPLICA_RESPONSES))
+    async def admin_add_replica(body: ReplicaBody):
+        """Validate the plan as a pipeline of its own against the live state and load it on its nodes,
+        which must be idle and live; new requests then go to the pipeline with the shortest queue.
+        Answers once the replica serves (its stages load meanwhile; the others serve on)."""
+        out = await asyncio.to_thread(_admin_call, service.add_replica_plan, body.plan, body.name)
+        return out if isinstance(out, JSONResponse) else out.as_dict()
+
+    @app.delete("/admin/replicas/{name}", **_protected(admin, REPLICA_RESPONSES))
+    async def admin_drain_replica(name: str, wait: bool = False):
+        """Drain a replica: no new requests go to it; it leaves once it has finished the ones it holds
+        (none is lost), and its nodes are free again. wait=true answers once it has left."""
+        out = await asyncio.to_thread(_admin_call, service.drain_replica, name, wait)
+        return out.as_dict()
 
     @app.get("/admin/reconfigurations", **_protected(admin, ADMIN_RESPONSES))
     async def admin_reconfigurations():

@@ -344,11 +344,12 @@ class Reconfiguration:
         self._enter("cleaning")
 
     def _restart(self) -> None:
-        """Stop the world: every node drops its layers, loads the new ones, requests re-prefill."""
-        from .transport import DropStage
+        """Stop the world: every node drops its layers, loads the new ones, requests re-prefill.
+        A replica's nodes (another pipeline of the service) are not the plan's and keep theirs."""
         self.committed = True           # from here on there is no old plan to go back to
+        from .transport import DropStage
         for node in self.rt.nodes:
-            if node not in self.rt.dead:
+            if node not in self.rt.dead and node not in self.rt.replica_nodes | self.rt.loading:
                 self.rt.call(node, DropStage())
         self.rt.load([(p.node, p.start, p.end) for p in self.new], self.source, self.dtype, self.blocks,
                      self.block_size)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .stage import StepBatch
-from .transport import (JOIN_TOKEN_ENV, Free, Hop, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, recv_obj,
+from .transport import (JOIN_TOKEN_ENV, DropStage, Free, Hop, LoadStage, Reply, Shutdown, Stats, Step, WorkerInfo, recv_obj,
                         recv_tensor_info, send_obj, serve_rendezvous, settle, wait_all)
 
 
@@ -95,6 +95,10 @@ class NodeRuntime:
         self.devices: dict[str, str] = {}
         self.placement: list[StagePlacement] = []
         self.lock = threading.RLock()      # one conversation with the workers at a time
+        # Nodes a replica is being loaded onto: a thread other than the engine loop's waits for their
+        # reply, so nothing else talks to them until it is in (free and stats pass them by).
+        self.loading: set[str] = set()
+        self.replica_nodes: set[str] = set()   # nodes a replica serves on: the plan's reconfigurations keep off
 
     @classmethod
     def local(cls, nodes: Sequence[str], threads_per_worker: int | None = None, timeout: float = 120.0,
@@ -274,14 +278,55 @@ class NodeRuntime:
             self.devices[node] = self.store.get(f"device/{node}").decode()
         return self.devices[node]
 
-    def route(self) -> tuple[Hop, ...]:
+    def route(self, placement: Sequence[StagePlacement] | None = None) -> tuple[Hop, ...]:
         return tuple(Hop(self.ranks[p.node], p.start, p.end, self.device(p.node).startswith("cuda"))
-                     for p in self.placement)
+                     for p in (self.placement if placement is None else placement))
+
+    def load_replica(self, stages: Sequence[tuple[str, int, int]], source=None, dtype: str = "float32",
+                     num_kv_blocks: int = 512, block_size: int = 16) -> list[StagePlacement]:
+        """Load a second pipeline's stages onto idle nodes while the first one serves.
+
+        Called from a thread of its own, not the engine loop's: each LoadStage is sent under the lock
+        (an idle worker takes it at once), and its reply, seconds later, is waited for without it, so
+        the serving pipeline's steps go on meanwhile. The nodes are `loading` until then."""
+        nodes = [n for n, _, _ in stages]
+        with self.lock:
+            taken = {p.node for p in self.placement} | self.loading
+            clash = [n for n in nodes if n in taken or n in self.dead or n not in self.ranks]
+            if clash or len(set(nodes)) != len(nodes):
+                raise ValueError(f"a replica needs idle, live nodes of its own; {clash or nodes} cannot take one")
+            self.loading |= set(nodes)
+        try:
+            for n, a, b in stages:
+                rank = self.ranks[n]
+                with self.lock:
+                    self.catch_up(n)
+                    self._guard(n, lambda: wait_all(send_obj(LoadStage(a, b, source, dtype, num_kv_blocks,
+                                                                       block_size), rank)))
+                reply: Reply = self._guard(n, lambda: recv_obj(rank))
+                if not reply.ok:
+                    raise WorkerError(f"{n}: {reply.error}")
+        except BaseException:
+            self.drop(nodes)
+            raise
+        finally:
+            with self.lock:
+                self.loading -= set(nodes)
+        return [StagePlacement(n, a, b) for n, a, b in stages]
+
+    def drop(self, nodes: Sequence[str]) -> None:
+        """Each of these live nodes forgets its stage (a replica that drained, or failed to load)."""
+        for n in nodes:
+            if n not in self.dead:
+                try:
+                    self.call(n, DropStage())
+                except (WorkerDied, WorkerError):
+                    pass
 
     def stats(self) -> list[WorkerInfo]:
         out = []
         for n in self.nodes:
-            if n in self.dead:
+            if n in self.dead or n in self.loading:
                 continue
             try:
                 out.append(self.call(n, Stats()))
@@ -296,8 +341,10 @@ class NodeRuntime:
                 self.dead[n] = self.last_words(n) or f"process exited with code {p.returncode}"
         return {n: ("dead: " + self.dead[n]) if n in self.dead else "ok" for n in self.nodes}
 
-    def pipeline(self, num_layers: int) -> "DistributedPipeline":
-        return DistributedPipeline(self, num_layers)
+    def pipeline(self, num_layers: int, placement: Sequence[StagePlacement] | None = None) -> "DistributedPipeline":
+        """The engine's view of the stages: the plan's (self.placement, which a reconfiguration
+        changes), or a replica's own, fixed placement."""
+        return DistributedPipeline(self, num_layers, placement=placement)
 
     def shutdown(self) -> None:
         with self.lock:
@@ -344,8 +391,9 @@ class DistributedPipeline:
     """The stages on the workers, presented to the engine as one Stage (layers [0, L))."""
 
     def __init__(self, runtime: NodeRuntime, num_layers: int, micro_batches: int | None = None,
-                 min_tokens_per_micro_batch: int = 16):
+                 min_tokens_per_micro_batch: int = 16, placement: Sequence[StagePlacement] | None = None):
         self.rt, self.start, self.end = runtime, 0, num_layers
+        self.own = None if placement is None else list(placement)    # a replica's stages; None: the plan's
         self.micro_batches = micro_batches
         # A micro-batch re-reads every weight of a stage. Below a few tokens per micro-batch a step is
         # bound by those reads (decode on CPU), and cutting it only multiplies them: measured 0.61x vs
@@ -361,12 +409,16 @@ class DistributedPipeline:
     @property
     def depth(self) -> int:
         """Stages a step runs through: the engine keeps this many groups of requests in flight."""
-        return len(self.rt.placement)
+        return len(self.placement)
+
+    @property
+    def placement(self) -> list[StagePlacement]:
+        return self.rt.placement if self.own is None else self.own
 
     def launch(self, batch: StepBatch) -> "Ticket":
         """Send one step into the pipeline and return at once; finish() waits for its logits. Steps
         launched one after the other are taken in that order by every stage (one channel each)."""
-        route = self.rt.route()
+        route = self.rt.route(self.own)
         ranks = list(dict.fromkeys(h.rank for h in route))
         mbs = split_rows(batch, self.parts(batch, len(route)))
         t0 = time.perf_counter()
@@ -411,10 +463,13 @@ class DistributedPipeline:
             return
         # Every live worker hears it, not only the route: a node filling up for a reconfiguration
         # holds KV of these requests too.
-        serving = {p.node for p in self.rt.placement}
+        serving = {p.node for p in self.placement}
+        # A replica's KV is on its own nodes only; the plan's may also be on nodes a reconfiguration
+        # fills, so every node that no replica holds hears it.
+        told = serving if self.own is not None else set(self.rt.ranks) - self.rt.replica_nodes
         with self.rt.lock:
             for node, r in self.rt.ranks.items():
-                if node in self.rt.dead:
+                if node in self.rt.dead or node in self.rt.loading or node not in told:
                     continue
                 works: list = []
                 try:

@@ -59,12 +59,52 @@ class Listener:
     on_done: Callable[[RequestOutput | None, str | None], None] | None = None   # (output, error)
 
 
+class ReplicaError(ReconfigurationError):
+    """A replica cannot be added or drained as asked (its nodes are taken, it is unknown, ...)."""
+
+
+class UnknownReplica(ReplicaError):
+    """No replica goes by that name."""
+
+
+@dataclass(eq=False)
+class Replica:
+    """Another pipeline of the service's model, on nodes of its own: its own engine (scheduler, KV
+    pool, groups in flight) over its own stages. The service's plan is the first pipeline; each new
+    request goes to the pipeline with the fewest outstanding requests (join the shortest queue), so
+    a slower one takes fewer. A replica is validated as a plan of its own; privacy, memory and SLO
+    rules hold for it as for the plan."""
+    name: str
+    validated: ValidatedPlan
+    engine: Engine
+    state: str = "serving"                 # serving -> draining -> drained; or failed
+    error: str | None = None
+    added: float = field(default_factory=time.time)
+    gone: threading.Event = field(default_factory=threading.Event)   # drained or failed
+
+    @property
+    def nodes(self) -> list[str]:
+        return [st.node for st in self.validated.plan.stages]
+
+    def as_dict(self) -> dict[str, Any]:
+        plan = self.validated.plan
+        return {"name": self.name, "state": self.state, "error": self.error, "nodes": self.nodes,
+                "stages": [{"node": st.node, "start": st.start, "stop": st.stop} for st in plan.stages],
+                "outstanding": len(self.engine.seqs), "kv_blocks": self.engine.config.num_kv_blocks,
+                "plan": plan.model_dump(mode="json"), "added": self.added}
+
+
 class EngineLoop(threading.Thread):
-    """Steps the engine while it has work; runs handed-in calls at iteration boundaries."""
+    """Steps the engine while it has work; runs handed-in calls at iteration boundaries.
+
+    With replicas (Service.add_replica) it steps every pipeline's engine in turn: each launches its
+    idle groups and waits for its oldest step, while the others' steps run on their own nodes."""
 
     def __init__(self, engine: Engine, telemetry: Telemetry | None = None):
         super().__init__(name="engine-loop", daemon=True)
         self.engine = engine
+        self.replicas: dict[str, Replica] = {}   # changed on this thread only (calls)
+        self.runtime: NodeRuntime | None = None   # to drop a drained replica's stages
         self.telemetry = telemetry or Telemetry()
         self.calls: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self.wake = threading.Event()
@@ -96,10 +136,16 @@ class EngineLoop(threading.Thread):
         rc = self.reconfig
         reconfiguring = rc is not None and not rc.done and self.broken is None
         # Calls and reconfiguration rounds talk to the workers out of turn: with groups of
-        # requests in flight (Engine.groups) the pipeline is drained first.
-        if self.engine.inflight and (reconfiguring or any(q for _, _, q in list(self.calls.queue))):
+        # requests in flight (Engine.groups) the pipeline is drained first. A reconfiguration talks
+        # to the plan's nodes only (a replica's are never in it), so the replicas step on.
+        quiet = any(q for _, _, q in list(self.calls.queue))
+        if self.engine.inflight and (reconfiguring or quiet):
             if self._guarded(self.engine.drain) is None:
                 return
+        if quiet:
+            for rep in self.active():
+                if rep.engine.inflight:
+                    self._guarded(rep.engine.drain, rep)
         while not self.calls.empty():
             fn, fut, _ = self.calls.get()
             try:
@@ -116,26 +162,51 @@ class EngineLoop(threading.Thread):
                 traceback.print_exc()   # never leave it (and its waiter) unfinished with the loop gone
                 rc.fail(f"reconfiguration failed in {rc.state}: {type(e).__name__}: {e}")
                 return
-        if self.broken is None and self.engine.has_unfinished():
-            t0 = time.perf_counter()
-            done = self._guarded(self.engine.step)
-            if done is not None and self.telemetry.enabled:
-                self.observe(time.perf_counter() - t0, done)
-        else:
+        stepped = False
+        if self.broken is None:
+            for engine, rep in [(self.engine, None), *((r.engine, r) for r in self.active())]:
+                if self.broken is None and engine.has_unfinished():
+                    t0 = time.perf_counter()
+                    done = self._guarded(engine.step, rep)
+                    stepped = True
+                    if done is not None and self.telemetry.enabled:
+                        self.observe(time.perf_counter() - t0, done)
+            self._retire()
+        if not stepped:
             self.wake.wait(0.002 if rc is not None and not rc.done else 0.05)
             self.wake.clear()
 
-    def _guarded(self, step: Callable[[], list[RequestOutput]]) -> list[RequestOutput] | None:
+    def active(self) -> list[Replica]:
+        """The replicas that step: serving, or draining what they hold."""
+        return [r for r in self.replicas.values() if r.state in ("serving", "draining")]
+
+    def engines(self) -> list[Engine]:
+        """The plan's engine, then each active replica's."""
+        return [self.engine, *(r.engine for r in self.active())]
+
+    def _retire(self) -> None:
+        """A draining replica with nothing left to finish leaves: its nodes forget their stages."""
+        for rep in [r for r in self.replicas.values() if r.state == "draining" and not r.engine.has_unfinished()]:
+            if self.runtime is not None:     # nodes first: once it is off the list, they are free
+                self.runtime.drop(rep.nodes)
+                self.runtime.replica_nodes -= set(rep.nodes)
+            del self.replicas[rep.name]
+            rep.state = "drained"
+            rep.gone.set()
+
+    def _guarded(self, step: Callable[[], list[RequestOutput]], replica: Replica | None = None) -> list[RequestOutput] | None:
         """Run a step (or a drain) and hand its finished requests to their listeners; a failure
-        fails everything in flight and returns None."""
+        fails everything in flight and returns None (a replica's fails that replica only)."""
         try:
             done = step()
-        except WorkerDied as e:
-            self.fail_all(e)
-            return None
-        except Exception as e:      # our bug: say so loudly, fail what is in flight, never hang
-            traceback.print_exc()
-            self.fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
+        except Exception as e:      # noqa: BLE001 -- a dead worker, or our bug: fail what is in flight, never hang
+            if not isinstance(e, WorkerDied):
+                traceback.print_exc()
+                e = RuntimeError(f"engine step failed: {type(e).__name__}: {e}")
+            if replica is not None:
+                self.fail_replica(replica, e)
+            else:
+                self.fail_all(e)
             return None
         for out in done:
             lst = self.listeners.pop(out.req_id, None)
@@ -145,35 +216,53 @@ class EngineLoop(threading.Thread):
 
     def observe(self, wall_s: float, done: list[RequestOutput]) -> None:
         """Telemetry of the step that just ended (its pipeline part came with the logits)."""
-        tel, sched = self.telemetry, self.engine.scheduler
+        tel, engines = self.telemetry, self.engines()
         local = {f"stage{i}": (st.cache.num_blocks - st.cache.num_free_blocks, st.cache.num_blocks)
                  for i, st in enumerate(self.engine.stages) if hasattr(st, "cache")}
-        tel.step(wall_s, len(sched.waiting), len(sched.running), local)
+        tel.step(wall_s, sum(len(e.scheduler.waiting) for e in engines),
+                 sum(len(e.scheduler.running) for e in engines), local)
         for out in done:
             tel.finished(out.tpot, out.finish_reason)
 
     def fail_all(self, err: Exception) -> None:
         """A worker died mid-step: every in-flight request ends with a clear error, none hangs."""
         self.broken = err
-        for _ in self.listeners:
-            self.telemetry.finished(None, "error")
-        self.engine.abandon()
         rc = self.reconfig
         if rc is not None and not rc.done:
             try:
                 rc.fail(str(err))       # ended, not left in its phase: its waiter and history learn why
             except Exception:           # noqa: BLE001 -- the requests below must fail whatever happens
                 pass
-        for req_id, lst in list(self.listeners.items()):
-            self.engine.cancel(req_id)
+        for rep in self.active():
+            self.fail_replica(rep, err)
+        self._fail_engine(self.engine, err)
+        for lst in self.listeners.values():     # none should be left; if one is, it must not hang
             if lst.on_done:
                 lst.on_done(None, str(err))
         self.listeners.clear()
-        sched = self.engine.scheduler
+
+    def fail_replica(self, rep: Replica, err: Exception) -> None:
+        """A replica's worker died (or its step failed): its requests end with the error, it leaves
+        the routing, and the other pipelines serve on. Its nodes stay reserved (their workers may be
+        mid-step) until `Service.drain_replica` releases them."""
+        rep.state, rep.error = "failed", str(err)
+        self._fail_engine(rep.engine, err)
+        rep.gone.set()
+
+    def _fail_engine(self, engine: Engine, err: Exception) -> None:
+        """Every request of this engine ends with a clear error; none hangs."""
+        engine.abandon()
+        for req_id in list(engine.seqs):
+            lst = self.listeners.pop(req_id, None)
+            self.telemetry.finished(None, "error")
+            engine.cancel(req_id)
+            if lst is not None and lst.on_done:
+                lst.on_done(None, str(err))
+        sched = engine.scheduler
         with sched.lock:
             sched.waiting.clear()
             sched.running.clear()
-        self.engine.seqs.clear()
+        engine.seqs.clear()
 
     def stop(self) -> None:
         self.stopped = True
@@ -227,15 +316,18 @@ class Service:
         if self.runtime is not None:
             self.telemetry.node_of = lambda rank: self.runtime.node_of.get(rank, f"rank{rank}")
         self.loop = EngineLoop(self.engine, self.telemetry)
+        self.loop.runtime = self.runtime
+        self._replica_lock = threading.Lock()    # one replica added or removed at a time
         self.set_telemetry(self.telemetry.enabled)
         self.loop.start()
 
     def set_telemetry(self, on: bool) -> None:
         """Telemetry on or off (off: workers send no step records, the loop records nothing)."""
         self.telemetry.enabled = on
-        for stage in self.engine.stages:
-            if hasattr(stage, "on_step"):           # a pipeline over workers
-                stage.on_step = self.telemetry.pipeline_step if on else None
+        for engine in self.loop.engines():
+            for stage in engine.stages:
+                if hasattr(stage, "on_step"):       # a pipeline over workers
+                    stage.on_step = self.telemetry.pipeline_step if on else None
 
     # --- construction ------------------------------------------------------------------------
 
@@ -300,10 +392,11 @@ class Service:
         def add() -> int:
             if self.loop.broken is not None:      # it broke between the check above and now
                 raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
-            req_id = self.engine.add_request(prompt, params, on_token)
+            engine = self._route()
+            req_id = engine.add_request(prompt, params, on_token)
             self.loop.listeners[req_id] = listener
             if self.telemetry.enabled:
-                self.telemetry.arrival(len(self.engine.seqs[req_id].prompt_ids))
+                self.telemetry.arrival(len(engine.seqs[req_id].prompt_ids))
             return req_id
         req_id = self.loop.call(add, quiet=False)     # engine state only: no need to drain the pipeline
         self.loop.wake.set()
@@ -324,8 +417,15 @@ class Service:
                 user(tok, seq.logprobs[-1] if seq.logprobs else None)
         return on_token
 
+    def _route(self) -> Engine:
+        """The pipeline a new request joins: the one with the fewest outstanding requests (the plan's
+        on a tie). Called on the engine thread."""
+        serving = [self.engine, *(r.engine for r in self.loop.replicas.values() if r.state == "serving")]
+        return min(serving, key=lambda e: len(e.seqs))
+
     def cancel(self, req_id: int) -> None:
-        self.engine.cancel(req_id)
+        for engine in self.loop.engines():
+            engine.cancel(req_id)           # only the engine that holds it has it
 
     def generate(self, prompt: str | list[int], params: SamplingParams, timeout: float = 600) -> RequestOutput:
         """Blocking convenience: submit and wait for the finished output."""
@@ -343,10 +443,10 @@ class Service:
         return self.engine.tokenizer
 
     def queue_depth(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        return sum(len(e.scheduler.waiting) for e in self.loop.engines())
 
     def running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return sum(len(e.scheduler.running) for e in self.loop.engines())
 
     def health(self) -> dict[str, Any]:
         nodes = self.runtime.health() if self.runtime else {}
@@ -395,6 +495,12 @@ class Service:
             raise ReconfigurationError(f"reconfiguration {self.loop.reconfig.rid} is still under way")
         if self.loop.broken is not None:
             raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
+        taken = {n: r.name for r in self.loop.replicas.values() for n in r.nodes}
+        taken.update({n: "a replica being loaded" for n in self.runtime.loading})
+        clash = [f"{st.node} ({taken[st.node]})" for st in validated.plan.stages if st.node in taken]
+        if clash:
+            raise ReconfigurationError(f"the plan places stages on nodes another pipeline of this service holds: "
+                                       f"{', '.join(clash)}; drain that replica first (DELETE /admin/replicas/NAME)")
         cfg, kv = self.engine.config, validated.kv
         if kv.block_size != cfg.block_size:
             raise ReconfigurationError(f"the plan reserves KV in blocks of {kv.block_size} tokens, the service runs "
@@ -431,6 +537,12 @@ class Service:
         """Validate a plain plan against the live state (policy, transition from the live plan, freshness)
         and apply it. Raises PlanRejected (with the report), or InputError for a malformed plan or one
         without a cluster_fingerprint (its freshness could not be shown)."""
+        plan = self._plain_plan(plan)
+        validated = approve(plan, self.cluster, self.policy, plan.intent, self.model_spec, current=self.plan.plan)
+        return self.reconfigure(validated, method=method, wait=wait)
+
+    def _plain_plan(self, plan: dict | PlacementPlan) -> PlacementPlan:
+        """A plan handed in as JSON, parsed and carrying the fingerprint it was made from."""
         if self.policy is None:
             raise ReconfigurationError("this service was started without a policy pack; hand in a ValidatedPlan")
         if isinstance(plan, dict):
@@ -445,8 +557,96 @@ class Service:
                              "state that holds now cannot be shown; make it from the live state (`continuo plan`, "
                              "or start from GET /admin/plan, which carries the fingerprint) and send it with its "
                              "cluster_fingerprint", field="cluster_fingerprint")
-        validated = approve(plan, self.cluster, self.policy, plan.intent, self.model_spec, current=self.plan.plan)
-        return self.reconfigure(validated, method=method, wait=wait)
+        return plan
+
+    # --- replicas: more pipelines of the same model, on nodes of their own ---------------------------
+
+    def add_replica(self, validated: ValidatedPlan, name: str | None = None) -> Replica:
+        """Load a second (third, ...) pipeline of the model on idle nodes while the plan serves, then
+        route new requests to it as well. Blocks while its stages load (seconds); the serving
+        pipelines step on meanwhile. Raises ReplicaError when its nodes are not idle and live, or it
+        does not fit the service (model, KV block size, context window)."""
+        validated = _genuine(validated)
+        if self.runtime is None or self.plan is None:
+            raise ReplicaError("this service runs in one process; a replica needs node workers")
+        if self.loop.broken is not None:
+            raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
+        if validated.cluster_fingerprint != self.cluster.fingerprint():
+            raise ReplicaError(f"plan was validated against cluster state {validated.cluster_fingerprint}, "
+                               f"now {self.cluster.fingerprint()}: validate it again")
+        if validated.plan.model != self.plan.plan.model:
+            raise ReplicaError(f"the replica's plan serves {validated.plan.model!r}; this service serves "
+                               f"{self.plan.plan.model!r}")
+        cfg, kv = self.engine.config, validated.kv
+        if kv.block_size != cfg.block_size or kv.tokens < cfg.max_model_len:
+            raise ReplicaError(f"the replica's plan reserves KV for {kv.tokens} tokens in blocks of {kv.block_size}; "
+                               f"this service runs a context window of {cfg.max_model_len} in blocks of "
+                               f"{cfg.block_size}: plan it from the same intent")
+        nodes = [st.node for st in validated.plan.stages]
+        rt = self.runtime
+        with self._replica_lock:
+            if name is not None and (not name.isidentifier() or name in self.loop.replicas):
+                raise ReplicaError(f"replica name {name!r} is taken or not a plain name")
+            name = name or next(f"r{i}" for i in range(1, 10_000) if f"r{i}" not in self.loop.replicas)
+            rc = self.loop.reconfig
+            moving = set(rc.rebuilt) if rc is not None and not rc.done else set()
+            owner = {**{st.node: "the plan" for st in self.plan.plan.stages}, **{n: "the reconfiguration under way"
+                     for n in moving}, **{n: r.name for r in self.loop.replicas.values() for n in r.nodes}}
+            busy = [f"{n} ({owner[n]})" for n in nodes if n in owner]
+            busy += [f"{n} ({'down' if n not in rt.ranks else 'dead: ' + rt.dead[n]})"
+                     for n in nodes if n not in rt.ranks or n in rt.dead]
+            if busy:
+                raise ReplicaError(f"a replica needs idle, live nodes of its own; taken: {', '.join(busy)}")
+            rt.replica_nodes |= set(nodes)         # the plan's reconfigurations keep off them from now
+        try:
+            placement = rt.load_replica([(st.node, st.start, st.stop) for st in validated.plan.stages],
+                                        self.source, self.dtype, kv.blocks, kv.block_size)
+            pipeline = rt.pipeline(rt.num_layers, placement)
+            pipeline.on_step = self.telemetry.pipeline_step if self.telemetry.enabled else None
+            engine = Engine([pipeline], dataclasses.replace(cfg, num_kv_blocks=kv.blocks), self.engine.tokenizer,
+                            self.engine.eos_token_ids, self.engine.vocab_size)
+            rep = Replica(name, validated, engine)
+
+            def register() -> None:
+                if self.loop.broken is not None:
+                    raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
+                self.loop.replicas[name] = rep
+            self.loop.call(register, quiet=False)
+        except BaseException:
+            rt.replica_nodes -= set(nodes)
+            raise
+        return rep
+
+    def add_replica_plan(self, plan: dict | PlacementPlan, name: str | None = None) -> Replica:
+        """POST /admin/replicas: validate a plain plan as a pipeline of its own (policy, memory, SLO,
+        freshness; no transition, since nothing moves) and add it as a replica."""
+        plan = self._plain_plan(plan)
+        validated = approve(plan, self.cluster, self.policy, plan.intent, self.model_spec, current=None)
+        return self.add_replica(validated, name)
+
+    def drain_replica(self, name: str, wait: bool = True, timeout: float = 600.0) -> Replica:
+        """Stop routing new requests to a replica; it leaves once it has finished what it holds (none
+        is lost) and its nodes forget their stages. A failed replica is released at once."""
+        rep = self.loop.replicas.get(name)
+        if rep is None:
+            raise UnknownReplica(f"no replica named {name!r} (replicas: {', '.join(self.loop.replicas) or 'none'})")
+
+        def drain() -> None:
+            if rep.state == "serving":
+                rep.state = "draining"
+            elif rep.state == "failed":
+                self.runtime.drop([n for n in rep.nodes if n not in self.runtime.dead])
+                self.runtime.replica_nodes -= set(rep.nodes)
+                self.loop.replicas.pop(rep.name, None)
+        self.loop.call(drain, quiet=False)
+        self.loop.wake.set()
+        if wait and not rep.gone.wait(timeout):
+            raise ReplicaError(f"replica {name} still holds {len(rep.engine.seqs)} requests after {timeout:g} s")
+        return rep
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """GET /admin/replicas: the pipelines beside the plan's, with what each holds."""
+        return [r.as_dict() for r in list(self.loop.replicas.values())]
 
     @property
     def model_spec(self) -> ModelSpec:

@@ -229,7 +229,7 @@ def test_a_plan_the_validator_rejects_is_never_applied():
                         intent=intent, stages=(Stage(node="cloud-1", first_layer=0, last_layer=29),))
 
     class BadCandidates(Autopilot):
-        def _plans(self, cluster, lost, live=None):
+        def _plans(self, cluster, lost, live=None, taken=()):
             return [bad]
     tg = ScriptedTarget(plan_of(*TWO, intent=intent))
     ap = BadCandidates(tg, intent, POLICY, MODEL, AutopilotConfig(mode="auto", hysteresis=1))
@@ -248,7 +248,7 @@ def test_the_gate_still_rejects_what_the_choice_let_through():
                         intent=intent, stages=(Stage(node="cloud-1", first_layer=0, last_layer=29),))
 
     class BadChoice(Autopilot):
-        def _plans(self, cluster, lost, live=None):
+        def _plans(self, cluster, lost, live=None, taken=()):
             return [bad]
 
         def _choose(self, current, assessed, lost, cluster, load, check=None, down=None, reachable=None):
@@ -441,3 +441,102 @@ def test_a_forecast_beyond_any_one_pipeline_says_it_takes_a_second_replica():
     tg2 = ScriptedTarget(plan_of(("edge-a", 0, 29)))
     ap2 = pilot(tg2, hysteresis=1)
     assert all("replica" not in d.reason and d.replica is None for d in run(ap2, tg2, [0.5 * most] * 3))
+
+
+# ------------------------------------------------------------------ replicas beside the plan
+
+class ReplicaTarget(ScriptedTarget):
+    """A ScriptedTarget that runs replicas as the service does: on nodes of their own, sealed plans only;
+    a drained replica shows as draining once, then is gone."""
+
+    def __init__(self, plan, cluster=CLUSTER):
+        super().__init__(plan, cluster)
+        self.reps: list[dict] = []
+        self.added: list[str] = []
+        self.drained: list[str] = []
+
+    def replicas(self) -> list[dict]:
+        out = [dict(r) for r in self.reps]
+        self.reps = [r for r in self.reps if r["state"] != "draining"]
+        return out
+
+    def add_replica(self, validated) -> dict:
+        validated.verify()
+        nodes = list(validated.plan.nodes)
+        held = set(self.plan.nodes) | {n for r in self.reps for n in r["nodes"]}
+        assert not held & set(nodes), (held, nodes)
+        name = f"r{len(self.added) + 1}"
+        self.reps.append({"name": name, "state": "serving", "nodes": nodes, "added": self.t,
+                          "plan": validated.plan.model_dump(mode="json")})
+        self.added.append(validated.plan.summary())
+        return {"ok": True, "name": name, "state": "serving"}
+
+    def drain_replica(self, name) -> dict:
+        r = next(r for r in self.reps if r["name"] == name)
+        if r["state"] == "failed":
+            self.reps.remove(r)
+        else:
+            r["state"] = "draining"
+        self.drained.append(name)
+        return {"ok": True, "name": name, "state": "draining"}
+
+
+def most_capacity(ap) -> float:
+    return max(capacity(ap, *s) for s in ([("edge-a", 0, 29)], TWO,
+                                          [("edge-a", 0, 9), ("edge-b", 10, 19), ("cloud-1", 20, 29)]))
+
+
+def test_a_forecast_beyond_one_pipeline_adds_a_replica_on_free_nodes_and_drains_it_when_load_falls():
+    tg = ReplicaTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=2, cooldown_s=30.0, alpha=1.0, beta=0.01)
+    high = 1.5 * most_capacity(ap)
+    ds = run(ap, tg, [high] * 2)
+    assert [d.status for d in ds] == ["waiting", "applied"] and ds[1].action == "add_replica", ds[1].reason
+    assert "scale out" in ds[1].reason and tg.added and tg.applied == []     # the plan itself stayed
+    rep_nodes = tg.reps[0]["nodes"]
+    assert "edge-a" not in rep_nodes
+    assert review(PlacementPlan.model_validate(tg.reps[0]["plan"]), CLUSTER, POLICY, INTENT, MODEL)[0].ok
+    ds = run(ap, tg, [high] * 6)
+    # the plan is judged at its share and never moves onto a replica's nodes
+    assert not any(set(PlacementPlan.model_validate(r["plan"]).nodes) & set(tg.plan.nodes) for r in tg.reps)
+    assert len(tg.reps) <= ap.config.max_replicas
+    assert any(d.forecast.get("plan_share", 1.0) < 1.0 for d in ds)
+    # load gone: the newest replica drains (its requests finish; the target shows it draining, then gone)
+    ds = run(ap, tg, [0.0] * 12)
+    assert tg.drained and any(d.action == "drain_replica" and d.status == "applied" and "scale in" in d.reason
+                              for d in ds)
+    assert tg.reps == [] and len(set(tg.plan.nodes)) == 1
+
+
+def test_a_failed_replica_is_released_at_once():
+    tg = ReplicaTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=5, cooldown_s=600.0)
+    ap._last_change = 0.0
+    tg.reps = [{"name": "r1", "state": "failed", "error": "worker on edge-b died", "nodes": ["edge-b"], "added": 0.0,
+                "plan": plan_of(("edge-b", 0, 29)).model_dump(mode="json")}]
+    d = run(ap, tg, [0.1])[0]
+    assert d.action == "drop_replica" and d.status == "applied" and "worker on edge-b died" in d.reason
+    assert tg.drained == ["r1"] and tg.reps == []
+
+
+def test_advisory_and_max_replicas_zero_add_no_replica():
+    for knobs in ({"mode": "advisory"}, {"max_replicas": 0}):
+        tg = ReplicaTarget(plan_of(("edge-a", 0, 29)))
+        ap = pilot(tg, hysteresis=1, **knobs)
+        ds = run(ap, tg, [1.5 * most_capacity(ap)] * 3)
+        assert tg.added == [] and tg.reps == []
+        if knobs.get("mode") == "advisory":
+            assert any(d.action == "add_replica" and d.status == "advised" for d in ds)
+        else:
+            assert all(d.action != "add_replica" for d in ds) and ds[-1].replica["chains"]
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.3])
+def test_no_replica_flips_under_constant_load(factor):
+    import numpy as np
+    tg = ReplicaTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg, hysteresis=3, cooldown_s=60.0)
+    rate = factor * most_capacity(ap)
+    run(ap, tg, list(np.random.default_rng(3).poisson(rate * 10, size=40) / 10))
+    assert tg.drained == [], (tg.added, tg.drained)
+    assert len(tg.added) <= ap.config.max_replicas

@@ -78,7 +78,8 @@ def _served(case) -> None:
 # fuzzed with invalid data too; the others have nothing to make invalid.
 OPERATIONS = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
               ("GET", "/health"), ("GET", "/metrics"), ("GET", "/admin/plan"), ("POST", "/admin/reconfigure"),
-              ("GET", "/admin/reconfigurations"), ("GET", "/admin/nodes"), ("GET", "/admin/stats")]
+              ("GET", "/admin/reconfigurations"), ("GET", "/admin/nodes"), ("GET", "/admin/stats"),
+              ("GET", "/admin/replicas"), ("POST", "/admin/replicas"), ("DELETE", "/admin/replicas/{name}")]
 CASES = [(m, p, mode) for m, p in OPERATIONS for mode in ("positive", "negative") if m == "POST" or mode == "positive"]
 MODES = {"positive": schemathesis.GenerationMode.POSITIVE, "negative": schemathesis.GenerationMode.NEGATIVE}
 

@@ -154,6 +154,55 @@ def test_sim_target_refuses_a_plan_on_a_node_that_went_down(fleet):
     assert not rep["ok"] and "euc-h100-1" in rep["error"]
 
 
+def test_replica_sim_target_alone_is_sim_target(fleet):
+    """Routing the trace itself changes nothing while the plan serves alone."""
+    from agent.autopilot.sim_target import ReplicaSimTarget
+    sc = fleet
+    a = _plan(sc, *A)
+    runs = []
+    for kind in (SimTarget, ReplicaSimTarget):
+        t = kind(sc.cluster, a, sc.model, sc.trace, intent=sc.intent, engine=ev.engine_for(sc.intent), window="300s")
+        for k in range(1, 7):
+            t.advance(300.0 * k)
+            snap = t.snapshot()
+        r = t.session.finish()
+        runs.append(({f: getattr(r, f) for f in FIELDS}, snap["windows"]["300s"]["arrival_rate"]))
+    assert runs[0] == runs[1]
+
+
+def test_replica_sim_target_splits_the_load_and_drains_without_losing_a_request(fleet):
+    from agent.autopilot.sim_target import ReplicaSimTarget, load_seconds
+    sc = fleet
+    a = _plan(sc, *A)
+    other = ev.smallest_plan(sc, exclude=tuple(n for n, _, _ in A))
+    assert other is not None and not set(other.nodes) & set(a.nodes)
+    t = ReplicaSimTarget(sc.cluster, a, sc.model, sc.trace, intent=sc.intent, engine=ev.engine_for(sc.intent),
+                         window="300s")
+    t.advance(300.0)
+    t.snapshot()                                                                 # the next window starts at 300 s
+    assert t.add_replica(other)["ok"] is False                                   # not sealed
+    assert not t.add_replica(approve(a, sc.cluster, sc.policy, a.intent, sc.model))["ok"]   # the plan's nodes
+    rep = t.add_replica(approve(other, sc.cluster, sc.policy, other.intent, sc.model))
+    assert rep["ok"] and [r["name"] for r in t.replicas()] == ["r1"]
+    t.advance(900.0)
+    r1 = t.started[0]
+    assert r1.ready_s == pytest.approx(300.0 + load_seconds(sc.cluster, sc.model, other))
+    assert len(r1.session.trace) > 0 and all(x >= r1.ready_s for x in r1.session.trace.arrival_s)
+    snap = t.snapshot()
+    # arrivals counted over both pipelines: the whole trace's rate over the window
+    arr = sc.trace.arrival_s
+    assert snap["windows"]["300s"]["arrival_rate"] == pytest.approx(
+        sum(1 for x in arr if 300.0 < x <= 900.0) / 600.0)
+    assert t.drain_replica("r1")["ok"] and t.replicas()[0]["state"] == "draining"
+    t.advance(sc.end_s)
+    assert r1.state == "drained" and r1.released_s is not None and t.replicas() == []
+    results = t.results()
+    assert sum(r.requests for r in results) == len(sc.trace)                   # every request, somewhere
+    assert sum(r.finished for r in results) + sum(r.rejected for r in results) == len(sc.trace)
+    held = len(set(other.nodes)) * (r1.released_s - 300.0)
+    assert t.node_seconds(sc.end_s) == pytest.approx(len(set(a.nodes)) * sc.end_s + held)
+
+
 # -- the evaluation's pieces ----------------------------------------------------------------------
 
 def test_change_stats_counts_changes_under_constant_load_and_flips():
@@ -241,8 +290,8 @@ def test_load_scenario_names_what_is_missing(tmp_path):
     (tmp_path / "intent.yaml").write_text("data_class: phi\n")
     with pytest.raises(ValueError, match="intent.yaml: field model"):
         ev.load_scenario(tmp_path)
-    with pytest.raises(ValueError, match="unknown strategy 'g'"):
-        ev.evaluate(ev.load_scenario(src, hours=0.1), only=["g"])
+    with pytest.raises(ValueError, match="unknown strategy 'h'"):
+        ev.evaluate(ev.load_scenario(src, hours=0.1), only=["h"])
 
 
 def test_a_short_evaluation_runs_every_baseline_with_valid_plans(fleet):

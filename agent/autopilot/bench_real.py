@@ -18,7 +18,7 @@ Figures:
   failed                 finished with an error
   identical              greedy tokens equal to the same prompt generated alone before the run
                          (a batch's fp32 kernels can flip a near-tie: a difference is reported, not hidden)
-  reconfigurations       applied by the controller
+  reconfigurations       applied by the controller (plan changes and replicas added or drained)
   flips                  within a phase of constant load, a change back to a plan used earlier in that phase
   loss -> noticed s      from the drain (the file written) to the start of the tick that saw it
   loss -> applied s      ... to the controller's re-plan applied (its live move returned)
@@ -170,7 +170,8 @@ def run(phase_s: float = 40.0, max_tokens: int = 24, interval_s: float = 3.0, se
             log(f"t={events['drain']['t']:.0f} s: {node} drained (cluster file)")
             # mid-idle: kill the worker of a node that carries no stage now (not the drained one)
             time.sleep(phase_s)
-            idle = [n for n in svc.runtime.nodes if n not in svc.plan.plan.nodes and n != node]
+            idle = [n for n in svc.runtime.nodes if n not in svc.plan.plan.nodes and n != node
+                    and n not in svc.runtime.replica_nodes]
             if not idle:
                 events["kill"] = {"node": None, "t": time.perf_counter() - t0, "note": "every other node serves"}
                 return
@@ -215,19 +216,26 @@ def _figures(load, decided, events, reference, phases, t0, slo_ttft, slo_tpot, j
     def phase_at(t: float) -> str:
         return next((n for n, a, b in bounds if a <= t < b), "after")
     applied = [(t - t0, d) for t, d in decided if d.applied]
+    moves = [(t, d) for t, d in applied if d.action in ("change", "replan")]     # the plan's own changes
     flips, changes = 0, {}
     for name, a, b in bounds:
-        seen = []
+        seen, replicas = [], []
         for t, d in applied:
-            if a <= t < b and d.action != "replan":
+            if not a <= t < b or d.action in ("replan", "drop_replica"):
+                continue
+            if d.action == "change":
                 if d.chosen.placement_key() in seen:
                     flips += 1
                 seen.append(d.current.placement_key())
-                changes[name] = changes.get(name, 0) + 1
+            else:                   # a replica added then drained (or drained then added) in one phase
+                if replicas and replicas[-1] != d.action:
+                    flips += 1
+                replicas.append(d.action)
+            changes[name] = changes.get(name, 0) + 1
     loss = {}
     if "drain" in events:
         node, at = events["drain"]["node"], events["drain"]["t"]
-        after = next(((t, d) for t, d in applied if t >= at and node not in d.chosen.nodes), None)
+        after = next(((t, d) for t, d in moves if t >= at and node not in d.chosen.nodes), None)
         # noticed: the start of the first tick that saw the node lost (Decision.t, the wall clock); the
         # re-plan is applied when that tick's live move returns
         wall = events["drain"]["wall"]
@@ -253,7 +261,13 @@ def _figures(load, decided, events, reference, phases, t0, slo_ttft, slo_tpot, j
     return {"requests": len(reqs), "lost": len(lost), "failed": len(failed),
             "failed_errors": sorted({str(r["err"])[:120] for r in failed})[:5],
             "identical": len(same), "compared": len(done), "reconfigurations": len(applied),
-            "plans": [f"t={t:.0f}s {d.action}: {d.chosen.summary()}" for t, d in applied],
+            "plans": [f"t={t:.0f}s {d.action}: " + (d.chosen.summary() if d.chosen else
+                                                      f"{(d.replica or {}).get('name')} on "
+                                                      f"{','.join((d.replica or {}).get('nodes') or [])}")
+                      for t, d in applied],
+            "replicas": {"added": sum(d.action == "add_replica" for _, d in applied),
+                         "drained": sum(d.action == "drain_replica" for _, d in applied),
+                         "released_failed": sum(d.action == "drop_replica" for _, d in applied)},
             "flips_under_constant_load": flips, "node_loss": loss, "worker_kill": kill, "phases": per_phase,
             "decisions": len(decided), "journal": str(journal.path), "journal_ok": journal.verify().ok,
             "alone": {k: round(v, 3) for k, v in base.items()}, "slo": {"ttft_ms": round(slo_ttft, 1),
@@ -272,6 +286,9 @@ def print_figures(r: dict, console=None) -> None:
     t.add_row("requests failed", str(r["failed"]))
     t.add_row("greedy outputs identical to alone", f"{r['identical']}/{r['compared']}")
     t.add_row("reconfigurations made", str(r["reconfigurations"]))
+    rp = r["replicas"]
+    t.add_row("replicas added / drained / released (failed)",
+              f"{rp['added']} / {rp['drained']} / {rp['released_failed']}")
     t.add_row("flips under constant load (target 0)", str(r["flips_under_constant_load"]))
     nl = r["node_loss"]
     t.add_row(f"drain of {nl.get('node')}: noticed / re-plan applied after",

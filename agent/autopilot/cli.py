@@ -103,8 +103,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from policies.profile import load_profiles
 
         def ask(d: Decision) -> bool:
+            what = d.chosen.summary() if d.chosen else f"replica {(d.replica or {}).get('name')}"
             console.print(f"[bold]{escape(d.action)}[/]: {escape(d.current.summary())} -> "
-                          f"{escape(d.chosen.summary())}\n  {escape(d.reason)}", highlight=False)
+                          f"{escape(what)}\n  {escape(d.reason)}", highlight=False)
             return typer.confirm("apply it live?", default=False)
 
         ap = Autopilot(target, spec, p, model, cfg, journal=Journal(journal), confirm=ask, profiles=load_profiles())

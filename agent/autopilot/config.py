@@ -57,6 +57,8 @@ class AutopilotConfig:
                                     # the SLOs or run over `headroom` (a panic window); None: `hysteresis`
     prefill_chunk_tokens: int | None = None  # the engine's prefill budget per step while others decode
                                     # (how big a prompt chunk rides in a decode step); None: whole prompts
+    max_replicas: int = 2           # pipeline replicas beside the plan the controller may add when no one
+                                    # pipeline carries the forecast (0: it only advises them)
     seat_levels: tuple = ()         # KV reservations (concurrency) a plan may be sized for besides the intent's
                                     # traffic.concurrency (its smallest): more seats carry more load on the same nodes
 
@@ -84,6 +86,9 @@ class AutopilotConfig:
             v = getattr(self, knob)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(knob, "must be a whole number >= 1")
+        v = self.max_replicas
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            bad("max_replicas", "must be a whole number >= 0 (0: replicas are only advised)")
         v = self.scale_up_hysteresis
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             bad("scale_up_hysteresis", "must be a whole number >= 1 (or absent: the same as hysteresis)")

@@ -15,7 +15,12 @@
                        survivors' load, and the band between the two headrooms stops flips)
                      - else hold
                      a forecast no one pipeline carries is said so, with advice: the pipeline replicas
-                     on disjoint nodes that would carry it (`_replica_set`), which Continuo does not run
+                     on disjoint nodes that would carry it (`_replica_set`)
+      5b. replicas   where the Target runs replicas (`_replica_step`; the plan is judged at its share of the
+                     load, its candidates off the replicas' nodes): a failed replica, or one on a lost node,
+                     is released at once; more than the pipelines carry under `headroom` adds one on free
+                     nodes; the others carrying the survivors' load under `scale_down_headroom` drains
+                     the newest (none of its requests is lost)
       6. gate        hysteresis (the same recommendation `hysteresis` ticks running), cooldown after a
                      change; a lost node bypasses both. The plan is validated against the live plan
                      (policies.review, the validator every plan passes) and handed to Agent.gate, the
@@ -199,19 +204,33 @@ class Autopilot:
             return self._record(Decision(t, "hold", "held", "nothing serves: the autopilot adapts a running plan",
                                          load, forecast, lost=lost))
         self._reviews = {}
-        self._correct(live, cluster, load, measured, stages)
+        # Replicas beside the plan (pipelines on nodes of their own) carry part of the load: the plan is
+        # judged (and corrected) at its share, in proportion to capacity (the service routes each request
+        # to the pipeline with the shortest queue), and its candidates keep off their nodes.
+        reps = self._replicas(cluster)
+        taken = {n: f"held by replica {r['name']}" for r in reps for n in r["nodes"]}
+        total = self._assess(live, cluster, 0.0).capacity_rps
+        share = total / (total + sum(r["capacity_rps"] for r in reps if r["state"] == "serving")) if total > 0 else 1.0
+        if reps:
+            forecast["plan_share"] = share
+        self._correct(live, cluster, {**load, "arrival_rate": rate_now * share, "running": load["running"] * share},
+                      measured, stages)
+        rate_all, rate_now = rate, rate_now * share
+        rate *= share
         now_view = self._assess(live, cluster, rate_now)
         predicted = {"ttft_ms": now_view.ttft_ms, "tpot_ms": now_view.tpot_ms, "util": now_view.util,
                      "capacity_rps": now_view.capacity_rps}
-        plans = self._plans(cluster, lost, live)
+        plans = self._plans(cluster, lost, live, tuple(taken))
         assessed = [self._assess(p, cluster, rate) for p in plans]
         current = self._assess(live, cluster, rate)
         # scale-down is judged on the load the survivors may carry: the forecast plus noise_z standard errors
         # of the measured rate (forecast.rate_noise), at scale_down_headroom, and within the SLOs up to where
         # the controller would scale up again (that load / the band's width)
         span = load["span_s"] or float(cfg.window[:-1])
-        survivors = rate + cfg.noise_z * rate_noise(max(rate, self.forecaster.level or 0.0), span, cfg.alpha)
-        forecast["survivors_rate"] = survivors
+        survivors_all = rate_all + cfg.noise_z * rate_noise(max(rate_all, self.forecaster.level or 0.0), span,
+                                                            cfg.alpha)
+        survivors = survivors_all * share
+        forecast["survivors_rate"] = survivors_all
         band = cfg.headroom / cfg.scale_down_headroom
 
         def down(p: PlacementPlan) -> tuple[Assessment, bool]:
@@ -220,12 +239,18 @@ class Autopilot:
                                                     lambda p: self._review(p, cluster, live)[0], down,
                                                     lambda p, via: self._review(p, cluster, via)[0].ok)
         replica = None
-        if _beyond_one_pipeline(current, assessed, cfg.headroom):
+        beyond = bool(_beyond_one_pipeline(current, assessed, cfg.headroom))
+        if beyond and not reps:
             # no one pipeline carries the forecast: advise the replicas that would carry it together
             replica = self._replica_set(cluster, lost, rate)
             reason += "; " + replica["advice"]
         d = Decision(t, action, "held", reason, load, forecast, live, choice.plan if choice else None, rows,
                      predicted, measured, lost=lost, replica=replica)
+        if cfg.max_replicas > 0 and self._runs_replicas():
+            step = self._replica_step(d, choice, current, cluster, lost, reps, rate_all, survivors_all * band,
+                                      survivors_all, beyond)
+            if step is not None:
+                return self._record(step)
         return self._record(self._gate(d, choice, cluster, live, bool(lost)))
 
     def _replica_set(self, cluster: Cluster, lost: dict[str, str], rate: float) -> dict:
@@ -233,32 +258,17 @@ class Autopilot:
         together, each a plan the validator passes on its own. Greedy, as bench adapt's (f) builds its
         chains: while some of the forecast is left, the cheapest plan on the nodes still free that carries
         the rest within the SLOs and the headroom, else the one that carries most per node it takes (a
-        chain over every node can carry less than two chains on halves of them). Continuo runs one pipeline
-        per service today: the operator can run the others as services of their own (`continuo serve
-        --plan`) behind the same load balancer. The planner's plans are kept per set of nodes left."""
+        chain over every node can carry less than two chains on halves of them). Advice where the
+        controller does not add replicas itself (a Target without them, or max_replicas 0): the operator
+        can add them (POST /admin/replicas). The planner's plans are kept per set of nodes left."""
         cfg = self.config
-        state = (cluster.fingerprint(), ",".join(sorted(lost)))
-        if self._replica_plans[0] != state:
-            self._replica_plans = (state, {})
         used: list[str] = []
         chains, carried = [], 0.0
         while rate - carried > 1e-9 and len(chains) < MAX_REPLICAS:
-            options = [self._assess(p, cluster, rate - carried) for p in self._plans_without(cluster, lost, used)]
-            if not options:
+            found = self._next_chain(cluster, lost, used, rate - carried)
+            if found is None:               # nothing left keeps the SLOs even at its own share
                 break
-            ok = sorted((a for a in options if a.keeps(cfg.headroom)), key=lambda a: (a.cost, len(set(a.plan.nodes))))
-            if ok:
-                pick = ok[0]
-            else:                           # each judged at the share it can take: its capacity under the headroom
-                full = [self._assess(a.plan, cluster, a.capacity_rps * cfg.headroom) for a in options]
-                pick = max((a for a in full if a.slo_ok),
-                           key=lambda a: (a.capacity_rps / len(set(a.plan.nodes)), a.capacity_rps), default=None)
-            if pick is None:                # nothing left keeps the SLOs even at its own share
-                break
-            spec = pick.plan.intent or self.intent
-            report, _ = review(pick.plan, cluster, self.policy, spec, self.model, prices=self.prices,
-                               profiles=self.profiles, corrections=self.corrections,
-                               groups_in_flight=self._groups(pick.plan))
+            pick, report, _ = found
             carries = min(rate - carried, pick.capacity_rps * cfg.headroom)
             chains.append({"plan": pick.plan.summary(), "plan_json": pick.plan.model_dump(mode="json", exclude={"estimates"}),
                            "valid": report.ok, "violations": [f"[{v.rule}] {v.message}" for v in report.violations],
@@ -272,11 +282,169 @@ class Autopilot:
             valid = all(c["valid"] for c in chains)
             advice = (f"{len(chains)} pipeline replicas on disjoint nodes, each a plan the validator "
                       f"{'passes' if valid else 'does not all pass'}, would carry {carried:.2f} of the {rate:.2f} "
-                      f"req/s: {names}; run them as services of their own behind one load balancer")
+                      f"req/s: {names}; add them as replicas (POST /admin/replicas)")
         return {"rate_rps": rate, "carried_rps": carried, "chains": chains, "advice": advice}
+
+    def _next_chain(self, cluster: Cluster, lost: dict[str, str], used: list[str], rest: float):
+        """(assessment, validator report, ValidatedPlan or None) of the pipeline to run next on the nodes
+        neither lost nor `used`, for `rest` req/s: the cheapest that carries it within the SLOs and the
+        headroom, else the one that carries most per node it takes; None when none keeps the SLOs even at
+        the share it can take. Validated as a plan of its own (nothing moves to start a replica)."""
+        cfg = self.config
+        options = [self._assess(p, cluster, rest) for p in self._plans_without(cluster, lost, used)]
+        ok = sorted((a for a in options if a.keeps(cfg.headroom)), key=lambda a: (a.cost, len(set(a.plan.nodes))))
+        if ok:
+            pick = ok[0]
+        else:                               # each judged at the share it can take: its capacity under the headroom
+            full = [self._assess(a.plan, cluster, a.capacity_rps * cfg.headroom) for a in options]
+            pick = max((a for a in full if a.slo_ok),
+                       key=lambda a: (a.capacity_rps / len(set(a.plan.nodes)), a.capacity_rps), default=None)
+        if pick is None:
+            return None
+        report, validated = review(pick.plan, cluster, self.policy, pick.plan.intent or self.intent, self.model,
+                                   prices=self.prices, profiles=self.profiles, corrections=self.corrections,
+                                   groups_in_flight=self._groups(pick.plan))
+        return pick, report, validated
+
+    # ------------------------------------------------------------------ replicas: more pipelines beside the plan
+
+    def _runs_replicas(self) -> bool:
+        """Whether the Target runs replicas (replicas / add_replica / drain_replica)."""
+        return all(callable(getattr(self.target, m, None)) for m in ("replicas", "add_replica", "drain_replica"))
+
+    def _replicas(self, cluster: Cluster) -> list[dict]:
+        """The Target's replicas, each with its plan parsed and its capacity by the cost model."""
+        if not self._runs_replicas():
+            return []
+        out = []
+        for r in self.target.replicas():
+            plan = PlacementPlan.model_validate(r["plan"])
+            out.append({**r, "placement": plan, "capacity_rps": self._assess(plan, cluster, 0.0).capacity_rps})
+        return out
+
+    def _replica_step(self, d: Decision, choice: Assessment | None, current: Assessment, cluster: Cluster,
+                      lost: dict[str, str], reps: list[dict], rate: float, band_rate: float, survivors: float,
+                      beyond: bool) -> Decision | None:
+        """A replica to release, add or drain this tick, gated; None leaves the tick to the plan's decision.
+
+        - a replica that failed, or holds a lost node: released at once (hysteresis and cooldown bypassed),
+          unless the plan itself lost a node (that re-plan goes first)
+        - scale out: no one pipeline carries the plan's share of the forecast and the pipelines together
+          do not carry the whole forecast under `headroom`: a replica on free nodes (`_next_chain`, for what
+          the others leave), when it adds more capacity than the plan's own best change would
+        - scale in: the newest replica drained when the others carry the survivors' load under
+          `scale_down_headroom`, each keeping the SLOs at its share up to the band's top, and its nodes
+          save at least `min_gain` of the cost
+        """
+        cfg, live = self.config, current.plan
+        if d.action == "replan":
+            return None
+        for r in reps:
+            gone = [n for n in r["nodes"] if n in lost]
+            if r["state"] == "failed" or (gone and r["state"] == "serving"):
+                why = f"failed ({r.get('error')})" if r["state"] == "failed" else \
+                    f"holds {', '.join(gone)}, lost ({', '.join(lost[n] for n in gone)})"
+                return self._gate_replica(self._replica_decision(d, "drop_replica", f"replica {r['name']} {why}: "
+                                          "release it now (its nodes go back to the pool)", r), r, urgent=True)
+        serving = [r for r in reps if r["state"] == "serving"]
+        if any(r["state"] == "draining" for r in reps):
+            return None                     # one replica change at a time: the next tick sees the drained one gone
+        carried = current.capacity_rps + sum(r["capacity_rps"] for r in serving)
+        if beyond and rate > cfg.headroom * carried and len(reps) < cfg.max_replicas:
+            used = list(dict.fromkeys([*live.nodes, *(n for r in reps for n in r["nodes"])]))
+            found = self._next_chain(cluster, lost, used, rate - cfg.headroom * carried)
+            if found is not None:
+                pick, report, validated = found
+                own = choice.capacity_rps if (choice is not None and d.action == "change") else current.capacity_rps
+                if pick.capacity_rps + current.capacity_rps > own * (1 + cfg.min_gain):
+                    d2 = self._replica_decision(d, "add_replica", f"scale out: the forecast, {rate:.2f} req/s, is "
+                                                f"more than the {1 + len(serving)} pipeline(s) carry under the "
+                                                f"{cfg.headroom:.0%} headroom ({cfg.headroom * carried:.2f} req/s); "
+                                                f"a replica on {pick.plan.summary()} adds "
+                                                f"{pick.capacity_rps:.2f} req/s", None)
+                    d2.chosen, d2.validation = pick.plan, report.text()
+                    d2.replica = {"action": "add", "plan": pick.plan.summary(), "capacity_rps": pick.capacity_rps,
+                                  "valid": report.ok, "carried_rps": carried}
+                    return self._gate_replica(d2, None, validated=validated)
+        if serving and d.action == "hold":
+            last = max(serving, key=lambda r: r.get("added") or 0.0)
+            rest = carried - last["capacity_rps"]
+            cost = lambda nodes: sum(node_price(cluster.node(x), self.prices) for x in dict.fromkeys(nodes)  # noqa: E731
+                                     if cluster.has_node(x))
+            saved = cost(last["nodes"]) / max(1e-12, cost(live.nodes) + sum(cost(r["nodes"]) for r in serving))
+            keeps = rest > 0 and survivors <= cfg.scale_down_headroom * rest and all(
+                self._assess(p, cluster, band_rate * c / rest).slo_ok
+                for p, c in [(live, current.capacity_rps)] + [(r["placement"], r["capacity_rps"])
+                                                               for r in serving if r is not last])
+            if keeps and saved >= cfg.min_gain:
+                return self._gate_replica(self._replica_decision(
+                    d, "drain_replica", f"scale in: without replica {last['name']} the others carry the survivors' "
+                    f"load, {survivors:.2f} req/s, at {survivors / rest:.0%} of their capacity (under the "
+                    f"{cfg.scale_down_headroom:.0%} scale-down headroom), and its nodes are {saved:.0%} of the cost",
+                    last), last)
+        return None
+
+    def _replica_decision(self, d: Decision, action: str, reason: str, r: dict | None) -> Decision:
+        """The tick's Decision for a replica action: what was seen and forecast, the plan's alternatives."""
+        return Decision(d.t, action, "held", reason, d.load, d.forecast, d.current, None, d.alternatives,
+                        d.predicted, d.measured, lost=d.lost,
+                        replica={"action": action.split("_")[0], "name": r["name"], "nodes": r["nodes"],
+                                 "state": r["state"]} if r is not None else None)
+
+    def _gate_replica(self, d: Decision, r: dict | None, urgent: bool = False,
+                      validated: ValidatedPlan | None = None) -> Decision:
+        """Hysteresis and cooldown (a failed or lost replica bypasses both), the validator's verdict on a
+        new replica, then the mode: advisory advises, confirm asks, auto acts through the Target."""
+        cfg = self.config
+        key = f"{d.action}:{r['name'] if r is not None else d.chosen.placement_key()}"
+        self._streak = self._streak + 1 if key == self._recommendation else 1
+        self._recommendation = key
+        d.streak = self._streak
+        if not urgent:
+            if self._last_change is not None and d.t - self._last_change < cfg.cooldown_s:
+                d.status = "cooldown"
+                d.reason += f" (cooling down: {cfg.cooldown_s - (d.t - self._last_change):.0f} s left)"
+                return d
+            need = cfg.scale_up_hysteresis if (d.action == "add_replica" and cfg.scale_up_hysteresis) \
+                else cfg.hysteresis
+            if self._streak < need:
+                d.status = "waiting"
+                d.reason += f" (recommended {self._streak} of {need} ticks in a row)"
+                return d
+        if d.action == "add_replica" and validated is None:
+            d.status = "rejected"            # the validator refused the replica's plan: never started
+            self._candidates, self._replica_plans = None, ((), {})
+            return d
+        if cfg.mode == "advisory":
+            d.status = "advised"
+            return d
+        self._pending = d
+        if cfg.mode == "confirm" and not (self.confirm and self.confirm(d)):
+            d.status = "declined"
+            return d
+        try:
+            if d.action == "add_replica":
+                out = self.target.add_replica(validated)
+            else:
+                out = self.target.drain_replica(r["name"])
+        except Exception as e:               # a mechanism's failure is journaled, never a crash of the loop
+            out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        d.apply = out
+        d.status = "applied" if out.get("ok") else "failed"
+        if d.applied:
+            self._last_change = self.target.now()
+            self._streak, self._recommendation = 0, None
+            if d.replica is not None and out.get("name"):
+                d.replica["name"] = out["name"]
+        else:
+            d.reason += f"; the {d.action.replace('_', ' ')} failed: {out.get('error')}"
+        return d
 
     def _plans_without(self, cluster: Cluster, lost: dict[str, str], used: list[str]) -> list[PlacementPlan]:
         """The planner's plans (each seat level, cheapest and fastest) on the nodes neither lost nor `used`."""
+        state = (cluster.fingerprint(), ",".join(sorted(lost)))
+        if self._replica_plans[0] != state:
+            self._replica_plans = (state, {})
         key, cache = ",".join(sorted(used)), self._replica_plans[1]
         if key not in cache:
             from ..planner import Infeasible, plan as make_plan
@@ -360,8 +528,8 @@ class Autopilot:
     def _groups(self, plan: PlacementPlan) -> int:
         return self.groups_in_flight or len(plan.stages)
 
-    def _plans(self, cluster: Cluster, lost: dict[str, str], live: PlacementPlan | None = None
-               ) -> list[PlacementPlan]:
+    def _plans(self, cluster: Cluster, lost: dict[str, str], live: PlacementPlan | None = None,
+               taken: tuple[str, ...] = ()) -> list[PlacementPlan]:
         """The planner's plans for this cluster state, lost nodes excluded: for each seat level (the intent's
         concurrency and `seat_levels`) and k = 1..max_stages, the cheapest and the fastest with at most k stages,
         with the same cost model the plans are judged by (profiles and the corrections measured so far).
@@ -374,14 +542,15 @@ class Autopilot:
         validator passes as a move from it, so mid-way no node holds more than it can): planned on their own
         only, most of the plans with more seats were not one valid step away from the live plan, and the
         controller sat on a plan it could not leave while the queue grew. Planned again when the live plan
-        changes."""
+        changes. `taken`: nodes replicas hold, excluded as the lost ones are (but nothing is lost)."""
         from ..planner import Infeasible, plan as make_plan
         moves_from = (None,) if lost or live is None else (None, live)
-        key = "|".join((cluster.fingerprint(), ",".join(sorted(lost)), live.placement_key() if live else ""))
+        key = "|".join((cluster.fingerprint(), ",".join(sorted(lost)), live.placement_key() if live else "",
+                        ",".join(sorted(taken))))
         if self._candidates is not None and self._candidates[0] == key and not self._corrections_moved():
             return self._candidates[1]
         self._planned_with = dict(self.corrections.factors)
-        spec = self._planning_intent(lost)
+        spec = self._planning_intent({**lost, **dict.fromkeys(taken, "held by a replica")})
         found: dict[tuple, PlacementPlan] = {}
         for base, current in [(b, c) for b in ((spec, _relaxed(spec)) if lost else (spec,)) for c in moves_from]:
             for seats in self._seat_levels():
@@ -763,15 +932,15 @@ def _relaxed(spec: IntentSpec) -> IntentSpec:
 
 def _beyond_one_pipeline(current: Assessment, others: list[Assessment], headroom: float) -> str:
     """When the forecast is more than any one pipeline carries, words that say so (else ''): no choice
-    among single pipelines then keeps the SLOs, and the operator should know that it takes a second
-    replica, which the executor does not serve yet (issue 16)."""
+    among single pipelines then keeps the SLOs, and it takes a second replica (`_replica_step` adds one
+    where the Target runs replicas; else `_replica_set` advises them)."""
     rate = current.util * current.capacity_rps
     most = max([current, *others], key=lambda a: a.capacity_rps)
     if most.capacity_rps <= 0 or rate <= most.capacity_rps * headroom:
         return ""
     return (f" (the forecast, {rate:.2f} req/s, is more than any one pipeline carries under the {headroom:.0%} "
             f"headroom: at most {most.capacity_rps:.2f} req/s, on {most.plan.summary()}; it takes a second "
-            "pipeline replica, which Continuo does not run yet)")
+            "pipeline replica)")
 
 
 def _why_not(a: Assessment, in_band: bool, gain: float, cfg: AutopilotConfig) -> str:

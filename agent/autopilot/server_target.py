@@ -4,6 +4,8 @@
     GET  /admin/plan          the live plan (and the cluster fingerprint the service validates against)
     GET  /admin/nodes         per-node state and health: a dead worker is a lost node
     POST /admin/reconfigure   the validated plan; the service validates it again on its side
+    GET|POST /admin/replicas, DELETE /admin/replicas/NAME   replicas beside the plan (the service
+                              validates a replica's plan again too)
 
 The admin token goes as the CLI's other admin commands send it (agent.remote.RemoteService:
 `Authorization: Bearer`, default $CONTINUO_ADMIN_TOKEN).
@@ -74,6 +76,18 @@ class ServerTarget:
                     "report": body.get("report")}
         return {**rep, "ok": rep.get("state") == "done"}
 
+    def replicas(self) -> list[dict]:
+        return self.remote._request("GET", "/admin/replicas")["replicas"]
+
+    def add_replica(self, validated: ValidatedPlan) -> dict:
+        """POST the replica's plan; answers once its stages have loaded. A refusal is a report with ok False."""
+        return _replica_report(lambda: self.remote._request(
+            "POST", "/admin/replicas", json={"plan": validated.plan.model_dump(mode="json")}))
+
+    def drain_replica(self, name: str) -> dict:
+        """Start draining (the replica leaves once its requests are done; the next ticks see it go)."""
+        return _replica_report(lambda: self.remote._request("DELETE", f"/admin/replicas/{name}"))
+
     # ------------------------------------------------------------------ the cluster file, read again when it changes
 
     def _stat(self) -> float | None:
@@ -123,6 +137,32 @@ class ServiceTarget:
     def apply(self, validated: ValidatedPlan) -> dict:
         rep = self.service.reconfigure(validated, method="live", wait=True, timeout=self.timeout_s).as_dict()
         return {**rep, "ok": rep.get("state") == "done"}
+
+    def replicas(self) -> list[dict]:
+        listed = getattr(self.service, "replicas", None)    # a stand-in for a Service may not run any
+        return listed() if callable(listed) else []
+
+    def add_replica(self, validated: ValidatedPlan) -> dict:
+        from executor.reconfig import ReconfigurationError
+        try:
+            return {**self.service.add_replica(validated).as_dict(), "ok": True}
+        except ReconfigurationError as e:
+            return {"ok": False, "error": str(e)}
+
+    def drain_replica(self, name: str) -> dict:
+        from executor.reconfig import ReconfigurationError
+        try:
+            return {**self.service.drain_replica(name, wait=False).as_dict(), "ok": True}
+        except ReconfigurationError as e:
+            return {"ok": False, "error": str(e)}
+
+
+def _replica_report(call) -> dict:
+    try:
+        rep = call()
+    except RemoteError as e:
+        return {"ok": False, "error": str(e), "status": e.status, "report": (e.body or {}).get("report")}
+    return {**rep, "ok": rep.get("state") in ("serving", "draining", "drained")}
 
 
 def target_for(executor, cluster: Cluster) -> "ServerTarget | ServiceTarget":

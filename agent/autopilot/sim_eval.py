@@ -1,8 +1,8 @@
 """The closed loop in the simulator (issue 16): SLO attainment and node-hours of the issue's five ways
-to run one service through one day of traffic on the 64-node fleet (scenarios/fleet64), and a sixth, (f),
-as a control.
+to run one service through one day of traffic on the 64-node fleet (scenarios/fleet64), and two more,
+(f) and (g), as controls.
 
-    python -m agent.autopilot.sim_eval [--hours H] [--only a,b,c,d,e,f] [--json]
+    python -m agent.autopilot.sim_eval [--hours H] [--only a,b,c,d,e,f,g] [--json]
     continuo bench adapt --sim            (the same)
 
     (a) static-min    the smallest static plan that fits: the planner's cheapest plan for the intent as
@@ -16,8 +16,12 @@ as a control.
                       its weights are loaded); down: no queue for DOWN_INTERVALS intervals in a row and
                       DOWN_COOLDOWN_S since the last change (the stable window and scale-down cooldown
                       of Knative-style autoscalers). A removed replica finishes what it holds.
-    (d) continuo      agent/autopilot/controller.py's Autopilot over a SimTarget, mode auto: the same
-                      controller that drives a live server, fed the simulator's telemetry each interval
+    (d) continuo      agent/autopilot/controller.py's Autopilot over a ReplicaSimTarget, mode auto: the
+                      same controller that drives a live server, fed the simulator's telemetry each
+                      interval; it changes the plan's parallelism and placement, and adds and drains
+                      pipeline replicas beside it (up to MAX_REPLICAS pipelines, as (c)), as it does on a
+                      live service (the Target routes each arrival to the pipeline with the fewest
+                      outstanding requests, as the service does)
     (e) oracle        knows the trace: before each interval, the cheapest plan that carries that
                       interval's true load; it leaves a plan that still carries the load only when the
                       saving until the load next outgrows the cheaper plan pays for the move
@@ -27,6 +31,9 @@ as a control.
                       chain's capacity). Where no single chain carries the peak, (b) is not sized for
                       it, and (f) is what an operator would run instead: the control for whether (d)
                       keeps the SLOs a peak-sized deployment keeps, and at what share of its node-hours
+    (g) one-pipeline  not one of the issue's five: (d) with replicas only advised (max_replicas 0), one
+                      pipeline all day, as the controller ran before it could add replicas: the control
+                      for what the replicas bring
 
 Every strategy runs on the same simulator (policies/simulator.py Session), pays the same moving costs
 (live reconfiguration: weights over the links, KV pre-copy, the switch pause; nodes that a move brings
@@ -56,11 +63,11 @@ from pathlib import Path
 
 from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, load_cluster, load_intent_spec,
                       load_model_spec, load_policy, validate)
-from policies.costmodel import StageShape, decode_ms, hop_ms, node_price, prefill_ms, weight_bytes
+from policies.costmodel import StageShape, decode_ms, hop_ms, node_price, prefill_ms
 from policies.simulator import Session, SimConfig
 from policies.traces import Trace, load_trace
 
-from .sim_target import SimTarget
+from .sim_target import ReplicaSimTarget, SimTarget, load_seconds
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SCENARIO = ROOT / "scenarios" / "fleet64"
@@ -315,9 +322,15 @@ def _check(row: Row, sc: Scenario, plan: PlacementPlan, current: PlacementPlan |
 
 
 def _finish(row: Row, sc: Scenario, target: SimTarget, wall0: float) -> Row:
-    r = target.session.finish()
-    row.requests, row.slo_ok = r.requests, (r.slo_attainment or 0.0) * r.requests
-    row.ttft_p99_ms, row.tpot_p99_ms = r.ttft_ms_p99, r.tpot_ms_p99
+    from policies.simulator import _pct
+    results = target.results() if isinstance(target, ReplicaSimTarget) else [target.session.finish()]
+    row.requests = sum(r.requests for r in results)
+    row.slo_ok = sum((r.slo_attainment or 0.0) * r.requests for r in results)
+    if len(results) == 1:
+        row.ttft_p99_ms, row.tpot_p99_ms = results[0].ttft_ms_p99, results[0].tpot_ms_p99
+    else:
+        row.ttft_p99_ms = _pct(sorted(x for r in results for x in r.ttft_ms), .99)
+        row.tpot_p99_ms = _pct(sorted(x for r in results for x in r.tpot_ms), .99)
     row.node_s = target.node_seconds(sc.end_s)
     row.cost = target.node_seconds(sc.end_s, lambda n: node_price(sc.cluster.node(n)) / 3600)
     row.changes = [(mv.at_s, mv.old.placement_key(), mv.new.placement_key()) for mv in target.moves]
@@ -325,9 +338,10 @@ def _finish(row: Row, sc: Scenario, target: SimTarget, wall0: float) -> Row:
     return row
 
 
-def _target(sc: Scenario, plan: PlacementPlan) -> SimTarget:
-    return SimTarget(sc.cluster, plan, sc.model, sc.trace, intent=sc.intent, engine=engine_for(sc.intent),
-                     window=f"{sc.interval_s:g}s")
+def _target(sc: Scenario, plan: PlacementPlan, replicas: bool = False) -> SimTarget:
+    kind = ReplicaSimTarget if replicas else SimTarget
+    return kind(sc.cluster, plan, sc.model, sc.trace, intent=sc.intent, engine=engine_for(sc.intent),
+                window=f"{sc.interval_s:g}s")
 
 
 # ---------------------------------------------------------------------------------------------- strategies
@@ -515,10 +529,7 @@ def run_replicas(sc: Scenario, chains: list[PlacementPlan], start_replicas: int 
     quiet, last_change = 0, -math.inf
     # a new replica's nodes load their layers' weights in parallel over the cluster's default link
     # (from wherever the checkpoint is kept); it serves once the slowest has them
-    bw = (sc.cluster.links.default.bandwidth_gbps if sc.cluster.links.default else 25.0) * 1e9 / 8
-    L = sc.model.num_layers
-    load_s = [max(weight_bytes(sc.model, StageShape(st.stop - st.start, st.start == 0, st.stop == L)) / bw
-                  for st in c.stages) for c in chains]
+    load_s = [load_seconds(sc.cluster, sc.model, c) for c in chains]
 
     def activate(r: int, t: float, first: bool = False) -> None:
         if sessions[r] is None:
@@ -595,29 +606,46 @@ def run_replicas(sc: Scenario, chains: list[PlacementPlan], start_replicas: int 
     return row
 
 
-def run_controller(sc: Scenario, first: PlacementPlan, **config) -> Row:
-    """(d): the Autopilot (agent/autopilot/controller.py) over a SimTarget, one tick per interval, mode auto."""
+def run_controller(sc: Scenario, first: PlacementPlan, replicas: bool = True, **config) -> Row:
+    """(d): the Autopilot (agent/autopilot/controller.py) over a SimTarget, one tick per interval, mode auto.
+    replicas: over a ReplicaSimTarget, so that it adds and drains pipeline replicas as it does on a live
+    service (up to MAX_REPLICAS pipelines, as (c)); False: one pipeline, replicas only advised ((g))."""
     from .config import AutopilotConfig
     from .controller import Autopilot
     wall0 = time.perf_counter()
-    row = Row("(d) continuo", note="agent.autopilot.Autopilot, mode auto, one tick per interval")
+    row = Row("(d) continuo" if replicas else "(g) continuo, one pipeline",
+              note="agent.autopilot.Autopilot, mode auto, one tick per interval" +
+              (f", up to {MAX_REPLICAS - 1} replicas beside the plan" if replicas else ", replicas only advised"))
     _check(row, sc, first, None, sc.cluster)
-    target = _target(sc, first)
+    target = _target(sc, first, replicas)
     cfg = AutopilotConfig(**{"mode": "auto", "interval_s": sc.interval_s, "window": f"{sc.interval_s:g}s",
                              "horizon_s": 2 * sc.interval_s, "cooldown_s": sc.interval_s,
                              "seat_levels": tuple(SEAT_LEVELS), "scale_up_hysteresis": 1,
-                             "prefill_chunk_tokens": MAX_PREFILL_TOKENS_DECODING, **config})
+                             "prefill_chunk_tokens": MAX_PREFILL_TOKENS_DECODING,
+                             "max_replicas": MAX_REPLICAS - 1 if replicas else 0, **config})
     ap = Autopilot(target, sc.intent, sc.policy, sc.model, cfg)
+    pipelines, replica_changes = 1, []
     for k in range(1, sc.intervals + 1):
         target.advance(min(k * sc.interval_s, sc.end_s))
         before = target.live_plan()
         d = ap.tick()
         if d.status == "rejected":
             row.rejected_plans += 1
-        if d.applied and d.chosen is not None:
+        if d.applied and d.action == "add_replica":
+            _check(row, sc, d.chosen, None, target.cluster())      # a plan of its own: nothing moves
+        elif d.applied and d.chosen is not None:
             _check(row, sc, d.chosen, before, sc.cluster)
+        if d.applied and d.action.endswith("_replica"):
+            n = pipelines + (1 if d.action == "add_replica" else -1)
+            replica_changes.append((d.t, f"{pipelines} pipelines", f"{n} pipelines"))
+            pipelines = n
     row = _finish(row, sc, target, wall0)
+    row.changes = sorted(row.changes + replica_changes)
     row.note += f"; {len(ap.decisions)} decisions"
+    if replicas:
+        row.note += (f"; replicas added {sum(d.applied and d.action == 'add_replica' for d in ap.decisions)}, "
+                     f"drained {sum(d.applied and d.action == 'drain_replica' for d in ap.decisions)}, "
+                     f"at most {1 + max((len([r for r in target.started if r.added_s <= t and (r.released_s or 1e18) > t]) for t in [d.t for d in ap.decisions]), default=0)} pipelines")
     # what it advised when no one pipeline carried the forecast (advice only: it runs one pipeline)
     advised = [d for d in ap.decisions if d.replica and d.replica["chains"]]
     if advised:
@@ -636,10 +664,10 @@ def run_controller(sc: Scenario, first: PlacementPlan, **config) -> Row:
 def evaluate(sc: Scenario, only: list[str] | None = None, levels=SEAT_LEVELS, max_stages: int = 8,
              log=print) -> dict:
     """Run the strategies asked for (default all) and return the table with the comparison to the targets."""
-    only = only or ["a", "b", "c", "d", "e", "f"]
-    unknown = [x for x in only if x not in "abcdef" or len(x) != 1]
+    only = only or ["a", "b", "c", "d", "e", "f", "g"]
+    unknown = [x for x in only if x not in "abcdefg" or len(x) != 1]
     if unknown:
-        raise ValueError(f"--only: unknown strategy {unknown[0]!r}; pick from a, b, c, d, e, f")
+        raise ValueError(f"--only: unknown strategy {unknown[0]!r}; pick from a, b, c, d, e, f, g")
     rates = interval_rates(sc.trace, sc.interval_s, sc.intervals)
     rows: dict[str, Row] = {}
     t0 = time.perf_counter()
@@ -682,6 +710,9 @@ def evaluate(sc: Scenario, only: list[str] | None = None, levels=SEAT_LEVELS, ma
                                       f"nodes, sized for {peak:.2f} req/s (they carry {carried:.2f}), "
                                       f"arrivals split by capacity")
         log(f"(f) done in {rows['f'].wall_s:.1f} s")
+    if "g" in only:
+        rows["g"] = run_controller(sc, small, replicas=False)
+        log(f"(g) done in {rows['g'].wall_s:.1f} s")
     table = [r.as_dict(rates, sc.interval_s) for r in rows.values()]
     out = {"scenario": sc.name, "hours": sc.end_s / 3600, "interval_s": sc.interval_s, "requests": len(sc.trace),
            "peak_interval_rps": max(rates), "mean_rps": sum(rates) / len(rates), "rows": table,
@@ -742,7 +773,7 @@ if __name__ == "__main__":
     ap.add_argument("--scenario", type=Path, default=SCENARIO)
     ap.add_argument("--hours", type=float, default=None)
     ap.add_argument("--interval-s", type=float, default=300.0)
-    ap.add_argument("--only", default=None, help="comma-separated subset of a,b,c,d,e,f")
+    ap.add_argument("--only", default=None, help="comma-separated subset of a,b,c,d,e,f,g")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     sys.exit(main(a.scenario, a.hours, a.interval_s, a.only.split(",") if a.only else None, a.json))
