@@ -71,7 +71,7 @@ class UnknownReplica(ReplicaError):
 class Replica:
     """Another pipeline of the service's model, on nodes of its own: its own engine (scheduler, KV
     pool, groups in flight) over its own stages. The service's plan is the first pipeline; each new
-    request goes to the pipeline with the fewest outstanding requests (join the shortest queue), so
+    request goes to the pipeline with the fewest outstanding requests per seat (join the shortest queue), so
     a slower one takes fewer. A replica is validated as a plan of its own; privacy, memory and SLO
     rules hold for it as for the plan."""
     name: str
@@ -418,10 +418,11 @@ class Service:
         return on_token
 
     def _route(self) -> Engine:
-        """The pipeline a new request joins: the one with the fewest outstanding requests (the plan's
-        on a tie). Called on the engine thread."""
+        """The pipeline a new request joins: the one with the fewest outstanding requests per seat
+        (max_num_seqs; the plan's on a tie), so a pipeline with fewer seats does not queue while
+        another has seats free. Called on the engine thread."""
         serving = [self.engine, *(r.engine for r in self.loop.replicas.values() if r.state == "serving")]
-        return min(serving, key=lambda e: len(e.seqs))
+        return min(serving, key=lambda e: (len(e.seqs) + 1) / e.config.max_num_seqs)
 
     def cancel(self, req_id: int) -> None:
         for engine in self.loop.engines():

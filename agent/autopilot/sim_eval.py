@@ -624,7 +624,7 @@ def run_controller(sc: Scenario, first: PlacementPlan, replicas: bool = True, **
                              "prefill_chunk_tokens": MAX_PREFILL_TOKENS_DECODING,
                              "max_replicas": MAX_REPLICAS - 1 if replicas else 0, **config})
     ap = Autopilot(target, sc.intent, sc.policy, sc.model, cfg)
-    pipelines, replica_changes = 1, []
+    pipelines, most, replica_changes = 1, 1, []
     for k in range(1, sc.intervals + 1):
         target.advance(min(k * sc.interval_s, sc.end_s))
         before = target.live_plan()
@@ -639,15 +639,16 @@ def run_controller(sc: Scenario, first: PlacementPlan, replicas: bool = True, **
             n = pipelines + (1 if d.action == "add_replica" else -1)
             replica_changes.append((d.t, f"{pipelines} pipelines", f"{n} pipelines"))
             pipelines = n
+            most = max(most, n)
     row = _finish(row, sc, target, wall0)
     row.changes = sorted(row.changes + replica_changes)
     row.note += f"; {len(ap.decisions)} decisions"
     if replicas:
         row.note += (f"; replicas added {sum(d.applied and d.action == 'add_replica' for d in ap.decisions)}, "
                      f"drained {sum(d.applied and d.action == 'drain_replica' for d in ap.decisions)}, "
-                     f"at most {1 + max((len([r for r in target.started if r.added_s <= t and (r.released_s or 1e18) > t]) for t in [d.t for d in ap.decisions]), default=0)} pipelines")
+                     f"at most {most} pipelines at once")
     # what it advised when no one pipeline carried the forecast (advice only: it runs one pipeline)
-    advised = [d for d in ap.decisions if d.replica and d.replica["chains"]]
+    advised = [d for d in ap.decisions if d.replica and d.replica.get("chains")]
     if advised:
         peak = max(advised, key=lambda d: d.replica["rate_rps"])
         r = peak.replica

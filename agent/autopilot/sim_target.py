@@ -141,6 +141,7 @@ class SimReplica:
     session: Session
     added_s: float
     ready_s: float                  # serves from here (its weights loaded)
+    seats: int = 1                  # its engine's max_num_seqs
     state: str = "serving"          # serving -> draining -> drained
     released_s: float | None = None
 
@@ -156,7 +157,7 @@ def _outstanding(s: Session) -> int:
 class ReplicaSimTarget(SimTarget):
     """A SimTarget that also runs replicas, as the service does (POST/DELETE /admin/replicas): this
     Target routes the trace itself, each arrival to the pipeline with the fewest outstanding requests
-    (the service's join-the-shortest-queue), judged every `route_step_s` simulated seconds; a replica
+    per seat (as the service routes), judged every `route_step_s` simulated seconds; a replica
     serves once its weights have loaded (`load_seconds`), holds its nodes from when it was added, and
     a drained one takes no new request and lets its nodes go once it has finished what it holds.
 
@@ -186,12 +187,14 @@ class ReplicaSimTarget(SimTarget):
             if not serving:
                 self.session.add_requests(arr[self._j:hi], P[self._j:hi], O[self._j:hi])
             else:
-                load = {id(self.session): _outstanding(self.session), **{id(r.session): r.outstanding() for r in serving}}
+                # outstanding requests and seats per pipeline; each arrival joins the fewest per seat
+                load = {id(self.session): [_outstanding(self.session), self._engine(self.session.plan).max_num_seqs],
+                        **{id(r.session): [r.outstanding(), r.seats] for r in serving}}
                 batch: dict[int, tuple[Session, list, list, list]] = {}
                 for i in range(self._j, hi):
                     pipes = [self.session] + [r.session for r in serving if r.ready_s <= arr[i]]
-                    s = min(pipes, key=lambda x: load[id(x)])
-                    load[id(s)] += 1
+                    s = min(pipes, key=lambda x: (load[id(x)][0] + 1) / load[id(x)][1])
+                    load[id(s)][0] += 1
                     b = batch.setdefault(id(s), (s, [], [], []))
                     b[1].append(arr[i]), b[2].append(P[i]), b[3].append(O[i])
                 for s, a, p, o in batch.values():
@@ -248,9 +251,11 @@ class ReplicaSimTarget(SimTarget):
         if bad:
             return {"ok": False, "error": f"a replica needs idle, up nodes of its own; taken: {', '.join(bad)}"}
         name = f"r{len(self.started) + 1}"
+        cfg = self._engine(plan)
         s = Session(self.cluster_, plan, self.model, None, profiles=self.profiles, intent=self.intent,
-                    config=self._engine(plan), start_s=now)
-        self.started.append(SimReplica(name, plan, s, now, now + load_seconds(self.cluster_, self.model, plan)))
+                    config=cfg, start_s=now)
+        self.started.append(SimReplica(name, plan, s, now, now + load_seconds(self.cluster_, self.model, plan),
+                                       seats=cfg.max_num_seqs))
         return {"ok": True, "name": name, "state": "serving"}
 
     def drain_replica(self, name: str) -> dict:
