@@ -396,21 +396,9 @@ class Autopilot:
         """Hysteresis and cooldown (a failed or lost replica bypasses both), the validator's verdict on a
         new replica, then the mode: advisory advises, confirm asks, auto acts through the Target."""
         cfg = self.config
-        key = f"{d.action}:{r['name'] if r is not None else d.chosen.placement_key()}"
-        self._streak = self._streak + 1 if key == self._recommendation else 1
-        self._recommendation = key
-        d.streak = self._streak
-        if not urgent:
-            if self._last_change is not None and d.t - self._last_change < cfg.cooldown_s:
-                d.status = "cooldown"
-                d.reason += f" (cooling down: {cfg.cooldown_s - (d.t - self._last_change):.0f} s left)"
-                return d
-            need = cfg.scale_up_hysteresis if (d.action == "add_replica" and cfg.scale_up_hysteresis) \
-                else cfg.hysteresis
-            if self._streak < need:
-                d.status = "waiting"
-                d.reason += f" (recommended {self._streak} of {need} ticks in a row)"
-                return d
+        self._count(d, f"{d.action}:{r['name'] if r is not None else d.chosen.placement_key()}")
+        if not urgent and self._held_back(d, d.action == "add_replica"):
+            return d
         if d.action == "add_replica" and validated is None:
             d.status = "rejected"            # the validator refused the replica's plan: never started
             self._candidates, self._replica_plans = None, ((), {})
@@ -432,8 +420,7 @@ class Autopilot:
         d.apply = out
         d.status = "applied" if out.get("ok") else "failed"
         if d.applied:
-            self._last_change = self.target.now()
-            self._streak, self._recommendation = 0, None
+            self._changed()
             if d.replica is not None and out.get("name"):
                 d.replica["name"] = out["name"]
         else:
@@ -834,24 +821,11 @@ class Autopilot:
               urgent: bool) -> Decision:
         """Hysteresis and cooldown (a lost node bypasses both), then the validator and Agent.gate."""
         cfg = self.config
-        key = choice.plan.placement_key() if choice else "hold"
-        self._streak = self._streak + 1 if key == self._recommendation else 1
-        self._recommendation = key
-        d.streak = self._streak
+        self._count(d, choice.plan.placement_key() if choice else "hold")
         if choice is None:
             d.status = "infeasible" if d.action == "replan" else "held"
             return d
-        node_lost = d.action == "replan"
-        if not node_lost and self._last_change is not None and d.t - self._last_change < cfg.cooldown_s:
-            d.status = "cooldown"
-            d.reason += f" (cooling down: {cfg.cooldown_s - (d.t - self._last_change):.0f} s left)"
-            return d
-        need = cfg.hysteresis
-        if d.action == "change" and d.reason.startswith("scale up") and cfg.scale_up_hysteresis is not None:
-            need = cfg.scale_up_hysteresis
-        if not node_lost and self._streak < need:
-            d.status = "waiting"
-            d.reason += f" (recommended {self._streak} of {need} ticks in a row)"
+        if d.action != "replan" and self._held_back(d, d.action == "change" and d.reason.startswith("scale up")):
             return d
         spec = choice.plan.intent or self.intent
         report, validated = self._review(choice.plan, cluster, live)
@@ -868,12 +842,37 @@ class Autopilot:
         if out.status == "failed":
             d.reason += f"; the apply failed: {out.message}"
         if d.applied:
-            self._last_change = self.target.now()
-            self._streak, self._recommendation = 0, None
+            self._changed()
             pause = (out.reconfig or {}).get("pause_ms")
             if isinstance(pause, (int, float)) and pause > 0:
                 self._pause_s = pause / 1e3
         return d
+
+    def _count(self, d: Decision, key: str) -> None:
+        """Hysteresis: how many ticks in a row have recommended `key` (a plan, a replica action, hold)."""
+        self._streak = self._streak + 1 if key == self._recommendation else 1
+        self._recommendation = key
+        d.streak = self._streak
+
+    def _held_back(self, d: Decision, scale_up: bool) -> bool:
+        """Whether the cooldown after the last change, or hysteresis (`scale_up_hysteresis` when scaling
+        up, if set), holds the decision back this tick; says so in its status and reason."""
+        cfg = self.config
+        if self._last_change is not None and d.t - self._last_change < cfg.cooldown_s:
+            d.status = "cooldown"
+            d.reason += f" (cooling down: {cfg.cooldown_s - (d.t - self._last_change):.0f} s left)"
+            return True
+        need = cfg.scale_up_hysteresis if (scale_up and cfg.scale_up_hysteresis is not None) else cfg.hysteresis
+        if self._streak < need:
+            d.status = "waiting"
+            d.reason += f" (recommended {self._streak} of {need} ticks in a row)"
+            return True
+        return False
+
+    def _changed(self) -> None:
+        """A change was applied: the cooldown starts, and the next recommendation counts from zero."""
+        self._last_change = self.target.now()
+        self._streak, self._recommendation = 0, None
 
     def _agent(self, cluster: Cluster):
         from ..agent import Agent
