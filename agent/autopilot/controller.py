@@ -209,8 +209,11 @@ class Autopilot:
         # to the pipeline with the shortest queue), and its candidates keep off their nodes.
         reps = self._replicas(cluster)
         taken = {n: f"held by replica {r['name']}" for r in reps for n in r["nodes"]}
-        total = self._assess(live, cluster, 0.0).capacity_rps
-        share = total / (total + sum(r["capacity_rps"] for r in reps if r["state"] == "serving")) if total > 0 else 1.0
+        share = 1.0
+        if any(r["state"] == "serving" for r in reps):
+            total = self._assess(live, cluster, 0.0).capacity_rps
+            if total > 0:
+                share = total / (total + sum(r["capacity_rps"] for r in reps if r["state"] == "serving"))
         if reps:
             forecast["plan_share"] = share
         self._correct(live, cluster, {**load, "arrival_rate": rate_now * share, "running": load["running"] * share},
@@ -313,13 +316,14 @@ class Autopilot:
         return all(callable(getattr(self.target, m, None)) for m in ("replicas", "add_replica", "drain_replica"))
 
     def _replicas(self, cluster: Cluster) -> list[dict]:
-        """The Target's replicas, each with its plan parsed and its capacity by the cost model."""
+        """The Target's replicas, each with its plan parsed, and its capacity and cost by the cost model."""
         if not self._runs_replicas():
             return []
         out = []
         for r in self.target.replicas():
             plan = PlacementPlan.model_validate(r["plan"])
-            out.append({**r, "placement": plan, "capacity_rps": self._assess(plan, cluster, 0.0).capacity_rps})
+            a = self._assess(plan, cluster, 0.0)
+            out.append({**r, "placement": plan, "capacity_rps": a.capacity_rps, "cost": a.cost})
         return out
 
     def _replica_step(self, d: Decision, choice: Assessment | None, current: Assessment, cluster: Cluster,
@@ -369,9 +373,7 @@ class Autopilot:
         if serving and d.action == "hold":
             last = max(serving, key=lambda r: r.get("added") or 0.0)
             rest = carried - last["capacity_rps"]
-            cost = lambda nodes: sum(node_price(cluster.node(x), self.prices) for x in dict.fromkeys(nodes)  # noqa: E731
-                                     if cluster.has_node(x))
-            saved = cost(last["nodes"]) / max(1e-12, cost(live.nodes) + sum(cost(r["nodes"]) for r in serving))
+            saved = last["cost"] / max(1e-12, current.cost + sum(r["cost"] for r in serving))
             keeps = rest > 0 and survivors <= cfg.scale_down_headroom * rest and all(
                 self._assess(p, cluster, band_rate * c / rest).slo_ok
                 for p, c in [(live, current.capacity_rps)] + [(r["placement"], r["capacity_rps"])

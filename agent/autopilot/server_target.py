@@ -143,16 +143,17 @@ class ServiceTarget:
         return listed() if callable(listed) else []
 
     def add_replica(self, validated: ValidatedPlan) -> dict:
-        from executor.reconfig import ReconfigurationError
-        try:
-            return {**self.service.add_replica(validated).as_dict(), "ok": True}
-        except ReconfigurationError as e:
-            return {"ok": False, "error": str(e)}
+        return self._report(lambda: self.service.add_replica(validated))
 
     def drain_replica(self, name: str) -> dict:
+        return self._report(lambda: self.service.drain_replica(name, wait=False))
+
+    @staticmethod
+    def _report(call) -> dict:
+        """The replica's state as the admin API answers it; a refusal is a report with ok False."""
         from executor.reconfig import ReconfigurationError
         try:
-            return {**self.service.drain_replica(name, wait=False).as_dict(), "ok": True}
+            return {**call().as_dict(), "ok": True}
         except ReconfigurationError as e:
             return {"ok": False, "error": str(e)}
 
