@@ -165,7 +165,7 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
     from .weights import open_source
     console = Console()
     cluster, policy = load_cluster(cluster_file or CLUSTER), load_policy(POLICY)
-    src = open_source(source)
+    src = source if hasattr(source, "load") else open_source(source)
     cfg = src.config
     spec = ModelSpec.from_hf_config(cfg.to_hf(), name="smollm2-135m", dtype="fp32")
     steps = series(cfg.num_layers)
@@ -176,16 +176,23 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
     intent = IntentSpec(data_class="public", traffic=Traffic(concurrency=concurrency, context_tokens=512))
     console.print(f"starting 3 workers for {cfg.num_layers}-layer model; plan {steps[0]}"
                   + (" behind emulated links" if emulate_links else ""))
-    svc = Service.launch(cluster, _plan(steps[0], cluster, policy, spec, "smollm2-135m", intent), source, ec,
+    svc = Service.launch(cluster, _plan(steps[0], cluster, policy, spec, "smollm2-135m", intent), src, ec,
                          threads_per_worker=1, emulate_links=emulate_links)
     if svc.links:
         from .service import describe_links
         console.print(f"emulated links: {describe_links(svc.links)}")
+    devices = {n["node"]: n["device"] for n in svc.node_states()}
+    console.print(f"workers compute on: {', '.join(f'{n} {d}' for n, d in devices.items())}")
     tok = svc.tokenizer
     topics = ["the sea", "a mountain", "bread", "trains", "winter", "a library", "bees", "the moon", "rain",
               "a garden", "chess", "a violin", "volcanoes", "owls", "a market", "snow"]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Write about {t}."}], add_generation_prompt=True,
-                                       tokenize=True, return_dict=False) for t in topics]
+    if tok is not None:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": f"Write about {t}."}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False) for t in topics]
+    else:
+        # random weights have no tokenizer: as many seeded prompts of token ids, of chat-prompt lengths
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, cfg.vocab_size, (24 + 3 * i,), generator=g).tolist() for i in range(len(topics))]
     lengths = [max_tokens // 2 + (i * 7) % max_tokens for i in range(len(prompts))]
     results = {}
     try:
@@ -263,7 +270,7 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
                 "reconfigurations": len(reports), "aborted": sum(r.state == "aborted" for r in reports),
                 "pause_ms_p50": statistics.median(1e3 * r.pause_s for r in reports if r.pause_s is not None)
                 if reports else None,
-                "steady_gap_p50_ms": 1e3 * p50_gap, "bytes_moved": moved,
+                "steady_gap_p50_ms": 1e3 * p50_gap, "bytes_moved": moved, "devices": devices,
                 "each": each,
             }
             # one line per method even when stdout is no terminal (rich would wrap it at 80 columns)

@@ -93,6 +93,7 @@ class NodeRuntime:
         self.unsettled: dict[str, Future] = {}  # their sends not yet taken (see settle_sends)
         self._settler = ThreadPoolExecutor(max_workers=4, thread_name_prefix="settle")
         self.devices: dict[str, str] = {}
+        self.nccl_ok: dict[str, bool] = {}
         self.placement: list[StagePlacement] = []
         self.lock = threading.RLock()      # one conversation with the workers at a time
         # Nodes a replica is being loaded onto: a thread other than the engine loop's waits for their
@@ -278,8 +279,22 @@ class NodeRuntime:
             self.devices[node] = self.store.get(f"device/{node}").decode()
         return self.devices[node]
 
+    def nccl(self, node: str) -> bool:
+        """Whether activations to and from this node's stage may travel over NCCL: its worker computes
+        on a GPU that no other worker of this service uses (NCCL refuses two ranks on one device;
+        workers sharing a GPU pass activations through the host, over gloo)."""
+        if node not in self.nccl_ok:
+            gpu = self._gpu(node) if self.device(node).startswith("cuda") else None
+            self.nccl_ok[node] = gpu is not None and not any(self._gpu(n) == gpu for n in self.ranks if n != node)
+        return self.nccl_ok[node]
+
+    def _gpu(self, node: str) -> str | None:
+        """The physical GPU a node's worker said it computes on (None: a CPU worker, or not said)."""
+        key = f"gpu/{node}"
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
     def route(self, placement: Sequence[StagePlacement] | None = None) -> tuple[Hop, ...]:
-        return tuple(Hop(self.ranks[p.node], p.start, p.end, self.device(p.node).startswith("cuda"))
+        return tuple(Hop(self.ranks[p.node], p.start, p.end, self.nccl(p.node))
                      for p in (self.placement if placement is None else placement))
 
     def load_replica(self, stages: Sequence[tuple[str, int, int]], source=None, dtype: str = "float32",

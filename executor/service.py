@@ -467,7 +467,7 @@ class Service:
             out.append({"node": n, "state": health[n], "layers": [list(x) for x in i.layers] if i else [],
                         "rss_bytes": i.rss_bytes if i else None, "weight_bytes": i.weight_bytes if i else None,
                         "kv_bytes": i.kv_bytes if i else None, "step_ms_p50": i.step_ms_p50 if i else None,
-                        "threads": i.threads if i else None})
+                        "threads": i.threads if i else None, "device": i.device if i else None})
         return out
 
     # --- reconfiguration -------------------------------------------------------------------------

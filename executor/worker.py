@@ -12,6 +12,7 @@ import argparse
 import faulthandler
 import signal
 import os
+import socket
 import resource
 import statistics
 import sys
@@ -38,6 +39,10 @@ class Worker:
         self.device = torch.device(device)
         if store is not None:
             store.set(f"device/{node}", str(self.device))     # the driver routes by it (Hop.gpu)
+            if self.device.type == "cuda":
+                # which physical GPU: NCCL refuses two ranks on one device, so the driver sends
+                # activations between workers that share a GPU through the host instead
+                store.set(f"gpu/{node}", gpu_identity(self.device))
         self.stage = None                                    # LocalStage of the layers this node serves
         self.cfg = None
         self.step_ms: list[float] = []
@@ -222,6 +227,12 @@ METHODS = {LoadStage: "load", Stats: "stats", DropStage: "drop_stage", Step: "st
            InjectFault: "inject_fault", EmulateLinks: "emulate_links",
            **{m: "migrate" for m in MIGRATION_MESSAGES}}
 REPLIED_TYPES = (LoadStage, Stats, DropStage, InjectFault, EmulateLinks, *REPLIED)   # the driver waits for a Reply to these
+
+
+def gpu_identity(device: torch.device) -> str:
+    """A name for the physical GPU behind `device`, the same in every process that uses it."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return str(uuid) if uuid else f"{socket.gethostname()}/cuda:{device.index or 0}"
 
 
 def pick_device(want: str, rank: int) -> str:

@@ -26,3 +26,38 @@ def test_asking_for_a_gpu_torch_cannot_see_is_a_clear_error(monkeypatch):
 
 def test_hops_default_to_host_transfers():
     assert Hop(1, 0, 10).gpu is False
+
+
+def test_nccl_only_between_workers_on_distinct_gpus():
+    """NCCL refuses two ranks on one device: workers that share a GPU (one GPU, several workers)
+    pass activations through the host; a GPU of its own gets device-to-device hops."""
+    import torch.distributed as dist
+
+    from executor.runtime import NodeRuntime, StagePlacement
+    store = dist.HashStore()
+    devices = {"a": ("cuda:0", "GPU-1"), "b": ("cuda:0", "GPU-1"), "c": ("cuda:1", "GPU-2"), "d": ("cpu", None)}
+    for node, (dev, gpu) in devices.items():
+        store.set(f"device/{node}", dev)
+        if gpu:
+            store.set(f"gpu/{node}", gpu)
+    rt = object.__new__(NodeRuntime)
+    rt.store, rt.devices, rt.nccl_ok = store, {}, {}
+    rt.ranks = {"a": 1, "b": 2, "c": 3, "d": 4}
+    route = rt.route([StagePlacement(n, 0, 1) for n in "abcd"])
+    assert [h.gpu for h in route] == [False, False, True, False]
+    assert [h.rank for h in route] == [1, 2, 3, 4]
+
+
+def test_the_gpu_checks_model_has_the_embedded_models_shape():
+    """executor.gpu_check runs random weights of the embedded model's shape (GPU machines may lack
+    the model package); that shape must be the GGUF's own."""
+    import dataclasses
+
+    from executor.gpu_check import SMOLLM2_135M
+    from executor.weights import GGUFSource
+    try:
+        real = GGUFSource().config
+    except FileNotFoundError as e:       # a GPU machine without the model package (make setup installs it)
+        pytest.skip(str(e))
+    assert dataclasses.replace(real, rms_norm_eps=SMOLLM2_135M.rms_norm_eps) == SMOLLM2_135M
+    assert real.rms_norm_eps == pytest.approx(SMOLLM2_135M.rms_norm_eps)
