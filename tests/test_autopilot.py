@@ -276,6 +276,39 @@ def test_every_decision_is_journaled_with_what_was_seen_and_considered(tmp_path)
     assert len(j.entries(kinds={"apply"})) == 1 and j.entries(kinds={"autopilot"})
 
 
+def test_an_unreachable_service_is_an_unobserved_interval_and_the_loop_goes_on(tmp_path):
+    """run() outlives a target that fails: each failed interval is journaled with its error, changes
+    nothing, restarts the hysteresis count, and the loop ticks on to act once the service answers."""
+    import threading
+
+    class Flaky(ScriptedTarget):
+        down = 0
+
+        def snapshot(self):
+            self.t += 10.0
+            if self.down:
+                self.down -= 1
+                raise ConnectionError("http://127.0.0.1:8000 refused the connection")
+            return super().snapshot()
+    j = Journal(tmp_path / "journal.jsonl")
+    tg = Flaky(plan_of(*TWO))
+    ap = pilot(tg, journal=j, hysteresis=2, interval_s=0.001)
+    stop, seen = threading.Event(), []
+
+    def on_decision(d):
+        seen.append(d)
+        if len(seen) == 1:
+            tg.down = 2                      # the next two intervals find nobody there
+        if len(seen) == 5:
+            stop.set()
+    ap.run(stop, on_decision)
+    assert [d.status for d in seen] == ["waiting", "unobserved", "unobserved", "waiting", "applied"]
+    assert "ConnectionError" in seen[1].reason and "refused" in seen[1].reason
+    assert tg.applied == [seen[-1].chosen.summary()]     # two agreeing intervals after the outage, not across it
+    logged = [e["data"]["status"] for e in j.entries(kinds={"decision"})]
+    assert logged == [d.status for d in seen] and j.verify().ok
+
+
 def test_a_snapshot_without_the_window_is_a_clear_error():
     tg = ScriptedTarget(plan_of(*TWO))
     tg.snapshot = lambda: {"windows": {"60s": {}}}

@@ -127,11 +127,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             else:
                 with Live(view(ap), console=console, refresh_per_second=2) as lv:
                     ap.run(stop, lambda d: on_decision(d, lv))
-        except KeyboardInterrupt:
-            pass
-        except RemoteError as e:         # the service went away mid-run: what was decided is in the journal
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-            raise typer.Exit(1) from None
+        except KeyboardInterrupt:        # a service that goes away mid-run is not an exit: each interval it
+            pass                         # cannot be read is an `unobserved` decision, and the loop goes on
         if not as_json:
             applied = sum(d.applied for d in ap.decisions)
             console.print(f"{len(ap.decisions)} decisions, {applied} applied; journal: {ap.journal.path}")

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -69,6 +70,7 @@ class Decision:
     action: hold (keep the plan) | change (a cheaper or SLO-keeping plan) | replan (a node was lost)
     status: held | waiting (hysteresis) | cooldown | advised (advisory: not applied) | declined (confirm said no)
             | applied | rejected (the validator refused it) | failed (the apply failed) | infeasible
+            | unobserved (the tick could not read the service or finish: the error is the reason)
     """
     t: float
     action: str
@@ -179,13 +181,32 @@ class Autopilot:
     # ------------------------------------------------------------------ the loop
 
     def run(self, stop: threading.Event, on_decision: Callable[[Decision], None] | None = None) -> None:
-        """Tick every interval until `stop` is set (wall clock: for a live server)."""
+        """Tick every interval until `stop` is set (wall clock: for a live server).
+
+        A tick that fails (the server unreachable, a malformed answer, a bug) is recorded as an
+        `unobserved` decision with the error, and the loop goes on: an autopilot that stops on the
+        first lost connection leaves the service unwatched without saying so."""
         while not stop.is_set():
-            d = self.tick()
+            try:
+                d = self.tick()
+            except Exception as e:
+                d = self._unobserved(e)
             if on_decision:
                 on_decision(d)
             stop.wait(self.config.interval_s)
         self._journal("autopilot", {"event": "stop", "decisions": len(self.decisions)})
+
+    def _unobserved(self, e: Exception) -> Decision:
+        """The decision of a tick that could not finish: nothing changes, the error is journaled. The
+        hysteresis streak starts again (the same recommendation did not hold through this interval)."""
+        self._recommendation, self._streak, self._pending = None, 0, None
+        try:
+            t = self.target.now()
+        except Exception:
+            t = time.time()
+        first = str(e).splitlines()[0] if str(e) else ""
+        return self._record(Decision(t, "hold", "unobserved",
+                                     f"this interval could not be completed, nothing changed: {type(e).__name__}: {first}"))
 
     def tick(self) -> Decision:
         """One interval: observe, forecast, assess, choose, gate, journal."""
