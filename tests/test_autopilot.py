@@ -309,6 +309,36 @@ def test_an_unreachable_service_is_an_unobserved_interval_and_the_loop_goes_on(t
     assert logged == [d.status for d in seen] and j.verify().ok
 
 
+def test_the_tpot_bound_is_judged_on_the_slow_requests():
+    """The cost model predicts a typical request; the bound is every request's. The live plan's measured
+    TPOT p99 / p50 (smoothed, clamped) scales the prediction the SLO check uses, for every plan; with
+    too few requests in the window nothing is learned, and tail_aware: false judges the median."""
+    class Spread(ScriptedTarget):
+        p50, p99, n = 0.100, 0.150, 20
+
+        def snapshot(self):
+            snap = super().snapshot()
+            snap["windows"]["10s"]["tpot_s"] = {"p50": self.p50, "p99": self.p99, "n": self.n}
+            return snap
+    one = plan_of(("edge-a", 0, 29))
+    tg = Spread(plan_of(*TWO))
+    ap = pilot(tg, mode="advisory")
+    typical = ap._assess(one, CLUSTER, 0.0).tpot_ms
+    ap.intent = INTENT.model_copy(update={"max_tpot_ms": 1.2 * typical})
+    assert ap._assess(one, CLUSTER, 0.0).slo_ok                  # nothing measured yet: the tail is 1
+    run(ap, tg, [0.1] * 12)
+    assert ap.tpot_tail == pytest.approx(1.5, rel=1e-3) and ap.decisions[-1].predicted["tpot_tail"] == ap.tpot_tail
+    assert not ap._assess(one, CLUSTER, 0.0).slo_ok              # 1.5 x typical is over 1.2 x typical
+    ap.config = AutopilotConfig(**{**ap.config.as_dict(), "tail_aware": False})
+    assert ap._assess(one, CLUSTER, 0.0).slo_ok
+    tg.p99, tg.n = 0.900, 2                                      # too few requests: the tail stays
+    run(ap, tg, [0.1] * 3)
+    assert ap.tpot_tail == pytest.approx(1.5, rel=1e-3)
+    tg.n = 20                                                    # 9x is clamped to MAX_TAIL
+    run(ap, tg, [0.1] * 40)
+    assert ap.tpot_tail == pytest.approx(2.0, rel=1e-3)
+
+
 def test_a_snapshot_without_the_window_is_a_clear_error():
     tg = ScriptedTarget(plan_of(*TWO))
     tg.snapshot = lambda: {"windows": {"60s": {}}}
@@ -326,6 +356,7 @@ def test_a_snapshot_without_the_window_is_a_clear_error():
     ({"scale_down_headroom": 0.9, "headroom": 0.8}, "autopilot.scale_down_headroom", "0.9"),
     ({"window": "5m"}, "autopilot.window", "'5m'"),
     ({"bogus": 1}, "autopilot.bogus", "unknown knob"),
+    ({"tail_aware": "yes"}, "autopilot.tail_aware", "'yes'"),
 ])
 def test_bad_knobs_name_the_knob_and_value(knobs, field, value):
     with pytest.raises(AutopilotConfigError) as e:

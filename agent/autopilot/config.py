@@ -61,6 +61,8 @@ class AutopilotConfig:
                                     # pipeline carries the forecast (0: it only advises them)
     seat_levels: tuple = ()         # KV reservations (concurrency) a plan may be sized for besides the intent's
                                     # traffic.concurrency (its smallest): more seats carry more load on the same nodes
+    tail_aware: bool = True         # judge the TPOT bound on the slow requests: the predicted TPOT times the
+                                    # live plan's measured p99 / p50 spread (smoothed); False: on the median one
 
     def __post_init__(self):
         if isinstance(self.seat_levels, list):
@@ -86,6 +88,8 @@ class AutopilotConfig:
             v = getattr(self, knob)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(knob, "must be a whole number >= 1")
+        if not isinstance(self.tail_aware, bool):
+            bad("tail_aware", "must be true or false")
         v = self.max_replicas
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             bad("max_replicas", "must be a whole number >= 0 (0: replicas are only advised)")
