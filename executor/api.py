@@ -660,6 +660,11 @@ class HopStats(_Doc):
     transfer_s: float | None = Field(description="mean send-to-delivery time per engine step")
 
 
+class PipelineStats(_Doc):
+    ttft_s: Quantiles
+    tpot_s: Quantiles
+
+
 class WindowStats(_Doc):
     seconds: float
     span_s: float = Field(description="seconds covered so far (less than `seconds` just after start)")
@@ -671,6 +676,8 @@ class WindowStats(_Doc):
     running: MeanMax
     ttft_s: Quantiles
     tpot_s: Quantiles
+    pipelines: dict[str, PipelineStats] = Field(
+        description="TTFT and TPOT of the requests each pipeline served: 'plan', or a replica's name")
     steps: StepStats
     kv_use: dict[str, MeanMax] = Field(description="per node: KV blocks in use / allocated")
     stages: list[StageStats]

@@ -170,7 +170,7 @@ class EngineLoop(threading.Thread):
                     done = self._guarded(engine.step, rep)
                     stepped = True
                     if done is not None and self.telemetry.enabled:
-                        self.observe(time.perf_counter() - t0, done)
+                        self.observe(time.perf_counter() - t0, done, "plan" if rep is None else rep.name)
             self._retire()
         if not stepped:
             self.wake.wait(0.002 if rc is not None and not rc.done else 0.05)
@@ -214,15 +214,16 @@ class EngineLoop(threading.Thread):
                 lst.on_done(out, None)
         return done
 
-    def observe(self, wall_s: float, done: list[RequestOutput]) -> None:
-        """Telemetry of the step that just ended (its pipeline part came with the logits)."""
+    def observe(self, wall_s: float, done: list[RequestOutput], pipeline: str = "plan") -> None:
+        """Telemetry of the step that just ended (its pipeline part came with the logits); `pipeline`:
+        whose step it was ("plan", or a replica's name)."""
         tel, engines = self.telemetry, self.engines()
         local = {f"stage{i}": (st.cache.num_blocks - st.cache.num_free_blocks, st.cache.num_blocks)
                  for i, st in enumerate(self.engine.stages) if hasattr(st, "cache")}
         tel.step(wall_s, sum(len(e.scheduler.waiting) for e in engines),
                  sum(len(e.scheduler.running) for e in engines), local)
         for out in done:
-            tel.finished(out.tpot, out.finish_reason)
+            tel.finished(out.tpot, out.finish_reason, pipeline)
 
     def fail_all(self, err: Exception) -> None:
         """A worker died mid-step: every in-flight request ends with a clear error, none hangs."""
@@ -387,13 +388,11 @@ class Service:
         """Queue a request; raises QueueFull, ContextTooLong, ValueError or ServiceUnavailable."""
         if self.loop.broken is not None:
             raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
-        on_token = self._on_token(listener)
-
         def add() -> int:
             if self.loop.broken is not None:      # it broke between the check above and now
                 raise ServiceUnavailable(f"service unavailable: {self.loop.broken}")
-            engine = self._route()
-            req_id = engine.add_request(prompt, params, on_token)
+            engine, pipeline = self._route()
+            req_id = engine.add_request(prompt, params, self._on_token(listener, pipeline))
             self.loop.listeners[req_id] = listener
             if self.telemetry.enabled:
                 self.telemetry.arrival(len(engine.seqs[req_id].prompt_ids))
@@ -402,8 +401,9 @@ class Service:
         self.loop.wake.set()
         return req_id
 
-    def _on_token(self, listener: Listener):
-        """The engine's per-token callback: the listener's, and telemetry's first token and count."""
+    def _on_token(self, listener: Listener, pipeline: str = "plan"):
+        """The engine's per-token callback: the listener's, and telemetry's first token (of `pipeline`)
+        and count."""
         user = listener.on_token
         tel = self.telemetry if self.telemetry.enabled else None
         if tel is None:
@@ -411,18 +411,19 @@ class Service:
 
         def on_token(seq, tok):
             if len(seq.output_ids) == 1:
-                tel.first_token(seq.token_times[0] - seq.arrival)
+                tel.first_token(seq.token_times[0] - seq.arrival, pipeline)
             tel.token()
             if user:
                 user(tok, seq.logprobs[-1] if seq.logprobs else None)
         return on_token
 
-    def _route(self) -> Engine:
-        """The pipeline a new request joins: the one with the fewest outstanding requests per seat
-        (max_num_seqs; the plan's on a tie), so a pipeline with fewer seats does not queue while
-        another has seats free. Called on the engine thread."""
-        serving = [self.engine, *(r.engine for r in self.loop.replicas.values() if r.state == "serving")]
-        return min(serving, key=lambda e: (len(e.seqs) + 1) / e.config.max_num_seqs)
+    def _route(self) -> tuple[Engine, str]:
+        """The pipeline a new request joins, and its name ("plan" or the replica's): the one with the
+        fewest outstanding requests per seat (max_num_seqs; the plan's on a tie), so a pipeline with
+        fewer seats does not queue while another has seats free. Called on the engine thread."""
+        serving = [(self.engine, "plan"),
+                   *((r.engine, r.name) for r in self.loop.replicas.values() if r.state == "serving")]
+        return min(serving, key=lambda p: (len(p[0].seqs) + 1) / p[0].config.max_num_seqs)
 
     def cancel(self, req_id: int) -> None:
         for engine in self.loop.engines():

@@ -127,8 +127,10 @@ class Telemetry:
         self.node_of: Callable[[int], str] = lambda rank: f"rank{rank}"
         self.lock = threading.Lock()
         self.arrivals: deque[tuple[float, int]] = deque()       # (t, prompt tokens)
-        self.ttfts: deque[tuple[float, float]] = deque()        # (t of the first token, TTFT s)
-        self.finishes: deque[tuple[float, float | None, str]] = deque()   # (t, TPOT s or None, outcome)
+        # which pipeline served each request ("plan", or a replica's name): the service's figures mix
+        # them, and a controller correcting its model of the plan wants the plan's own
+        self.ttfts: deque[tuple[float, float, str]] = deque()   # (t of the first token, TTFT s, pipeline)
+        self.finishes: deque[tuple[float, float | None, str, str]] = deque()   # (t, TPOT s or None, outcome, pipeline)
         self.tokens: deque[list] = deque()                      # [bin start, output tokens in it]
         self.steps: deque[StepSample] = deque()
         self.kv_now: dict[str, tuple[int, int]] = {}            # node -> (used, total) blocks, last seen
@@ -152,9 +154,9 @@ class Telemetry:
         with self.lock:
             self.arrivals.append((self.clock(), prompt_tokens))
 
-    def first_token(self, ttft_s: float) -> None:
+    def first_token(self, ttft_s: float, pipeline: str = "plan") -> None:
         with self.lock:
-            self.ttfts.append((self.clock(), ttft_s))
+            self.ttfts.append((self.clock(), ttft_s, pipeline))
 
     def token(self, n: int = 1) -> None:
         now = self.clock()
@@ -165,9 +167,9 @@ class Telemetry:
             else:
                 self.tokens.append([b, n])
 
-    def finished(self, tpot_s: float | None, outcome: str) -> None:
+    def finished(self, tpot_s: float | None, outcome: str, pipeline: str = "plan") -> None:
         with self.lock:
-            self.finishes.append((self.clock(), tpot_s, outcome))
+            self.finishes.append((self.clock(), tpot_s, outcome, pipeline))
 
     def pipeline_step(self, batch, route, received: Sequence, t0: float, t1: float) -> None:
         """DistributedPipeline.on_step: the batch, its route, what came back per micro-batch
@@ -254,11 +256,18 @@ class Telemetry:
             since, span = now - w, self._span(now, w)
             arr = [p for t, p in arrivals if t >= since]
             ws = [s for s in steps if s.t >= since]
-            fin = [(tp, o) for t, tp, o in finishes if t >= since]
-            ttft = [v for t, v in ttfts if t >= since]
-            tpot = [tp for tp, _ in fin if tp is not None]
+            fin = [(tp, o, pl) for t, tp, o, pl in finishes if t >= since]
+            ttft = [v for t, v, _ in ttfts if t >= since]
+            tpot = [tp for tp, _, _ in fin if tp is not None]
+            per: dict[str, dict[str, list[float]]] = {}
+            for t, v, pl in ttfts:
+                if t >= since:
+                    per.setdefault(pl, {"ttft": [], "tpot": []})["ttft"].append(v)
+            for tp, _, pl in fin:
+                if tp is not None:
+                    per.setdefault(pl, {"ttft": [], "tpot": []})["tpot"].append(tp)
             outs = {}
-            for _, o in fin:
+            for _, o, _ in fin:
                 outs[o] = outs.get(o, 0) + 1
             kv: dict[str, list[float]] = {}
             for s in ws:
@@ -275,6 +284,9 @@ class Telemetry:
                 "running": {"mean": _mean([s.running for s in ws]), "max": max((s.running for s in ws), default=None)},
                 "ttft_s": {"p50": _pct(ttft, .5), "p99": _pct(ttft, .99), "n": len(ttft)},
                 "tpot_s": {"p50": _pct(tpot, .5), "p99": _pct(tpot, .99), "n": len(tpot)},
+                # the same per pipeline that served them (the plan's, each replica's)
+                "pipelines": {pl: {k + "_s": {"p50": _pct(v, .5), "p99": _pct(v, .99), "n": len(v)}
+                                   for k, v in d.items()} for pl, d in sorted(per.items())},
                 "steps": {"n": len(ws), "per_s": len(ws) / span, "wall_s": _mean([s.wall_s for s in ws]),
                           "tokens": _mean([s.tokens for s in ws if s.rows]),
                           "rows": _mean([s.rows for s in ws if s.rows])},

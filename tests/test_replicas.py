@@ -53,6 +53,10 @@ def test_a_replica_serves_beside_the_plan_with_the_same_tokens(svc, reference):
     layers = {n["node"]: n["layers"] for n in svc.node_states()}
     assert layers == {"edge-a": [[0, WHOLE + 1]], "edge-b": [[0, 4]], "cloud-1": [[4, WHOLE + 1]]}
     assert [r["name"] for r in svc.replicas()] == ["r1"] and svc.replicas()[0]["nodes"] == ["edge-b", "cloud-1"]
+    # telemetry keeps each pipeline's TTFT and TPOT beside the service's
+    w = svc.telemetry.snapshot()["windows"]["60s"]
+    assert {k: v["tpot_s"]["n"] for k, v in w["pipelines"].items()} == {"plan": 4, "r1": 4}
+    assert w["tpot_s"]["n"] == 8
 
 
 def test_pipelines_keep_off_each_others_nodes(svc):

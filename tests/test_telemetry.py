@@ -62,6 +62,30 @@ def test_windows_rates_percentiles_and_expiry():
     assert len(tel.arrivals) == 0 and len(tel.steps) == 1
 
 
+def test_ttft_and_tpot_are_kept_per_pipeline_too():
+    """Replicas run at their own speed: beside the service's figures, each pipeline's own."""
+    clock = Clock()
+    tel = Telemetry(clock=clock)
+    for i in range(10):
+        clock.t += 1.0
+        tel.first_token(0.1, "plan"), tel.finished(0.02, "length", "plan")
+        tel.first_token(0.3, "r1"), tel.finished(0.06, "length", "r1")
+    tel.finished(None, "error")                         # a failed request has no TPOT anywhere
+    w = tel.snapshot()["windows"]["60s"]
+    assert w["tpot_s"]["n"] == 20 and w["finished"] == {"length": 20, "error": 1}
+    assert set(w["pipelines"]) == {"plan", "r1"}
+    assert w["pipelines"]["plan"]["tpot_s"] == {"p50": pytest.approx(0.02), "p99": pytest.approx(0.02), "n": 10}
+    assert w["pipelines"]["r1"]["ttft_s"]["p50"] == pytest.approx(0.3)
+    # the autopilot reads the plan's own when replicas served beside it, the service's otherwise
+    from agent.autopilot.controller import _read_load
+    snap = tel.snapshot()
+    _, measured, _ = _read_load(snap, "60s")
+    assert measured["tpot_p50_ms"] == pytest.approx(20.0) and measured["tpot_n"] == 10
+    del snap["windows"]["60s"]["pipelines"]["r1"]
+    snap["windows"]["60s"]["tpot_s"]["p50"] = 0.04
+    assert _read_load(snap, "60s")[1]["tpot_p50_ms"] == pytest.approx(40.0)
+
+
 def test_stage_records_become_stage_times_and_hops():
     clock = Clock()
     tel = Telemetry(clock=clock)

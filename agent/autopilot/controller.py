@@ -1016,7 +1016,11 @@ def _read_load(snap: dict, window: str) -> tuple[dict, dict]:
             "queue": float(queue if queue is not None else (w.get("queue_depth") or {}).get("mean") or 0),
             "running": float(running if running is not None else (w.get("running") or {}).get("mean") or 0),
             "window": window, "span_s": w.get("span_s")}
-    ttft, tpot = w.get("ttft_s") or {}, w.get("tpot_s") or {}
+    # with replicas serving beside the plan, the plan's own requests (what its corrections and tail are
+    # about: a replica on other nodes runs at its own speed); else the service's, which are the plan's
+    pipes = w.get("pipelines") or {}
+    own = (pipes.get("plan") or {}) if len(pipes) > 1 else w
+    ttft, tpot = own.get("ttft_s") or {}, own.get("tpot_s") or {}
     ms = lambda v: None if v is None else 1e3 * v  # noqa: E731
     measured = {"ttft_p50_ms": ms(ttft.get("p50")), "ttft_p99_ms": ms(ttft.get("p99")), "ttft_n": ttft.get("n", 0),
                 "tpot_p50_ms": ms(tpot.get("p50")), "tpot_p99_ms": ms(tpot.get("p99")), "tpot_n": tpot.get("n", 0)}
