@@ -162,9 +162,9 @@ class ReplicaSimTarget(SimTarget):
     a drained one takes no new request and lets its nodes go once it has finished what it holds.
 
     snapshot(): arrivals, tokens, queue and running are summed over the pipelines (as the service's
-    telemetry counts them); TTFT/TPOT are the plan's own requests' (the service mixes all pipelines';
-    the plan's are what its corrections want); stages are every pipeline's (the controller keeps the
-    live plan's)."""
+    telemetry counts them); TTFT/TPOT are the plan's own requests' (what the controller reads from a
+    service's `pipelines.plan` when replicas serve: the plan's are what its corrections want);
+    stages are every pipeline's (the controller keeps the live plan's)."""
     route_step_s: float = 1.0
     started: list[SimReplica] = field(default_factory=list)     # every replica ever added
 
