@@ -708,6 +708,13 @@ class EmulatedLinks(_Doc):
     links: list[EmulatedLink]
 
 
+class EngineStats(_Doc):
+    max_num_seqs: int = Field(description="seats: sequences in flight at most")
+    max_prefill_tokens: int = Field(description="prompt tokens per step when nothing decodes")
+    max_prefill_tokens_decoding: int = Field(description="prompt tokens per step while others decode (a prompt "
+                                                         "arriving then takes ceil(tokens / this) steps)")
+
+
 class StatsBody(_Doc):
     """GET /admin/stats: the service's telemetry over rolling windows (README: Telemetry)."""
     enabled: bool
@@ -715,6 +722,7 @@ class StatsBody(_Doc):
     now: NowStats
     windows: dict[str, WindowStats] = Field(description="by window length, e.g. '60s', '10s'")
     links: EmulatedLinks | None = Field(description="the emulated links, when the workers run behind them")
+    engine: EngineStats | None = Field(None, description="how the plan's engine schedules")
 
 
 # --- streaming text ---------------------------------------------------------------------------------

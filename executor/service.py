@@ -659,6 +659,11 @@ class Service:
         """GET /admin/stats: the telemetry snapshot, with the live gauges and the emulated links."""
         snap = self.telemetry.snapshot(self.queue_depth(), self.running())
         snap["links"] = self.links
+        # how the plan's engine schedules: a controller predicting TTFT and TPOT needs the prompt budget
+        # per step while others decode (a prompt arriving then takes ceil(P / budget) steps)
+        c = self.engine.config
+        snap["engine"] = {"max_num_seqs": c.max_num_seqs, "max_prefill_tokens": c.max_prefill_tokens,
+                          "max_prefill_tokens_decoding": c.max_prefill_tokens_decoding}
         return snap
 
     def close(self) -> None:

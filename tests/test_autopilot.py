@@ -3,6 +3,7 @@ model spec, real plans from the planner, the real validator and Agent.gate; only
 (an /admin/stats-shaped snapshot) and apply moves the Target's live plan to the validated one."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,33 @@ def test_the_tpot_bound_is_judged_on_the_slow_requests():
     tg.n = 20                                                    # 9x is clamped to MAX_TAIL
     run(ap, tg, [0.1] * 40)
     assert ap.tpot_tail == pytest.approx(2.0, rel=1e-3)
+
+
+def test_a_prompt_arriving_while_others_decode_waits_its_chunks():
+    """The engine takes max_prefill_tokens_decoding prompt tokens a step while others decode: a prompt
+    arriving then waits ceil(P / chunk) rounds. The controller learns the budget from the service
+    (/admin/stats "engine") unless the knob sets it, and predicts TTFT at load with it."""
+    class Chunked(ScriptedTarget):
+        def snapshot(self):
+            return {**super().snapshot(), "engine": {"max_num_seqs": 8, "max_prefill_tokens": 512,
+                                                     "max_prefill_tokens_decoding": 8}}
+    tg = Chunked(plan_of(*TWO))
+    ap = pilot(tg, mode="advisory")
+    one = plan_of(("edge-a", 0, 29))
+    rate = 0.5 * capacity(ap, ("edge-a", 0, 29))
+    whole = ap._assess(one, CLUSTER, rate)
+    assert ap.prefill_chunk_tokens is None
+    run(ap, tg, [0.0])
+    assert ap.prefill_chunk_tokens == 8
+    chunked = ap._assess(one, CLUSTER, rate)
+    P = INTENT.traffic.prompt_tokens
+    rounds = math.ceil(P / 8) * chunked.tpot_ms
+    assert rounds > whole.ttft_ms                     # the case that matters: chunks take longer than a prefill
+    assert whole.ttft_ms < chunked.ttft_ms < rounds   # a mix: some arrivals find the engine idle
+    assert ap._assess(one, CLUSTER, 0.0).ttft_ms == pytest.approx(whole_idle := ap._at_load(
+        one, CLUSTER, 0.0, ap.corrections).ttft_ms) and whole_idle > 0    # idle: nobody to wait behind
+    ap.config = AutopilotConfig(**{**ap.config.as_dict(), "prefill_chunk_tokens": 4096})
+    assert ap.prefill_chunk_tokens == 4096            # the knob wins over what the service says
 
 
 def test_a_snapshot_without_the_window_is_a_clear_error():

@@ -13,12 +13,14 @@ import pytest
 from agent.autopilot import Autopilot, AutopilotConfig
 from agent.autopilot.server_target import ServerTarget
 from agent.journal import Journal
-from policies import IntentSpec, PlacementPlan, Stage, approve, load_cluster, load_model_spec, load_policy
+from policies import IntentSpec, PlacementPlan, Stage, Traffic, approve, load_cluster, load_model_spec, load_policy
 from tests.tiny_service import run_cli, serve_app, submit_all
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "autopilot-test-token"
-INTENT = IntentSpec(data_class="public")
+# the traffic the tests send: 3-token prompts (the engine takes 8 prompt tokens a step while others decode,
+# so the intent's default 512-token prompts would each wait 64 rounds, a different service to plan for)
+INTENT = IntentSpec(data_class="public", traffic=Traffic(prompt_tokens=8, output_tokens=80))
 
 
 @pytest.fixture(scope="module")

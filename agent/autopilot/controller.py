@@ -165,6 +165,7 @@ class Autopilot:
         self.corrections = corrections if corrections is not None else Corrections()
         self.tpot_residual, self._residual_n = 1.0, 0   # measured / predicted TPOT left after the stages' factors
         self.tpot_tail, self._tail_n = 1.0, 0           # measured TPOT p99 / p50 of the live plan (see _tail)
+        self._engine_chunk: int | None = None           # the service's prompt budget per step while decoding
         self.forecaster = Holt(self.config.alpha, self.config.beta, self.config.damping_s)
         self.decisions: list[Decision] = []
         self._candidates: tuple[str, list[PlacementPlan]] | None = None   # (cluster state + lost, plans)
@@ -217,6 +218,7 @@ class Autopilot:
         snap, live, cluster = self.target.snapshot(), self.target.live_plan(), self.target.cluster()
         lost = self._lost(cluster, live)
         load, measured, stages = _read_load(snap, cfg.window)
+        self._learn_engine(snap)
         self.forecaster.observe(t, load["arrival_rate"])
         rate_now = load["arrival_rate"]
         # plan for the peak the horizon may bring, plus the backlog the queue holds, drained over the horizon
@@ -488,6 +490,17 @@ class Autopilot:
             lost.update(extra())
         return lost
 
+    @property
+    def prefill_chunk_tokens(self) -> int | None:
+        """The prompt tokens one engine step takes while others decode: the knob, else what the service
+        says its engine does (/admin/stats "engine"), else None (whole prompts)."""
+        return self.config.prefill_chunk_tokens or self._engine_chunk
+
+    def _learn_engine(self, snap: dict) -> None:
+        v = (snap.get("engine") or {}).get("max_prefill_tokens_decoding") if isinstance(snap, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
+            self._engine_chunk = v
+
     def _tail(self, measured: dict) -> None:
         """Learn how far the slow requests' TPOT lies above the typical one's: p99 / p50 of the window
         (smoothed like the corrections, clamped to [1, MAX_TAIL]). The cost model predicts a typical
@@ -674,28 +687,43 @@ class Autopilot:
 
         scale = (self.tpot_residual if residual is None else residual) if corrections is not None else 1.0
 
+        chunk = self.prefill_chunk_tokens
+        steps = math.ceil(P / chunk) if chunk else 1
+
         def est(n: int, r: float):
             e = estimate(plan, cluster, self.model, t if n == B else t.model_copy(update={"concurrency": n}),
-                         prompt_tokens_per_s=r * P, prompt_chunk_tokens=self.config.prefill_chunk_tokens, **speed)
+                         prompt_tokens_per_s=r * P, prompt_chunk_tokens=chunk, **speed)
             return e if scale == 1.0 else e.model_copy(update={"tpot_ms": e.tpot_ms * scale})
+
+        def ttft_at(e, others: float) -> float:
+            """A prompt that arrives while others decode is cut into `chunk`-token pieces, one per engine
+            round: ceil(P / chunk) rounds (at least its prefill) instead of a prefill of its own. The others
+            an arrival finds are Poisson with mean `others` (M/G/inf), so it finds some with probability
+            1 - exp(-others). (On the embedded engine, 8 tokens a step: a 40-token prompt waited 5 rounds,
+            TTFT 430 ms where a lone request's was 134.)"""
+            if steps <= 1 or others <= 0:
+                return e.ttft_ms
+            p_busy = 1.0 - math.exp(-others)
+            return (1 - p_busy) * e.ttft_ms + p_busy * max(e.ttft_ms, steps * e.tpot_ms)
         full = est(B, 0.0)
-        capacity = 1e3 * B / (full.ttft_ms + O * full.tpot_ms)
+        capacity = 1e3 * B / (ttft_at(full, B - 1) + O * full.tpot_ms)
         for _ in range(3):          # the busier the seats, the more prompts ride in each step: a few rounds
             e = est(B, capacity)
-            capacity = 0.5 * capacity + 0.5 * (1e3 * B / (e.ttft_ms + O * e.tpot_ms))
+            capacity = 0.5 * capacity + 0.5 * (1e3 * B / (ttft_at(e, B - 1) + O * e.tpot_ms))
         util = rate / capacity if capacity > 0 else math.inf
         n = concurrency or 1
         e = est(n, rate)
+        busy = (concurrency - 1) if concurrency else rate * (e.ttft_ms + (O - 1) * e.tpot_ms) / 1e3
         for _ in range(0 if concurrency else 8):
             # Little's law: in flight = rate * time in the system; that time depends on how many are in flight
-            busy = rate * (e.ttft_ms + (O - 1) * e.tpot_ms) / 1e3
+            busy = rate * (ttft_at(e, busy) + (O - 1) * e.tpot_ms) / 1e3
             nxt = max(1, min(B, math.ceil(busy))) if math.isfinite(busy) else B
             if nxt == n:
                 break
             n = nxt
             e = est(n, rate)
         # past capacity the queue grows without bound: no TTFT bound is kept, however fast each step is
-        ttft = e.ttft_ms if util < 1 else math.inf
+        ttft = ttft_at(e, busy) if util < 1 else math.inf
         return Assessment(plan, 0.0, capacity, util, n, ttft, e.tpot_ms, False)
 
     def _move(self, live: PlacementPlan, new: PlacementPlan, cluster: Cluster, load: dict) -> tuple[float, float]:
