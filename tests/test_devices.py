@@ -61,3 +61,14 @@ def test_the_gpu_checks_model_has_the_embedded_models_shape():
         pytest.skip(str(e))
     assert dataclasses.replace(real, rms_norm_eps=SMOLLM2_135M.rms_norm_eps) == SMOLLM2_135M
     assert real.rms_norm_eps == pytest.approx(SMOLLM2_135M.rms_norm_eps)
+
+
+def test_the_gpu_checks_k8s_shape_runs_on_cpu_workers(monkeypatch):
+    """executor.gpu_check's third part (a driver with no GPU, workers joining it over TCP, a live
+    reconfiguration) kept runnable here: with CPU workers it must pass as it would on CUDA ones."""
+    from executor.gpu_check import k8s_shape
+    monkeypatch.setenv("GPU_CHECK_WORKER_DEVICE", "cpu")
+    monkeypatch.delenv("CONTINUO_JOIN_TOKEN", raising=False)
+    r = k8s_shape()
+    assert r["ok"], r
+    assert r["driver_backend"] == "gloo" and r["identical"] == r["requests"] == 6 and r["reconfig"] == "done"
