@@ -108,7 +108,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         phase_s: float = typer.Option(40.0, min=1, help="real cluster: seconds per phase (steady, 3x burst, "
                                       "idle, steady)"),
         max_tokens: int = typer.Option(24, min=2, help="real cluster: tokens per request"),
-        seed: int = typer.Option(0, help="real cluster: the arrivals' seed"),
+        seed: Optional[int] = typer.Option(None, help="the arrivals' seed (real cluster: default 0; --sim: the "
+                                           "trace drawn again with this seed instead of the file's own, a day of "
+                                           "the same shape that nothing was tuned on)"),
         as_json: bool = typer.Option(False, "--json"),
     ):
         """Adaptation benchmark. Without --sim: the closed loop on the real local cluster (a load trace with
@@ -118,7 +120,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if not sim:
             from .autopilot.bench_real import print_figures, run as run_real
             log = (lambda m: print(m, file=sys.stderr)) if as_json else print
-            r = run_real(phase_s, max_tokens, interval_s or 3.0, seed, log=log)
+            r = run_real(phase_s, max_tokens, interval_s or 3.0, seed or 0, log=log)
             if as_json:
                 print(json.dumps(r))
             else:
@@ -126,4 +128,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             raise typer.Exit(0 if r["lost"] == 0 else 1)
         from .autopilot.sim_eval import main as sim_main
         raise typer.Exit(sim_main(scenario, hours=hours, interval_s=interval_s or 300.0,
-                                  only=only.split(",") if only else None, as_json=as_json))
+                                  only=only.split(",") if only else None, as_json=as_json, seed=seed))

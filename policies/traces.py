@@ -272,9 +272,13 @@ def _trim_fraction(s: str) -> str:
     return s
 
 
-def load_trace(path: str | Path) -> Trace:
-    """A CSV of requests or a YAML rate schedule (by extension); errors name file, line, field, value."""
+def load_trace(path: str | Path, seed: int | None = None) -> Trace:
+    """A CSV of requests or a YAML rate schedule (by extension); errors name file, line, field, value.
+    seed: draw a schedule with this seed instead of its own (another day of the same shape)."""
     p = Path(path)
     if p.suffix.lower() == ".csv":
+        if seed is not None:
+            raise ValueError(f"{p}: a CSV trace is recorded requests; a seed draws only a rate schedule")
         return _read_csv(p)
-    return load_file(Schedule, p, post=_post).generate()
+    schedule = load_file(Schedule, p, post=_post)
+    return (schedule if seed is None else schedule.model_copy(update={"seed": seed})).generate()

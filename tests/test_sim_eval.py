@@ -329,3 +329,16 @@ def test_the_controller_in_the_simulator_applies_only_valid_plans_and_scales_out
     # it left the smallest plan for one that keeps the SLOs: a better share of requests within them
     a = ev.run_static(fleet, small, "(a)")
     assert row.attainment > a.attainment
+
+
+def test_a_seed_draws_another_day_of_the_same_shape(tmp_path):
+    """--seed: the trace drawn again (figures on material nothing was tuned on); a CSV trace is refused."""
+    base = ev.load_scenario(hours=1)
+    other = ev.load_scenario(hours=1, seed=99)
+    assert other.trace.arrival_s != base.trace.arrival_s and other.name.endswith("(seed 99)")
+    assert abs(len(other.trace) - len(base.trace)) < 0.1 * len(base.trace)     # the same rates
+    from policies.traces import load_trace
+    csv = tmp_path / "t.csv"
+    csv.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n")
+    with pytest.raises(ValueError, match="seed draws only a rate schedule"):
+        load_trace(csv, seed=1)
