@@ -497,7 +497,7 @@ class Autopilot:
         return self.config.prefill_chunk_tokens or self._engine_chunk
 
     def _learn_engine(self, snap: dict) -> None:
-        v = (snap.get("engine") or {}).get("max_prefill_tokens_decoding") if isinstance(snap, dict) else None
+        v = (snap.get("engine") or {}).get("max_prefill_tokens_decoding")
         if isinstance(v, int) and not isinstance(v, bool) and v >= 1:
             self._engine_chunk = v
 
@@ -511,9 +511,8 @@ class Autopilot:
         p50, p99 = measured.get("tpot_p50_ms"), measured.get("tpot_p99_ms")
         if measured.get("tpot_n", 0) < MIN_SLO_SAMPLES or not p50 or not p99:
             return
-        r = min(max(p99 / p50, 1.0), MAX_TAIL)
-        a = self.corrections.alpha
-        self.tpot_tail = r if self._tail_n == 0 else (1 - a) * self.tpot_tail + a * r
+        self.tpot_tail = _smoothed(self.tpot_tail, self._tail_n, min(max(p99 / p50, 1.0), MAX_TAIL),
+                                   self.corrections.alpha)
         self._tail_n += 1
 
     def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict,
@@ -546,8 +545,7 @@ class Autopilot:
                                      residual=1.0).tpot_ms
                 if math.isfinite(pred) and pred > 0:
                     r = min(max(measured["tpot_p50_ms"] / pred, 1 / MAX_RESIDUAL), MAX_RESIDUAL)
-                    a = self.corrections.alpha
-                    self.tpot_residual = r if self._residual_n == 0 else (1 - a) * self.tpot_residual + a * r
+                    self.tpot_residual = _smoothed(self.tpot_residual, self._residual_n, r, self.corrections.alpha)
                     self._residual_n += 1
             return
         if min(measured.get("ttft_n", 0), measured.get("tpot_n", 0)) < MIN_SLO_SAMPLES:
@@ -1027,6 +1025,11 @@ def _why_not(a: Assessment, in_band: bool, gain: float, cfg: AutopilotConfig) ->
     if gain <= 0:
         return "costs more" if gain < 0 else "costs the same"
     return f"saves {gain:.0%} only (under the {cfg.min_gain:.0%} threshold)"
+
+
+def _smoothed(current: float, n: int, x: float, alpha: float) -> float:
+    """An EWMA step: the first observation (n == 0) as it is, then (1 - alpha) * current + alpha * x."""
+    return x if n == 0 else (1 - alpha) * current + alpha * x
 
 
 def _read_load(snap: dict, window: str) -> tuple[dict, dict]:

@@ -19,8 +19,8 @@ to run one service through one day of traffic on the 64-node fleet (scenarios/fl
     (d) continuo      agent/autopilot/controller.py's Autopilot over a ReplicaSimTarget, mode auto: the
                       same controller that drives a live server, fed the simulator's telemetry every
                       minute (TICK_S; it scales up after SCALE_UP_S); it changes the plan's
-                      parallelism and placement, and adds and drains pipeline replicas beside it (up to MAX_REPLICAS pipelines, as (c)), as it does on a
-                      live service (the Target routes each arrival to the pipeline with the fewest
+                      parallelism and placement, and adds and drains pipeline replicas beside it
+                      (up to MAX_REPLICAS pipelines, as (c)), as it does on a live service (the Target routes each arrival to the pipeline with the fewest
                       outstanding requests, as the service does)
     (e) oracle        knows the trace: before each interval, the cheapest plan that carries that
                       interval's true load; it leaves a plan that still carries the load only when the
