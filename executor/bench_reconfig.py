@@ -165,7 +165,7 @@ def run(as_json: bool = False, repeats: int = 1, max_tokens: int = 48, concurren
     from .weights import open_source
     console = Console()
     cluster, policy = load_cluster(cluster_file or CLUSTER), load_policy(POLICY)
-    src = source if hasattr(source, "load") else open_source(source)
+    src = open_source(source)
     cfg = src.config
     spec = ModelSpec.from_hf_config(cfg.to_hf(), name="smollm2-135m", dtype="fp32")
     steps = series(cfg.num_layers)

@@ -538,7 +538,7 @@ class Engine:
               num_stages: int = 1, config: EngineConfig | None = None,
               dtype: torch.dtype = torch.float32) -> Engine:
         """An engine whose stages all run in this process (default: the embedded SmolLM2 GGUF)."""
-        src = source if hasattr(source, "load") else open_source(source)
+        src = open_source(source)
         cfg = src.config
         config = config or EngineConfig(max_model_len=min(cfg.max_position, EngineConfig.max_model_len))
         stages = build_stages(src, bounds or even_bounds(cfg.num_layers, num_stages),

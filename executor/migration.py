@@ -456,7 +456,7 @@ class Migrator:
             parts.update(got)
         if msg.loads:
             from .weights import open_source
-            src = msg.source if hasattr(msg.source, "load") else open_source(msg.source)
+            src = open_source(msg.source)
             for a, b in msg.loads:
                 tmp = StageModel(w.cfg, a, b, _empty_parts(w.cfg, a, b, dtype))
                 tmp.load_hf_state(src.load(hf_names(w.cfg, a, b), dtype))

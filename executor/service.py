@@ -351,7 +351,7 @@ class Service:
             raise ValueError(f"plan was validated against cluster state {validated.cluster_fingerprint}, "
                              f"now {cluster.fingerprint()}: validate it again")
         from .weights import open_source
-        src = source if hasattr(source, "load") else open_source(source)
+        src = open_source(source)
         cfg = src.config
         config = _reserved(config or EngineConfig(max_model_len=min(cfg.max_position, 2048)), validated,
                            explicit=config is not None)

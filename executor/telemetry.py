@@ -256,19 +256,19 @@ class Telemetry:
             since, span = now - w, self._span(now, w)
             arr = [p for t, p in arrivals if t >= since]
             ws = [s for s in steps if s.t >= since]
-            fin = [(tp, o, pl) for t, tp, o, pl in finishes if t >= since]
-            ttft = [v for t, v, _ in ttfts if t >= since]
-            tpot = [tp for tp, _, _ in fin if tp is not None]
+            # one pass over each: the service's figures, and the same per pipeline that served them
+            ttft, tpot, outs = [], [], {}
             per: dict[str, dict[str, list[float]]] = {}
             for t, v, pl in ttfts:
                 if t >= since:
+                    ttft.append(v)
                     per.setdefault(pl, {"ttft": [], "tpot": []})["ttft"].append(v)
-            for tp, _, pl in fin:
-                if tp is not None:
-                    per.setdefault(pl, {"ttft": [], "tpot": []})["tpot"].append(tp)
-            outs = {}
-            for _, o, _ in fin:
-                outs[o] = outs.get(o, 0) + 1
+            for t, tp, o, pl in finishes:
+                if t >= since:
+                    outs[o] = outs.get(o, 0) + 1
+                    if tp is not None:
+                        tpot.append(tp)
+                        per.setdefault(pl, {"ttft": [], "tpot": []})["tpot"].append(tp)
             kv: dict[str, list[float]] = {}
             for s in ws:
                 for st in s.stages:
@@ -284,7 +284,6 @@ class Telemetry:
                 "running": {"mean": _mean([s.running for s in ws]), "max": max((s.running for s in ws), default=None)},
                 "ttft_s": {"p50": _pct(ttft, .5), "p99": _pct(ttft, .99), "n": len(ttft)},
                 "tpot_s": {"p50": _pct(tpot, .5), "p99": _pct(tpot, .99), "n": len(tpot)},
-                # the same per pipeline that served them (the plan's, each replica's)
                 "pipelines": {pl: {k + "_s": {"p50": _pct(v, .5), "p99": _pct(v, .99), "n": len(v)}
                                    for k, v in d.items()} for pl, d in sorted(per.items())},
                 "steps": {"n": len(ws), "per_s": len(ws) / span, "wall_s": _mean([s.wall_s for s in ws]),

@@ -266,8 +266,11 @@ class StateDictSource:
         return self._tokenizer
 
 
-def open_source(spec: str | Path | None) -> WeightSource:
-    """A GGUF file, a safetensors folder, or None for the embedded default model."""
+def open_source(spec: "str | Path | WeightSource | None") -> WeightSource:
+    """A GGUF file, a safetensors folder, or None for the embedded default model; a source already
+    open (anything with .load, e.g. a RandomSource) is returned as it is."""
+    if hasattr(spec, "load"):
+        return spec
     if spec is None:
         return GGUFSource()
     p = Path(spec)

@@ -58,7 +58,7 @@ class Worker:
         if self.stage is not None:
             raise RuntimeError(f"{self.node} already serves layers [{self.stage.start}, {self.stage.end}); "
                                "a node serves one contiguous range (reconfigure to change it)")
-        src = msg.source if hasattr(msg.source, "load") else open_source(msg.source)
+        src = open_source(msg.source)
         self.cfg = src.config
         self.stage = build_stage(src, msg.start, msg.end, msg.num_kv_blocks, msg.block_size, getattr(torch, msg.dtype),
                                  self.device)
@@ -124,7 +124,7 @@ class Worker:
                 self.cfg = m.cfg
             else:
                 from .weights import open_source
-                self.cfg = (m.source if hasattr(m.source, "load") else open_source(m.source)).config
+                self.cfg = open_source(m.source).config
         return self.migrator.handle(m)
 
     def queue_migration(self, batch: tuple) -> None:
