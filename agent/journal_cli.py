@@ -104,7 +104,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         hours: Optional[float] = typer.Option(None, min=0.1, help="--sim: simulate only the first H hours"),
         interval_s: Optional[float] = typer.Option(None, min=0.1, help="controller interval (default: 300 "
                                                    "simulated seconds with --sim, 3 s on the real cluster)"),
-        only: Optional[str] = typer.Option(None, help="--sim: comma-separated subset of a,b,c,d,e,f,g"),
+        only: Optional[str] = typer.Option(None, help="--sim: comma-separated subset of a,b,c,d,e,f,g,h"),
         phase_s: float = typer.Option(40.0, min=1, help="real cluster: seconds per phase (steady, 3x burst, "
                                       "idle, steady)"),
         max_tokens: int = typer.Option(24, min=2, help="real cluster: tokens per request"),

@@ -290,14 +290,14 @@ def test_load_scenario_names_what_is_missing(tmp_path):
     (tmp_path / "intent.yaml").write_text("data_class: phi\n")
     with pytest.raises(ValueError, match="intent.yaml: field model"):
         ev.load_scenario(tmp_path)
-    with pytest.raises(ValueError, match="unknown strategy 'h'"):
-        ev.evaluate(ev.load_scenario(src, hours=0.1), only=["h"])
+    with pytest.raises(ValueError, match="unknown strategy 'i'"):
+        ev.evaluate(ev.load_scenario(src, hours=0.1), only=["i"])
 
 
 def test_a_short_evaluation_runs_every_baseline_with_valid_plans(fleet):
-    out = ev.evaluate(fleet, only=["a", "b", "e"], levels=(32,), max_stages=3, log=lambda s: None)
+    out = ev.evaluate(fleet, only=["a", "b", "e", "h"], levels=(32,), max_stages=3, log=lambda s: None)
     rows = {r["strategy"][:3]: r for r in out["rows"]}
-    assert set(rows) == {"(a)", "(b)", "(e)"}
+    assert set(rows) == {"(a)", "(b)", "(e)", "(h)"}
     for r in rows.values():
         assert r["plans_rejected_by_validator"] == 0 and r["plans_checked"] >= 1
         assert r["requests"] == len(fleet.trace) and 0 <= r["slo_attainment"] <= 1
@@ -342,3 +342,32 @@ def test_a_seed_draws_another_day_of_the_same_shape(tmp_path):
     csv.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n")
     with pytest.raises(ValueError, match="seed draws only a rate schedule"):
         load_trace(csv, seed=1)
+
+
+def test_the_oracle_adds_replicas_before_a_burst_no_one_plan_carries_and_drains_them_after(fleet):
+    """(e): five minutes at 1 req/s, five at 6 (the best single chain carries about 3.6 at 80%), five at
+    1. It adds (f)'s chains beside the plan early enough that they have their weights when the burst
+    starts, drains them when it ends, through the validator; (h), one pipeline, keeps fewer requests
+    within the SLOs; the static (f) holds more node-hours for it."""
+    import dataclasses
+
+    from policies.traces import Schedule, Steady
+    tr = Schedule(phases=tuple(Steady(kind="steady", rate=r, duration_s=300) for r in (1.0, 6.0, 1.0)), seed=3,
+                  prompt_tokens={"dist": "fixed", "value": 512}, output_tokens={"dist": "fixed", "value": 128}
+                  ).generate()
+    sc = dataclasses.replace(fleet, trace=tr, end_s=900.0)
+    rates = ev.interval_rates(sc.trace, sc.interval_s, sc.intervals)
+    cands = ev.Candidates(sc, levels=(64, 192), max_stages=4)
+    chains = ev.peak_replicas(sc, max(rates), levels=(64, 192), max_stages=4)
+    assert len(chains) >= 2 and not any(c.carries(max(rates), sc.intent) for c in cands.items)
+    e = ev.run_oracle(sc, cands, rates, chains)
+    h = ev.run_oracle(sc, cands, rates)
+    assert e.rejected_plans == 0 and h.rejected_plans == 0 and e.requests == h.requests == len(tr)
+    adds = [(t, a, b) for t, a, b in e.changes if a.endswith("pipelines") and int(b[0]) > int(a[0])]
+    drains = [(t, a, b) for t, a, b in e.changes if a.endswith("pipelines") and int(b[0]) < int(a[0])]
+    assert adds and drains and len(adds) == len(drains)
+    assert all(t < 300.0 for t, _, _ in adds) and all(t >= 600.0 for t, _, _ in drains)
+    assert e.attainment > h.attainment + 0.1, (e.attainment, h.attainment)
+    f = ev.run_replicas(sc, [c.plan for c in chains], start_replicas=len(chains), static=True,
+                        weights=[c.capacity_rps for c in chains], name="(f)", note="")
+    assert e.node_s < f.node_s

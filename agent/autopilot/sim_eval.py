@@ -1,8 +1,8 @@
 """The closed loop in the simulator (issue 16): SLO attainment and node-hours of the issue's five ways
-to run one service through one day of traffic on the 64-node fleet (scenarios/fleet64), and two more,
-(f) and (g), as controls.
+to run one service through one day of traffic on the 64-node fleet (scenarios/fleet64), and three
+more, (f), (g) and (h), as controls.
 
-    python -m agent.autopilot.sim_eval [--hours H] [--only a,b,c,d,e,f,g] [--seed N] [--json]
+    python -m agent.autopilot.sim_eval [--hours H] [--only a,b,c,d,e,f,g,h] [--seed N] [--json]
     continuo bench adapt --sim            (the same)
 
     (a) static-min    the smallest static plan that fits: the planner's cheapest plan for the intent as
@@ -22,9 +22,12 @@ to run one service through one day of traffic on the 64-node fleet (scenarios/fl
                       parallelism and placement, and adds and drains pipeline replicas beside it
                       (up to MAX_REPLICAS pipelines, as (c)), as it does on a live service (the Target routes each arrival to the pipeline with the fewest
                       outstanding requests, as the service does)
-    (e) oracle        knows the trace: before each interval, the cheapest plan that carries that
-                      interval's true load; it leaves a plan that still carries the load only when the
-                      saving until the load next outgrows the cheaper plan pays for the move
+    (e) oracle        knows the trace, and may do what (d) does: before each interval, the cheapest plan
+                      that carries that interval's true load; it leaves a plan that still carries the load
+                      only when the saving until the load next outgrows the cheaper plan pays for the move.
+                      Where no one plan carries an interval, the plan with the most capacity and as few of
+                      (f)'s other chains beside it as carry the rest, added so that their weights have
+                      loaded when the interval starts, drained when it ends
     (f) peak-replicas not one of the issue's five: static replicas that together carry the day's busiest
                       interval, all day (replica r: the cheapest chain for what 0..r-1 leave of the
                       peak, planned on the nodes they leave; arrivals split in proportion to each
@@ -34,12 +37,14 @@ to run one service through one day of traffic on the 64-node fleet (scenarios/fl
     (g) one-pipeline  not one of the issue's five: (d) with replicas only advised (max_replicas 0), one
                       pipeline all day, as the controller ran before it could add replicas: the control
                       for what the replicas bring
+    (h) oracle, one   not one of the issue's five: (e) without replicas, one pipeline all day (the oracle
+        pipeline      of stops 20-27, then called (e)): the bound for (g)
 
 Every strategy runs on the same simulator (policies/simulator.py Session), pays the same moving costs
 (live reconfiguration: weights over the links, KV pre-copy, the switch pause; nodes that a move brings
 in are counted from its start), and every plan any of them starts is checked by the validator.
 
-How a plan is judged to carry a load, for (b), (c)'s replica chain and (e) (`Loaded`; (d) has its own
+How a plan is judged to carry a load, for (b), (c)'s replica chain, (e), (f) and (h) (`Loaded`; (d) has its own
 judgement): with g = k groups in flight on k stages, each stage spends per request its prefill of the
 prompt plus output_tokens decode steps shared by a group of ceil(seats / g):
     busy_s = prefill_s(P) + hop_s(P) + O * (decode_s(m) + hop_s(m)) / m
@@ -62,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policies import (Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, load_cluster, load_intent_spec,
-                      load_model_spec, load_policy, validate)
+                      load_model_spec, load_policy, review, validate)
 from policies.costmodel import StageShape, decode_ms, hop_ms, node_price, prefill_ms
 from policies.simulator import Session, SimConfig
 from policies.traces import Trace, load_trace
@@ -94,6 +99,7 @@ TICK_S = 60.0
 SCALE_UP_S = 300.0
 CONSTANT_LOAD = 0.15                   # load within +-15% of the previous intervals' mean: "constant"
 FLIP_INTERVALS = 3
+STRATEGIES = "abcdefgh"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -383,51 +389,102 @@ def run_static(sc: Scenario, plan: PlacementPlan, name: str, note: str = "") -> 
     return _finish(row, sc, target, wall0)
 
 
-def run_oracle(sc: Scenario, cands: Candidates, rates: list[float], lead_s: float = 60.0) -> Row:
-    """(e): before each interval (lead_s ahead, so a move is done when the load comes), the cheapest plan
-    that carries the interval's true load; a plan that still carries it is left only when the saving
-    over the intervals the cheaper plan would carry pays for the move."""
+def run_oracle(sc: Scenario, cands: Candidates, rates: list[float], chains: list[Loaded] | None = None,
+               lead_s: float = 60.0) -> Row:
+    """(e), and with chains=None (h): knows each interval's true load. Before each interval (lead_s ahead,
+    so a move is done when the load comes), the cheapest plan that carries it; a plan that still carries
+    it is left only when the saving over the intervals the cheaper plan would carry pays for the move.
+    chains ((f)'s, chains[0] the one with the most capacity): where no one plan carries an interval's
+    load, as few of chains[1:] as carry the rest beside the plan, added early enough to have loaded
+    their weights when the interval starts and drained when it ends (they finish what they hold), as
+    (d) adds and drains replicas. The greedy cover is (f)'s: cheap, not the optimum of every mix."""
     wall0 = time.perf_counter()
-    row = Row("(e) oracle", note="knows each interval's true load")
+    reps = list(chains[1:]) if chains else []
+    row = Row("(e) oracle" if chains else "(h) oracle, one pipeline",
+              note="knows each interval's true load" + (f"; up to {len(reps)} of (f)'s chains beside the plan"
+                                                        if chains else ", one pipeline"))
     first = cands.cheapest_for(rates[0])
     _check(row, sc, first.plan, None, sc.cluster)
-    target = _target(sc, first.plan)
+    target = _target(sc, first.plan, replicas=bool(chains))
+    # a replica must have its weights when its interval starts: add it this long before
+    add_lead = max([lead_s] + [load_seconds(sc.cluster, sc.model, c.plan) + lead_s for c in reps])
+    if reps:
+        row.note += f", added {add_lead:.0f} s ahead"
     live = first
+    up: list[str] = []                  # names of the replicas serving, in chains[1:] order
+    pipelines = []                      # (t, from, to) replica changes
+
+    def held() -> set[str]:
+        return {n for r in target.replicas() for n in r["nodes"]} if reps else set()
+
     for k in range(1, sc.intervals):
-        t = k * sc.interval_s - lead_s
-        target.advance(t)
-        if target.session.reconfiguring:
-            continue
-        # the best plan for the coming load that the validator accepts as a move from the live one
-        # (mid-way a node holds the layers of both plans: not every plan is one step away)
-        want = None
-        for c in cands.ranked_for(rates[k]):
-            if c.plan.placement_key() == live.plan.placement_key():
-                break
-            if _validate(sc, c.plan, live.plan).ok:
-                want = c
-                break
-        if want is None:
-            continue
-        if live.carries(rates[k], sc.intent):
-            # only worth it if cheaper for long enough to pay for the move (moves are timed below)
-            saving_per_s = (live.cost_per_hour - want.cost_per_hour) / 3600
-            if saving_per_s <= 0:
-                continue
-            span = 0
-            for j in range(k, sc.intervals):
-                if not want.carries(rates[j], sc.intent):
+        start = k * sc.interval_s
+        if reps:
+            # replicas the coming interval needs beside the plan that carries the most
+            extra = 0
+            if not any(c.carries(rates[k], sc.intent) for c in cands.items):
+                rest = rates[k] - HEADROOM * (chains[0].capacity_rps if live.plan.placement_key() ==
+                                              chains[0].plan.placement_key() else live.capacity_rps)
+                while extra < len(reps) and rest > 0:
+                    rest -= HEADROOM * reps[extra].capacity_rps
+                    extra += 1
+            target.advance(start - add_lead)
+            while len(up) < extra:
+                plan = reps[len(up)].plan
+                row.checked_plans += 1          # through the same gate as every plan (d) adds
+                report, sealed = review(plan, target.cluster(), sc.policy, plan.intent or sc.intent, sc.model,
+                                        groups_in_flight=len(plan.stages))
+                if sealed is None:
+                    row.rejected_plans += 1
                     break
-                span += 1
-            move_s = _move_seconds(sc, live.plan, want.plan)
-            move_cost = move_s * (live.cost_per_hour + want.cost_per_hour) / 3600
-            if saving_per_s * span * sc.interval_s <= move_cost:
-                continue
-        _check(row, sc, want.plan, live.plan, sc.cluster)
-        target.move(want.plan, "oracle")
-        live = want
+                rep = target.add_replica(sealed)
+                if not rep.get("ok"):
+                    break                # its nodes are still the plan's: it waits for the plan to move
+                pipelines.append((target.now(), f"{len(up) + 1} pipelines", f"{len(up) + 2} pipelines"))
+                up.append(rep["name"])
+        target.advance(start - lead_s)
+        if not target.session.reconfiguring:
+            # the best plan for the coming load that the validator accepts as a move from the live one
+            # (mid-way a node holds the layers of both plans: not every plan is one step away), on nodes
+            # no replica holds
+            want, busy = None, held()
+            for c in cands.ranked_for(rates[k]):
+                if c.plan.placement_key() == live.plan.placement_key():
+                    break
+                if not busy & set(c.plan.nodes) and _validate(sc, c.plan, live.plan).ok:
+                    want = c
+                    break
+            if want is not None and _worth_moving(sc, live, want, rates, k):
+                _check(row, sc, want.plan, live.plan, sc.cluster)
+                target.move(want.plan, "oracle")
+                live = want
+        if reps:
+            target.advance(start)
+            while len(up) > extra:
+                target.drain_replica(up.pop())
+                pipelines.append((start, f"{len(up) + 2} pipelines", f"{len(up) + 1} pipelines"))
     target.advance(sc.end_s)
-    return _finish(row, sc, target, wall0)
+    row = _finish(row, sc, target, wall0)
+    row.changes = sorted(row.changes + pipelines)
+    return row
+
+
+def _worth_moving(sc: Scenario, live: Loaded, want: Loaded, rates: list[float], k: int) -> bool:
+    """The oracle's rule: move when the live plan does not carry interval k's load; else only if the
+    cheaper plan saves more, over the intervals it would carry from k on, than the move costs."""
+    if not live.carries(rates[k], sc.intent):
+        return True
+    saving_per_s = (live.cost_per_hour - want.cost_per_hour) / 3600
+    if saving_per_s <= 0:
+        return False
+    span = 0
+    for j in range(k, sc.intervals):
+        if not want.carries(rates[j], sc.intent):
+            break
+        span += 1
+    move_s = _move_seconds(sc, live.plan, want.plan)
+    move_cost = move_s * (live.cost_per_hour + want.cost_per_hour) / 3600
+    return saving_per_s * span * sc.interval_s > move_cost
 
 
 def _move_seconds(sc: Scenario, old: PlacementPlan, new: PlacementPlan) -> float:
@@ -680,17 +737,17 @@ def run_controller(sc: Scenario, first: PlacementPlan, replicas: bool = True, ti
 def evaluate(sc: Scenario, only: list[str] | None = None, levels=SEAT_LEVELS, max_stages: int = 8,
              log=print) -> dict:
     """Run the strategies asked for (default all) and return the table with the comparison to the targets."""
-    only = only or ["a", "b", "c", "d", "e", "f", "g"]
-    unknown = [x for x in only if x not in "abcdefg" or len(x) != 1]
+    only = only or list(STRATEGIES)
+    unknown = [x for x in only if x not in STRATEGIES or len(x) != 1]
     if unknown:
-        raise ValueError(f"--only: unknown strategy {unknown[0]!r}; pick from a, b, c, d, e, f, g")
+        raise ValueError(f"--only: unknown strategy {unknown[0]!r}; pick from {', '.join(STRATEGIES)}")
     rates = interval_rates(sc.trace, sc.interval_s, sc.intervals)
     rows: dict[str, Row] = {}
     t0 = time.perf_counter()
     small = smallest_plan(sc)
     if small is None:
         raise ValueError(f"scenario {sc.name}: no valid plan for the intent as written")
-    need_cands = any(x in only for x in "bce")
+    need_cands = any(x in only for x in "bceh")
     cands = Candidates(sc, levels, max_stages) if need_cands else None
     if cands:
         log(f"planned {len(cands.items)} candidate plans ({cands.planned} planner calls) in "
@@ -713,12 +770,12 @@ def evaluate(sc: Scenario, only: list[str] | None = None, levels=SEAT_LEVELS, ma
     if "d" in only:
         rows["d"] = run_controller(sc, small)
         log(f"(d) done in {rows['d'].wall_s:.1f} s")
+    peak = max(rates)
+    chains = peak_replicas(sc, peak, levels, max_stages) if ("e" in only or "f" in only) else []
     if "e" in only:
-        rows["e"] = run_oracle(sc, cands, rates)
+        rows["e"] = run_oracle(sc, cands, rates, chains)
         log(f"(e) done in {rows['e'].wall_s:.1f} s")
     if "f" in only:
-        peak = max(rates)
-        chains = peak_replicas(sc, peak, levels, max_stages)
         carried = sum(HEADROOM * c.capacity_rps for c in chains)
         rows["f"] = run_replicas(sc, [c.plan for c in chains], start_replicas=len(chains), static=True,
                                  weights=[c.capacity_rps for c in chains], name="(f) peak-replicas",
@@ -729,6 +786,9 @@ def evaluate(sc: Scenario, only: list[str] | None = None, levels=SEAT_LEVELS, ma
     if "g" in only:
         rows["g"] = run_controller(sc, small, replicas=False)
         log(f"(g) done in {rows['g'].wall_s:.1f} s")
+    if "h" in only:
+        rows["h"] = run_oracle(sc, cands, rates)
+        log(f"(h) done in {rows['h'].wall_s:.1f} s")
     table = [r.as_dict(rates, sc.interval_s) for r in rows.values()]
     out = {"scenario": sc.name, "hours": sc.end_s / 3600, "interval_s": sc.interval_s, "requests": len(sc.trace),
            "peak_interval_rps": max(rates), "mean_rps": sum(rates) / len(rates), "rows": table,
@@ -789,7 +849,7 @@ if __name__ == "__main__":
     ap.add_argument("--scenario", type=Path, default=SCENARIO)
     ap.add_argument("--hours", type=float, default=None)
     ap.add_argument("--interval-s", type=float, default=300.0)
-    ap.add_argument("--only", default=None, help="comma-separated subset of a,b,c,d,e,f,g")
+    ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(STRATEGIES))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seed", type=int, default=None, help="draw the trace with this seed (another day of its shape)")
     a = ap.parse_args()
