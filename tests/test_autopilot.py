@@ -310,6 +310,42 @@ def test_an_unreachable_service_is_an_unobserved_interval_and_the_loop_goes_on(t
     assert logged == [d.status for d in seen] and j.verify().ok
 
 
+def test_a_plan_with_less_capacity_must_carry_the_survivors_load_to_replace_one_that_misses_a_bound():
+    """The live plan has the capacity but misses the TPOT bound; a one-node plan keeps the bound at the
+    forecast. Taking it is a scale-down, so it must carry the survivors' load (the forecast plus its
+    noise) under the headroom too, or the next burst has the controller scale up again (sim_eval (g)
+    moved back and forth every 20 minutes at the end of each burst)."""
+    one = [("edge-a", 0, 29)]
+
+    class OnlyOne(Autopilot):                # the one-node plan is the only candidate
+        def _plans(self, cluster, lost, live=None, taken=()):
+            return [plan_of(*one)]
+
+    def at(rate, noise_z):
+        tg = ScriptedTarget(plan_of(*TWO))
+        ap = OnlyOne(tg, INTENT, POLICY, MODEL, AutopilotConfig(mode="auto", hysteresis=1, cooldown_s=60.0,
+                                                                  alpha=1.0, beta=0.01, noise_z=noise_z))
+        assert capacity(ap, *one) < capacity(ap, *TWO)
+        two_tpot = ap._assess(plan_of(*TWO), CLUSTER, rate).tpot_ms
+        one_tpot = ap._assess(plan_of(*one), CLUSTER, rate).tpot_ms
+        assert one_tpot < two_tpot
+        ap.intent = INTENT.model_copy(update={"max_tpot_ms": (one_tpot + two_tpot) / 2})
+        return tg, run(ap, tg, [rate])[0], capacity(ap, *one)
+
+    # 36% of the one-node plan's capacity at the forecast, over 80% with four standard errors of a 10 s count
+    cap = capacity(pilot(ScriptedTarget(plan_of(*TWO))), *one)
+    tg, d, _ = at(0.36 * cap, 4.0)
+    assert d.status == "held" and tg.applied == [], d.reason
+    assert d.forecast["survivors_rate"] > 0.8 * cap
+    assert "less capacity than the live plan" in d.reason or any(
+        "less capacity than the live plan" in a["verdict"] for a in d.alternatives)
+    assert all("less capacity than the live plan" in a["verdict"] for a in d.alternatives if a["nodes"] == 1)
+    # the same load judged without the noise (noise_z 0: the survivors carry the forecast): the move is made
+    tg, d, _ = at(0.36 * cap, 0.0)
+    assert d.status == "applied" and len(set(tg.plan.nodes)) == 1, d.reason
+    assert d.forecast["survivors_rate"] < 0.8 * cap
+
+
 def test_the_tpot_bound_is_judged_on_the_slow_requests():
     """The cost model predicts a typical request; the bound is every request's. The live plan's measured
     TPOT p99 / p50 (smoothed, clamped) scales the prediction the SLO check uses, for every plan; with

@@ -215,6 +215,21 @@ def test_change_stats_counts_changes_under_constant_load_and_flips():
     assert ev.change_stats([(10, "x", "y"), (5000, "y", "x")], [1.0] * 20, 300) == (2, 0)   # too far apart
 
 
+def test_a_move_back_to_the_same_shape_on_other_nodes_is_a_flip(fleet):
+    """Flips are found on shapes (seats; per stage the GPU kind and the layers): the planner picks among
+    equal nodes by name, so undoing a change can land on other nodes of the same kinds."""
+    sc = fleet
+    a = _plan(sc, *A)
+    copy = ev.copy_chain(sc, a, set(a.nodes))
+    assert copy is not None and set(copy.nodes).isdisjoint(a.nodes)
+    assert ev.shape_key(copy, sc) == ev.shape_key(a, sc) and copy.placement_key() != a.placement_key()
+    assert ev.shape_key(_plan(sc, *A, seats=64), sc) != ev.shape_key(a, sc)
+    x, y = ev.shape_key(a, sc), "other"
+    assert ev.change_stats([(0, x, y), (300, y, x)], [1.0, 2.0, 3.0], 300)[1] == 1
+    # a move onto the same shape elsewhere (a lost node re-planned) and back is no flip
+    assert ev.change_stats([(0, x, x), (300, x, x)], [1.0, 2.0, 3.0], 300)[1] == 0
+
+
 def test_replica_copies_are_disjoint_same_kind_and_valid(fleet):
     sc = fleet
     chains = ev.replica_chains(sc, _plan(sc, *A))

@@ -308,8 +308,8 @@ class Row:
 
 def change_stats(changes: list[tuple[float, str, str]], rates: list[float], interval_s: float) -> tuple[int, int]:
     """(changes made under constant load, flips). Constant load: the interval's true rate within
-    CONSTANT_LOAD of the mean of it and the two before. A flip: a change back to the placement that
-    served before the previous change, within FLIP_INTERVALS intervals of it."""
+    CONSTANT_LOAD of the mean of it and the two before. A flip: a change back to what served before
+    the previous change (a plan's shape_key, or a pipeline count), within FLIP_INTERVALS intervals of it."""
     const = 0
     for t, _, _ in changes:
         k = min(len(rates) - 1, int(t // interval_s))
@@ -318,8 +318,17 @@ def change_stats(changes: list[tuple[float, str, str]], rates: list[float], inte
         if mean > 0 and all(abs(r - mean) <= CONSTANT_LOAD * mean for r in window):
             const += 1
     flips = sum(1 for (t1, a1, b1), (t2, a2, b2) in zip(changes, changes[1:])
-                if a2 == b1 and b2 == a1 and t2 - t1 <= FLIP_INTERVALS * interval_s)
+                if a1 != b1 and a2 == b1 and b2 == a1 and t2 - t1 <= FLIP_INTERVALS * interval_s)
     return const, flips
+
+
+def shape_key(plan: PlacementPlan, sc: Scenario) -> str:
+    """A plan's shape: its seats and, per stage, the GPU kind and the layers. Changes are counted, and
+    flips found, on shapes: a move back to the shape that served before, on other nodes of the same
+    kinds, undoes the change as surely as one back to the same nodes (the planner picks among equal
+    nodes by name, and a node the previous plan held may still be leaving it)."""
+    stages = " -> ".join(f"{sc.cluster.node(st.node).gpu}[{st.first_layer}-{st.last_layer}]" for st in plan.stages)
+    return f"{seats_of(plan, sc.intent)} seats: {stages}"
 
 
 def _validate(sc: Scenario, plan: PlacementPlan, current: PlacementPlan | None = None, cluster: Cluster | None = None):
@@ -349,7 +358,7 @@ def _finish(row: Row, sc: Scenario, target: SimTarget, wall0: float) -> Row:
         row.tpot_p99_ms = _pct(sorted(x for r in results for x in r.tpot_ms), .99)
     row.node_s = target.node_seconds(sc.end_s)
     row.cost = target.node_seconds(sc.end_s, lambda n: node_price(sc.cluster.node(n)) / 3600)
-    row.changes = [(mv.at_s, mv.old.placement_key(), mv.new.placement_key()) for mv in target.moves]
+    row.changes = [(mv.at_s, shape_key(mv.old, sc), shape_key(mv.new, sc)) for mv in target.moves]
     row.wall_s = time.perf_counter() - wall0
     return row
 
