@@ -12,6 +12,11 @@ plans x 2 loads, the real service's TTFT and TPOT p50 against:
               (Corrections.observe_stage_times); without telemetry, the warm-up's TTFT and TPOT
               (Corrections.observe_plan)
   simulator   the simulator on the corrected cost model, fed the loads' own waves
+  residual    corrected, with TPOT times the residual: measured / corrected TPOT of the warm-ups of the
+              plans measured before this one (smoothed; 1 for the first plan), which the autopilot
+              multiplies every plan's TPOT by (what the stages' compute times leave out: the driver's
+              turn, the transport, the stage loop). A plan's own warm-up never informs its prediction
+  sim_residual  the simulator's TPOT times the same residual
 
 The three nodes are worker processes on this one machine (`host: this-machine` in the cluster
 file): the calibration also measures the co-run table (a decode step with 1, 2, 3 stages decoding at
@@ -63,7 +68,7 @@ LOADS = {"1x": 1, "4x": 4}
 OUTPUT_TOKENS = 32
 PROMPTS = (48, 64, 80)
 TARGET = 0.15
-SIDES = ("datasheet", "calibrated", "corrected", "simulator")
+SIDES = ("datasheet", "calibrated", "corrected", "simulator", "residual", "sim_residual")
 CONTROLS = ("corrected_apart", "simulator_apart")     # TPOT as if no two nodes shared this machine
 
 
@@ -94,6 +99,11 @@ def _measure(svc: Service, width: int, n: int, vocab: int, seed: int) -> list:
                 raise RuntimeError(err)
             outs.append(out)
     return outs
+
+
+def _smoothed_ratio(current: float, n: int, x: float, alpha: float) -> float:
+    """An EWMA step (the first ratio as it is), as the autopilot smooths its TPOT residual."""
+    return x if n == 0 else (1 - alpha) * current + alpha * x
 
 
 def _err(pred: float, meas: float) -> float:
@@ -138,6 +148,10 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                         max_prefill_tokens=ec.max_prefill_tokens, max_prefill_tokens_decoding=ec.max_prefill_tokens_decoding)
     load_before = os.getloadavg()[0]
     rows = []
+    # the TPOT residual (measured / corrected TPOT of each plan's warm-up), smoothed over the plans measured
+    # before: what the autopilot multiplies every plan's TPOT by (Autopilot.tpot_residual, as Dynamo scales
+    # by observed / expected ITL); a plan's own warm-up only informs the plans after it
+    residual, residual_n = 1.0, 0
     try:
         for pi, stages in enumerate(plans):
             if pi:
@@ -195,6 +209,9 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     apart_tpot += simulate(apart, plan, spec, trace, profiles=profiles, corrections=corrections,
                                            intent=plan.intent, driver_node=driver, config=sim_g).tpot_ms
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
+                       "residual_ttft_ms": cor.ttft_ms, "residual_tpot_ms": cor.tpot_ms * residual,
+                       "sim_residual_ttft_ms": statistics.median(sim_ttft),
+                       "sim_residual_tpot_ms": statistics.median(sim_tpot) * residual, "residual": residual,
                        "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
                        "corrected_ttft_ms": cor.ttft_ms, "corrected_tpot_ms": cor.tpot_ms,
@@ -212,10 +229,15 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                               f"{cor.tpot_ms:.1f}; simulator {row['simulator_ttft_ms']:.1f} / "
                               f"{row['simulator_tpot_ms']:.1f}; datasheet {sheet.ttft_ms:.1f} / {sheet.tpot_ms:.1f}",
                               highlight=False)
+            warm_pred = estimate(plan, cluster, spec, t1, profiles=profiles, corrections=corrections,
+                                 driver_node=driver, groups_in_flight=groups)
+            residual = _smoothed_ratio(residual, residual_n, 1e3 * warm[0].tpot / warm_pred.tpot_ms, corrections.alpha)
+            residual_n += 1
     finally:
         svc.close()
     t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads")
-    short = {"datasheet": "sheet", "calibrated": "calib", "corrected": "corr", "simulator": "sim"}
+    short = {"datasheet": "sheet", "calibrated": "calib", "corrected": "corr", "simulator": "sim",
+             "residual": "corr+r", "sim_residual": "sim+r"}
     for col in ("plan", "load", "TTFT ms", *(short[s] for s in SIDES), "TPOT ms", *(short[s] for s in SIDES)):
         t.add_column(col, justify="right")
     pct = lambda e: f"{100 * e:+.0f}%"  # noqa: E731
