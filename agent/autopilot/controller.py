@@ -836,9 +836,7 @@ class Autopilot:
             # no plan one valid step away keeps them: the cheapest that does, reached in two steps
             far = sorted((s for s in scored if id(s[0]) in invalid and s[0].keeps(cfg.headroom)
                           and carries_survivors(s[0])), key=lambda s: (s[2], len(set(s[0].plan.nodes))))
-            # the first step is held to the same rule: a stepping stone with less capacity that cannot carry
-            # the survivors built a backlog in the ticks it served (sim_eval (g), three times one evening)
-            step = self._via(far, [s for s in valid if carries_survivors(s[0])] if far else valid, reachable)
+            step = self._via(far, valid, reachable)
             if step is not None:
                 first, goal = step
                 return "change", first, f"scale up: on the live plan {miss}; {goal.plan.summary()} keeps the " \
