@@ -48,7 +48,7 @@ from concurrent.futures import Future
 import torch
 
 from policies import IntentSpec, ModelSpec, PlacementPlan, Stage, Traffic, approve, load_cluster, load_policy
-from policies.costmodel import Corrections, estimate
+from policies.costmodel import Corrections, estimate, smoothed
 from policies.profile import ProfileSet, save_profile
 from policies.simulator import SimConfig, simulate
 from policies.traces import Trace
@@ -99,11 +99,6 @@ def _measure(svc: Service, width: int, n: int, vocab: int, seed: int) -> list:
                 raise RuntimeError(err)
             outs.append(out)
     return outs
-
-
-def _smoothed_ratio(current: float, n: int, x: float, alpha: float) -> float:
-    """An EWMA step (the first ratio as it is), as the autopilot smooths its TPOT residual."""
-    return x if n == 0 else (1 - alpha) * current + alpha * x
 
 
 def _err(pred: float, meas: float) -> float:
@@ -231,7 +226,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                               highlight=False)
             warm_pred = estimate(plan, cluster, spec, t1, profiles=profiles, corrections=corrections,
                                  driver_node=driver, groups_in_flight=groups)
-            residual = _smoothed_ratio(residual, residual_n, 1e3 * warm[0].tpot / warm_pred.tpot_ms, corrections.alpha)
+            residual = smoothed(residual, residual_n, 1e3 * warm[0].tpot / warm_pred.tpot_ms, corrections.alpha)
             residual_n += 1
     finally:
         svc.close()

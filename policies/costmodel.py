@@ -190,6 +190,12 @@ def joined_prefill_ms(model: ModelSpec, s: StageShape, node: Node, batch: int, c
     return 1e3 * (_max(read / bw, (work + extra) / flops) - _max(read / bw, work / flops))
 
 
+def smoothed(current: float, n: int, x: float, alpha: float) -> float:
+    """An EWMA step: the first observation (n == 0) as it is, then (1 - alpha) * current + alpha * x.
+    The correction factors, the autopilot's TPOT residual and tail, and bench predict's residual."""
+    return x if n == 0 else (1 - alpha) * current + alpha * x
+
+
 class Corrections:
     """Correction factors (measured / predicted step time per node and phase), smoothed, as NVIDIA
     Dynamo's planner corrects its performance model while serving.
@@ -217,9 +223,9 @@ class Corrections:
             raise ValueError(f"step times must be positive (measured {measured_ms}, predicted {predicted_ms})")
         ratio = min(max(measured_ms / predicted_ms, 1 / self.MAX_FACTOR), self.MAX_FACTOR)
         key = (node, phase)
-        old = self.factors.get(key)
-        self.factors[key] = ratio if old is None else (1 - self.alpha) * old + self.alpha * ratio
-        self.samples[key] = self.samples.get(key, 0) + 1
+        n = self.samples.get(key, 0)
+        self.factors[key] = smoothed(self.factors.get(key, 1.0), n, ratio, self.alpha)
+        self.samples[key] = n + 1
         return self.factors[key]
 
     def observe_stage(self, plan: PlacementPlan, cluster: Cluster, model: ModelSpec, node: str, phase: str,

@@ -51,6 +51,7 @@ from typing import Any, Callable
 
 from policies import Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, ValidatedPlan, review
 from policies.costmodel import Corrections, decode_context, estimate, node_price
+from policies.costmodel import smoothed as _smoothed
 
 from .config import AutopilotConfig
 from .forecast import Holt, rate_noise
@@ -1046,11 +1047,6 @@ def _why_not(a: Assessment, in_band: bool, gain: float, cfg: AutopilotConfig) ->
     if gain <= 0:
         return "costs more" if gain < 0 else "costs the same"
     return f"saves {gain:.0%} only (under the {cfg.min_gain:.0%} threshold)"
-
-
-def _smoothed(current: float, n: int, x: float, alpha: float) -> float:
-    """An EWMA step: the first observation (n == 0) as it is, then (1 - alpha) * current + alpha * x."""
-    return x if n == 0 else (1 - alpha) * current + alpha * x
 
 
 def _read_load(snap: dict, window: str) -> tuple[dict, dict]:

@@ -432,8 +432,7 @@ def run_oracle(sc: Scenario, cands: Candidates, rates: list[float], chains: list
             # replicas the coming interval needs beside the plan that carries the most
             extra = 0
             if not any(c.carries(rates[k], sc.intent) for c in cands.items):
-                rest = rates[k] - HEADROOM * (chains[0].capacity_rps if live.plan.placement_key() ==
-                                              chains[0].plan.placement_key() else live.capacity_rps)
+                rest = rates[k] - HEADROOM * live.capacity_rps
                 while extra < len(reps) and rest > 0:
                     rest -= HEADROOM * reps[extra].capacity_rps
                     extra += 1
