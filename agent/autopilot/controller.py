@@ -50,8 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from policies import Cluster, IntentSpec, ModelSpec, PlacementPlan, Policy, ValidatedPlan, review
-from policies.costmodel import Corrections, decode_context, estimate, node_price
-from policies.costmodel import smoothed as _smoothed
+from policies.costmodel import Corrections, decode_context, estimate, node_price, smoothed
 
 from .config import AutopilotConfig
 from .forecast import Holt, rate_noise
@@ -512,7 +511,7 @@ class Autopilot:
         p50, p99 = measured.get("tpot_p50_ms"), measured.get("tpot_p99_ms")
         if measured.get("tpot_n", 0) < MIN_SLO_SAMPLES or not p50 or not p99:
             return
-        self.tpot_tail = _smoothed(self.tpot_tail, self._tail_n, min(max(p99 / p50, 1.0), MAX_TAIL),
+        self.tpot_tail = smoothed(self.tpot_tail, self._tail_n, min(max(p99 / p50, 1.0), MAX_TAIL),
                                    self.corrections.alpha)
         self._tail_n += 1
 
@@ -546,7 +545,7 @@ class Autopilot:
                                      residual=1.0).tpot_ms
                 if math.isfinite(pred) and pred > 0:
                     r = min(max(measured["tpot_p50_ms"] / pred, 1 / MAX_RESIDUAL), MAX_RESIDUAL)
-                    self.tpot_residual = _smoothed(self.tpot_residual, self._residual_n, r, self.corrections.alpha)
+                    self.tpot_residual = smoothed(self.tpot_residual, self._residual_n, r, self.corrections.alpha)
                     self._residual_n += 1
             return
         if min(measured.get("ttft_n", 0), measured.get("tpot_n", 0)) < MIN_SLO_SAMPLES:
