@@ -9,7 +9,10 @@ What it models, as executor/engine.py and runtime.py run it:
   pool allow (a request reserves blocks for prompt + output when admitted, as the engine does),
   decodes one token for every running request past its prompt and adds prompt chunks: up to
   max_prefill_tokens per step, max_prefill_tokens_decoding while others decode (chunked prefill).
-  A request whose prompt completes in a step gets its first token at that step's end.
+  A request whose prompt completes in a step gets its first token at that step's end; where a
+  step of prompts alone reaches an idle pipeline (a wave), at its group's end instead: the groups'
+  micro-batches go through the stages as a flow shop (costmodel.flow_shop, the cost model's TTFT),
+  so group 0's first tokens come before group 1's, and all that group's tokens keep that lag.
 - the pipeline: a step goes through every stage in order, each stage's time from the cost model
   (its profile where one exists, datasheet figures where not, times its correction factor),
   each hop's from the link (latency + activation bytes / bandwidth). A step with at least
@@ -43,7 +46,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cluster import Cluster
-from .costmodel import MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, hop_ms, host_slowdowns, logits_hop_ms
+from .costmodel import (MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, flow_shop, hop_ms, host_slowdowns,
+                        logits_hop_ms)
 from .delta import PlanDelta
 from .intent import KV_BLOCK_TOKENS, IntentSpec, Traffic
 from .modelspec import ModelSpec
@@ -199,9 +203,49 @@ class _Stages:
         m, (bw, fl) = self.model, speed
         return 1e3 * max(m.head_bytes / bw, rows * m.head_flops_per_token / fl)
 
+    @staticmethod
+    def groups(d: int, rows: int, cfg: SimConfig) -> int:
+        """The groups a step's rows spread over (the engine's, at most one per row)."""
+        return max(1, min(cfg.groups_in_flight, d + rows)) if cfg.groups_in_flight > 1 else 1
+
+    def wave_ms(self, takes: list[int], g: int, cfg: SimConfig) -> list[float]:
+        """A step of prompts alone (the pipeline idle before it): when each row's first token comes, in
+        ms from the step's start, as the cost model's TTFT has it. Row r joins group r % g (the engine
+        puts each newcomer in the group with the fewest); each group's step is cut into micro-batches as
+        the runtime cuts it; all go through the stages at once in launch order (costmodel.flow_shop,
+        stages on one host slowing each other by its co-run table)."""
+        jobs, owner = [], []
+        for j in range(g):
+            rows = list(range(j, len(takes), g))
+            tokens = sum(takes[r] for r in rows)
+            parts = min(self.k, len(rows)) if (self.k > 1 and cfg.micro_batches
+                                               and tokens >= self.k * MICRO_BATCH_MIN_TOKENS) else 1
+            bounds = [round(i * len(rows) / parts) for i in range(parts + 1)]
+            for a, b in zip(bounds, bounds[1:]):
+                jobs.append(rows[a:b])
+                owner.append(j)
+        work, hops = [], []
+        for rows in jobs:
+            p = sum(takes[r] for r in rows)
+            w, h = [], []
+            for c in self.stage_class:                     # the stages in pipeline order
+                shape, prof, speed, fp, fd, lat, per_tok, _ = self.classes[c]
+                w.append(fp * (shape.layers * self._layer_ms(prof, speed, 0, 0.0, p)
+                               + self._ends_ms(prof, speed, shape, len(rows))))
+                h.append(lat + per_tok * p if (lat or per_tok) else 0.0)
+            h[-1] += self.back_lat + self.back_per_row * len(rows)    # the logits' trip back to the driver
+            work.append(w)
+            hops.append(h)
+        done = flow_shop(work, hops, [self.class_host[c] for c in self.stage_class],
+                         [self.class_slow[c] for c in self.stage_class])
+        group_done = [0.0] * g                             # a group's tokens come with its last micro-batch
+        for j, t in zip(owner, done):
+            group_done[j] = max(group_done[j], t)
+        return [group_done[r % g] + cfg.step_overhead_ms for r in range(len(takes))]
+
     def step_ms(self, d: int, ctx: float, p: int, rows: int, sampled: int, cfg: SimConfig) -> float:
         """Time of one engine step (or one round of g groups); adds each class's busy time."""
-        g = max(1, min(cfg.groups_in_flight, d + rows)) if cfg.groups_in_flight > 1 else 1
+        g = self.groups(d, rows, cfg)
         parts = 1
         if g == 1 and cfg.micro_batches and self.k > 1 and d + p >= self.k * MICRO_BATCH_MIN_TOKENS:
             parts = max(1, min(self.k, d + rows))
@@ -523,7 +567,8 @@ def _run(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
     finishing: list[tuple[int, int]] = []   # (step index of its last token, request)
     n_dec, ctx_sum, free = 0, 0, kv_blocks
     step_no, busy, blocked_until = 0, False, 0.0
-    in_step: list = []                      # prefill rows completing in the step under way
+    in_step: list = []                      # (request, lag s) of the prefill rows completing in the step under way
+    lag_s: dict[int, float] = {}            # requests whose tokens come early or late of the round's end (wave_ms)
     pending_switch = None
     outcomes: list[ReconfigOutcome] = live.outcomes if live is not None else []
     node_s = 0.0
@@ -544,7 +589,7 @@ def _run(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
             prefilling.append([i, P[i]])
         budget = cfg.max_prefill_tokens_decoding if n_dec else cfg.max_prefill_tokens
         p = rows = 0
-        done = []
+        done, takes = [], []
         for ent in prefilling:
             if budget <= 0:
                 break
@@ -553,8 +598,9 @@ def _run(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
             budget -= take
             p += take
             rows += 1
+            takes.append(take)
             if ent[1] == 0:
-                done.append(ent[0])
+                done.append((ent[0], rows - 1))
         if not n_dec and not rows:
             busy = False
             return
@@ -562,13 +608,25 @@ def _run(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
             prefilling[:] = [e for e in prefilling if e[1] > 0]
         ctx = ctx_sum / n_dec if n_dec else 0.0
         ms = stages.step_ms(n_dec, ctx, p, rows, n_dec + len(done), cfg)
+        lags = [0.0] * len(done)
+        g = stages.groups(n_dec, rows, cfg)
+        if not n_dec and done and rows > 1 and (g > 1 or stages.k > 1):
+            # prompts alone reach an idle pipeline: each group's first tokens come when its last
+            # micro-batch is back (a flow shop); one group: the step ends with it. With g groups the
+            # round keeps its steady-state length and each request's tokens run early or late by its
+            # group's lag (the same for every token: TPOT is the round's)
+            offs = stages.wave_ms(takes, g, cfg)
+            if g == 1:
+                ms = max(offs)
+            else:
+                lags = [offs[r] - ms for _, r in done]
         if live is not None:
             parts, dd, pp, times = stages.last
             log = live.steps               # a window reaches back STAGE_TIMES_KEEP_S at most (as the service's
             while log and log[0][0] < t - STAGE_TIMES_KEEP_S:           # longest does): older steps go
                 log.popleft()
             log.append((t + ms / 1e3, stages, p == 0, parts, dd, dd + pp, ctx, times))
-        in_step = done
+        in_step = [(i, lag / 1e3) for (i, _), lag in zip(done, lags)]
         busy = True
         push(t + ms / 1e3, 0)
 
@@ -578,20 +636,22 @@ def _run(cluster: Cluster, plan: PlacementPlan, model: ModelSpec, trace: Trace,
         ctx_sum += n_dec
         while finishing and finishing[0][0] <= step_no:
             _, i = heapq.heappop(finishing)
-            t_last[i] = t
+            t_last[i] = t + lag_s.pop(i, 0.0)
             if fin_log is not None:
                 fin_log.append(i)
             n_dec -= 1
             ctx_sum -= P[i] + O[i]
             free += blocks(i)
-        for i in in_step:
-            t_first[i] = t
+        for i, lag in in_step:
+            t_first[i] = t + lag
             if O[i] <= 1:
-                t_last[i] = t
+                t_last[i] = t + lag
                 free += blocks(i)
                 if fin_log is not None:
                     fin_log.append(i)
             else:
+                if lag:
+                    lag_s[i] = lag
                 n_dec += 1
                 ctx_sum += P[i] + 1
                 heapq.heappush(finishing, (step_no + O[i] - 1, i))

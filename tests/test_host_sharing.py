@@ -3,12 +3,13 @@ simulator and the correction factors make of stages that compute at once on one 
 from __future__ import annotations
 
 import math
+import statistics
 from types import SimpleNamespace
 
 import pytest
 
 from policies import InputError, Traffic, load_cluster, load_model_spec
-from policies.costmodel import Corrections, busy_count_distribution, estimate, host_slowdowns
+from policies.costmodel import Corrections, busy_count_distribution, estimate, flow_shop, host_slowdowns
 from policies.profile import ProfileSet, load_profile, save_profile
 from policies.simulator import SimConfig, simulate
 from policies.traces import Trace
@@ -90,13 +91,51 @@ def test_estimate_slows_decode_rounds_of_stages_sharing_a_host():
     assert base.tpot_ms < shared.tpot_ms <= 1.2 * base.tpot_ms + 1e-9     # two at once: at most 1.2x
     assert apart.tpot_ms == pytest.approx(base.tpot_ms)
     assert all(s.host_slowdown > 1 for s in shared.stages) and all(s.host_slowdown == 1 for s in apart.stages)
-    assert shared.ttft_ms == base.ttft_ms                   # the prefill flow shop is not slowed
+    assert shared.ttft_ms == base.ttft_ms                   # one prompt: one stage computes at a time
+    # a wave of 4: two groups, each cut into two micro-batches, flow through the stages together, so the
+    # stages compute at once part of the time and the host's co-run table slows them there
+    w_base, w_shared, w_apart = (estimate(plan2(), c, model, t4, profiles=ps, groups_in_flight=None, prefill_rows=4).ttft_ms
+                                 for c, ps in ((cluster, plain), (cluster, corun), (unshared(cluster), corun)))
+    assert w_base < w_shared < 1.2 * w_base and w_apart == pytest.approx(w_base)
     # one group (one request, or groups_in_flight=1): the stages take turns, none is slowed
     t1 = t4.model_copy(update={"concurrency": 1})
     assert estimate(plan2(), cluster, model, t1, profiles=corun, groups_in_flight=None).tpot_ms == \
         pytest.approx(estimate(plan2(), cluster, model, t1, profiles=plain, groups_in_flight=None).tpot_ms)
     assert estimate(plan2(), cluster, model, t4, profiles=corun, groups_in_flight=1).tpot_ms == \
         pytest.approx(estimate(plan2(), cluster, model, t4, profiles=plain, groups_in_flight=1).tpot_ms)
+
+
+def test_flow_shop_with_and_without_a_shared_host():
+    slow = {1: 1.0, 2: 1.5, 3: 2.0}.__getitem__
+    work = [[10.0, 10.0]] * 3                      # three jobs through two stages, no transfer time
+    hops = [[0.0, 0.0]] * 3
+    assert flow_shop(work, hops) == pytest.approx([20, 30, 40])
+    assert flow_shop(work, [[5.0, 1.0]] * 3) == pytest.approx([26, 36, 46])      # the hops add, occupy nothing
+    assert flow_shop(work, hops, ["a", "b"], [slow, slow]) == pytest.approx([20, 30, 40])
+    # on one host, while both stages compute each goes at 1 / 1.5: job 0 alone on stage 0 (0-10), then
+    # stage 0 on job 1 beside stage 1 on job 0 (10-25), again (25-40), then job 2 alone on stage 1 (40-50)
+    assert flow_shop(work, hops, ["h", "h"], [slow, slow]) == pytest.approx([25, 40, 50])
+    # unequal work: stage 1 finishes job 0 at 10 + 5 * 1.5 = 17.5; stage 0 has 20 - 7.5/1.5 = 15 ms of job 1 left
+    # alone, done at 32.5; stage 1 then takes 5 ms of job 1 at 1x (stage 0 is done): 37.5
+    assert flow_shop([[10.0, 5.0], [20.0, 5.0]], [[0.0, 0.0]] * 2, ["h", "h"], [slow, slow]) == pytest.approx([17.5, 37.5])
+    assert flow_shop([], []) == []
+
+
+def test_simulator_staggers_a_waves_groups_and_slows_them_as_the_cost_model():
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    plan = plan2()
+    trace = Trace([0.0] * 4, [64] * 4, [32] * 4, "a wave of 4")
+    t4 = Traffic(concurrency=4, prompt_tokens=64, output_tokens=32, context_tokens=256)
+    for c, ps in ((cluster, ProfileSet([make_profile()])), (cluster, ProfileSet([make_profile(corun=CORUN)])),
+                  (unshared(cluster), ProfileSet([make_profile(corun=CORUN)]))):
+        sim = simulate(c, plan, model, trace, profiles=ps, config=SimConfig(groups_in_flight=2))
+        est = estimate(plan, c, model, t4, profiles=ps, groups_in_flight=2, prefill_rows=4)
+        # group 0's two prompts come back before group 1's: two first-token times, a step apart
+        firsts = sorted(set(round(x, 6) for x in sim.ttft_ms))
+        assert len(firsts) == 2 and firsts[0] < firsts[1]
+        assert statistics.median(sim.ttft_ms) == pytest.approx(est.ttft_ms, rel=1e-6)    # (as bench predict takes it)
+        # every token of a group is as late as its first: TPOT is the round's, the same for both groups
+        assert max(sim.tpot_ms) == pytest.approx(min(sim.tpot_ms), rel=1e-6)
 
 
 def test_simulator_slows_rounds_of_stages_sharing_a_host():
