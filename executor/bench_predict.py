@@ -25,7 +25,8 @@ control, printed beside them: the same models' TPOT with every node on a machine
 
 Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
 assumption), `4x` waves of 4 requests submitted together (prefilled in one step, decoded as a batch
-of 4: the cost model is given concurrency 4 and prefill_rows 4). Each request makes 32 tokens
+of 4: the cost model is given concurrency 4 and prefill_rows 4); 6 requests at 1x, 3 waves at 4x
+(the median of one wave's 4 TTFTs moved 20% from run to run). Each request makes 32 tokens
 (EOS ignored) from a prompt of 48-80 random tokens. The service starts on the first plan and
 moves to each next one by live reconfiguration; a warm-up request follows each move.
 
@@ -67,6 +68,7 @@ PLANS = [
 LOADS = {"1x": 1, "4x": 4}
 OUTPUT_TOKENS = 32
 PROMPTS = (48, 64, 80)
+MIN_WAVES = 3          # waves measured at least per load: one wave's median is too noisy to judge by
 TARGET = 0.15
 SIDES = ("datasheet", "calibrated", "corrected", "simulator", "residual", "sim_residual")
 CONTROLS = ("corrected_apart", "simulator_apart")     # TPOT as if no two nodes shared this machine
@@ -174,7 +176,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                 corrections.observe_plan(raw, 1e3 * warm[0].ttft, 1e3 * warm[0].tpot)
                 corrected_by = "the warm-up's TTFT and TPOT / calibrated"
             for load, width in LOADS.items():
-                outs = _measure(svc, width, max(requests, width) // width * width, cfg.vocab_size, seed=pi)
+                outs = _measure(svc, width, max(requests // width, MIN_WAVES if width > 1 else 1) * width,
+                                cfg.vocab_size, seed=pi)
                 ttft = statistics.median(1e3 * o.ttft for o in outs)
                 tpot = statistics.median(1e3 * o.tpot for o in outs)
                 prompt = statistics.mean(len(o.prompt_ids) for o in outs)

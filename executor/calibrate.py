@@ -17,13 +17,14 @@ random weights of the real shapes (step time does not depend on the weights' val
 
 each at decode batch sizes x context lengths, prefill prompt lengths and head row counts. The two
 stages of a difference run alternately and the median of the paired differences is kept (the dev
-machines are shared: a busy neighbour then slows both sides of a pair alike), after a warm-up;
-CUDA is synchronised around each run. Differences are floored at a small positive value. It takes
+machines are shared: a busy neighbour then slows both sides of a pair alike), after a warm-up,
+in PASSES rounds over the whole grid with the median of the rounds kept (a slow second of the host
+then touches one round of a figure, not all of it: _passes); CUDA is synchronised around each run. Differences are floored at a small positive value. It takes
 seconds for a small model on a CPU core; the profile says how long it took.
 
 With --corun N (CPU), the profile also gets the host's co-run table: the decode step of mid4 at
 batch 1, timed while 0, 1, ... N-1 helper processes decode their own copies without a break, over
-the step alone. Nodes that share a host (`host:` in the cluster file) are slowed by it when they
+the step alone, in alternating rounds (measure_corun). Nodes that share a host (`host:` in the cluster file) are slowed by it when they
 compute at once (policies/costmodel.py, host_slowdowns).
 """
 from __future__ import annotations
@@ -58,7 +59,10 @@ IDLE_S = float(os.environ.get("CONTINUO_CALIBRATE_IDLE_S", "0.002"))
 FAST_MS = 20.0       # a pair of steps quicker than this is timed `repeats` times ...
 SLOW_MS = 200.0      # ... under this a third as often, above it once (long prompts, big batches are steady)
 CUT_LAYERS = 6
+PASSES = 3           # rounds over the whole grid (see _passes); `repeats` is split among them
 CORUN_CONTEXT = 64   # the co-run table's decode steps: batch 1 at this context (memory-bound, the worst case)
+CORUN_ROUNDS = 12    # alternating rounds of the co-run table (see measure_corun) ...
+CORUN_WINDOW_S = 0.15  # ... each timing one window of back-to-back steps per count at once
 
 
 def model_config(name_or_path: str) -> ModelConfig:
@@ -153,9 +157,9 @@ def _prefill(stage: LocalStage, cfg: ModelConfig, tokens: int, rows: int = 1):
     return (lambda: stage.forward(step, x)), (lambda: stage.free(reqs))
 
 
-def _corun_helper(cut: ModelConfig, threads: int, dtype: str, seed: int, ready, stop) -> None:
+def _corun_helper(cut: ModelConfig, threads: int, dtype: str, seed: int, ready, go, stop) -> None:
     """A stage of its own (own weights: shared pages would share the cache too) decoding without a
-    break until told to stop: one of the `n - 1` others while measure_corun times n at once."""
+    break while `go` is set, until told to stop: one of the others while measure_corun times n at once."""
     torch.set_num_threads(threads)
     stage = build_stage(RandomSource(cut, seed=seed), 1, 5, -(-(CORUN_CONTEXT + 1) // 16) + 2, 16, getattr(torch, dtype))
     fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)
@@ -163,47 +167,85 @@ def _corun_helper(cut: ModelConfig, threads: int, dtype: str, seed: int, ready, 
     reset()
     ready.set()
     while not stop.is_set():
+        if go.wait(0.05):
+            fn()
+            reset()
+
+
+def _window_ms(fn, reset) -> float:
+    """Mean ms of back-to-back steps over at least CORUN_WINDOW_S and 10 steps: a step that never
+    sleeps, as a busy stage's, sees the scheduler's fair share, not a fresh slice after each wake-up."""
+    n, t0 = 0, time.perf_counter()
+    while True:
         fn()
         reset()
+        n += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= CORUN_WINDOW_S and n >= 10:
+            return 1e3 * elapsed / n
 
 
-def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int, dtype: str, repeats: int,
-                  log=None) -> dict:
+def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int, dtype: str,
+                  rounds: int = CORUN_ROUNDS, log=None) -> dict:
     """The co-run table: a 4-layer stage's decode step (batch 1) timed with 1, 2, ... `procs` stages
-    decoding at once on this host (the others in helper processes with their own weights), over the
-    step alone. Alone is timed before and after the others and averaged, so a neighbour that comes or
-    goes meanwhile counts half. CPU only: what nodes sharing one machine's cores do to each other."""
+    decoding at once on this host (the others in helper processes with their own weights, started
+    once and switched on and off), over the step alone. CPU only: what nodes sharing one machine's
+    cores do to each other.
+
+    Each round times alone, then 2, ... `procs` at once, one window each; the figure for n is the
+    sum of its windows over the sum of the alone windows of the same rounds. Alternating makes a
+    host that drifts meanwhile slow both sides alike, and summing many windows averages over how the
+    scheduler happens to pair the processes on the cores (3 on 2 cores: a window where ours has a
+    core to itself reads 1x, one where it shares reads 2x). Measured on a 2-core AMD EPYC VM, 5 runs
+    each: 3 at once 2.02-2.31x this way; 1.26-2.58x timing each step after a short sleep, as before."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")         # a fork would copy this process's torch state mid-flight
-    step = _decode(stage, cut, 1, CORUN_CONTEXT)
-    timer = _Timer(torch.device("cpu"), repeats)
-    runs = max(15, 3 * repeats)
-
-    def timed() -> float:
-        timer._once(*step)                      # warm-up
-        return statistics.median(timer._once(*step) for _ in range(runs))
-    alone = timed()
-    times, helpers, stop = [], [], ctx.Event()
+    fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)
+    helpers, stop = [], ctx.Event()
     try:
         for n in range(2, procs + 1):
-            ready = ctx.Event()
-            h = ctx.Process(target=_corun_helper, args=(cut, threads, dtype, 100 + n, ready, stop), daemon=True)
+            ready, go = ctx.Event(), ctx.Event()
+            h = ctx.Process(target=_corun_helper, args=(cut, threads, dtype, 100 + n, ready, go, stop), daemon=True)
             h.start()
-            helpers.append(h)
+            helpers.append((h, go))
             if not ready.wait(120):
                 raise RuntimeError(f"co-run helper {n - 1} did not start within 120 s")
-            times.append(timed())
+        fn()                                    # warm-up
+        reset()
+        sums = [0.0] * procs                    # sums[n - 1]: ms of the windows with n at once
+        for _ in range(rounds):
+            for n in range(1, procs + 1):
+                for i, (_, go) in enumerate(helpers):
+                    if i < n - 1:
+                        go.set()
+                    else:
+                        go.clear()
+                time.sleep(0.02)                # the helpers switched on are decoding again
+                sums[n - 1] += _window_ms(fn, reset)
     finally:
         stop.set()
-        for h in helpers:
+        for h, go in helpers:
+            go.set()
             h.join(10)
             if h.is_alive():
                 h.kill()
-    alone = (alone + timed()) / 2
-    slow = [1.0] + [round(max(1.0, t / alone), 3) for t in times]
+    slow = [1.0] + [round(max(1.0, t / sums[0]), 3) for t in sums[1:]]
     if log:
         log("co-run slowdown " + ", ".join(f"{n} at once {x:.2f}x" for n, x in zip(range(1, procs + 1), slow)))
     return {"procs": list(range(1, procs + 1)), "slowdown": slow}
+
+
+def _passes(timer: _Timer, points: dict) -> dict:
+    """{key: (median ms of a, median of b - a)} of each point's pair of steps, timed in PASSES rounds
+    over all the points and the median of the rounds kept. A host that runs slower for a second (a
+    VM's neighbour) slows a and b alike, so pairing cannot cancel it: it scales their difference.
+    Spread over rounds, it touches one round of a point, not all of its samples. (Timed point by
+    point, a whole row of the decode grid once came out 25% slow, and with it every plan's TPOT.)"""
+    rounds: dict = {key: [] for key in points}
+    for _ in range(PASSES):
+        for key, make in points.items():
+            rounds[key].append(timer.pair(*make()))
+    return {key: (statistics.median(a for a, _ in r), statistics.median(d for _, d in r)) for key, r in rounds.items()}
 
 
 def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads: int | None = None,
@@ -226,26 +268,30 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
     tdtype = getattr(torch, dtype)
     stages = {name: build_stage(src, a, b, blocks, 16, tdtype, dev)
               for name, (a, b) in {"mid1": (1, 2), "mid4": (1, 5), "first": (0, 1), "last": (5, 6)}.items()}
-    timer = _Timer(dev, repeats)
+    timer = _Timer(dev, max(2, -(-repeats // PASSES)))
     floor = lambda v: max(FLOOR_MS, v)  # noqa: E731
     mid1, mid4 = stages["mid1"], stages["mid4"]
-    layer_dec, stage_ms = [], None
-    for b in decode_batch:
-        row = []
-        for c in decode_context:
-            one, three = timer.pair(_decode(mid1, cut, b, c), _decode(mid4, cut, b, c))
-            row.append(floor(three / 3))
-            if stage_ms is None:     # what a one-layer stage costs beyond its layer, at the smallest step
-                stage_ms = floor(one - three / 3)
-        layer_dec.append(row)
-    layer_pre = [floor(timer.pair(_prefill(mid1, cut, t), _prefill(mid4, cut, t))[1] / 3) for t in prefill_tokens]
     c0 = decode_context[0]
-    head = [floor(timer.pair(_decode(mid1, cut, r, c0), _decode(stages["last"], cut, r, c0))[1]) for r in head_rows]
-    embed = floor(timer.pair(_decode(mid1, cut, 1, c0), _decode(stages["first"], cut, 1, c0))[1])
+    # every figure as a pair of steps to difference, built when timed (a stage holds one step's cache)
+    points = {("decode", b, c): (lambda b=b, c=c: (_decode(mid1, cut, b, c), _decode(mid4, cut, b, c)))
+              for b in decode_batch for c in decode_context}
+    points.update({("prefill", t): (lambda t=t: (_prefill(mid1, cut, t), _prefill(mid4, cut, t)))
+                   for t in prefill_tokens})
+    points.update({("head", r): (lambda r=r: (_decode(mid1, cut, r, c0), _decode(stages["last"], cut, r, c0)))
+                   for r in head_rows})
+    points["embed"] = lambda: (_decode(mid1, cut, 1, c0), _decode(stages["first"], cut, 1, c0))
+    got = _passes(timer, points)
+    layer_dec = [[floor(got["decode", b, c][1] / 3) for c in decode_context] for b in decode_batch]
+    # what a one-layer stage costs beyond its layer, at the smallest step
+    one, three = got["decode", decode_batch[0], c0]
+    stage_ms = floor(one - three / 3)
+    layer_pre = [floor(got["prefill", t][1] / 3) for t in prefill_tokens]
+    head = [floor(got["head", r][1]) for r in head_rows]
+    embed = floor(got["embed"][1])
     if log:
         log(f"layer decode {layer_dec[0][0]:.3f} ms (batch 1, ctx {c0}), head {head[0]:.3f} ms, "
             f"stage {stage_ms:.3f} ms")
-    table = measure_corun(cut, mid4, corun, torch.get_num_threads(), dtype, repeats, log) if corun >= 2 else None
+    table = measure_corun(cut, mid4, corun, torch.get_num_threads(), dtype, log=log) if corun >= 2 else None
     return Profile(model=model_name, kind=kind or gpu_kind(str(dev)), node=node, device=str(dev),
                    threads=torch.get_num_threads() if dev.type == "cpu" else None, dtype=dtype, host=this_host(),
                    measured_at=now_utc(), seconds=round(time.perf_counter() - t_start, 2),

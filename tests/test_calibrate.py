@@ -1,6 +1,8 @@
 """continuo calibrate on a tiny random model: a loadable profile the cost model then prefers."""
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 
 from executor.calibrate import calibrate, ensure_profile, gpu_kind, model_config
@@ -153,6 +155,7 @@ def test_calibrate_measures_the_corun_table_when_asked(tmp_path):
     prof = calibrate(TINY, "tiny", "cpu", threads=1, corun=2, **GRID)
     assert prof.corun is not None and prof.corun.procs == (1, 2)
     assert prof.corun.slowdown[0] == 1.0 and prof.corun.slowdown[1] >= 1.0
+    assert not multiprocessing.active_children()     # the helper processes are stopped and joined
     assert load_profile(save_profile(prof, tmp_path)) == prof
     assert calibrate(TINY, "tiny", "cpu", threads=1, **GRID).corun is None      # not asked: not measured
 
