@@ -17,15 +17,16 @@ random weights of the real shapes (step time does not depend on the weights' val
 
 each at decode batch sizes x context lengths, prefill prompt lengths and head row counts. The two
 stages of a difference run alternately and the median of the paired differences is kept (the dev
-machines are shared: a busy neighbour then slows both sides of a pair alike), after a warm-up,
-in PASSES rounds over the whole grid with the median of the rounds kept (a slow second of the host
-then touches one round of a figure, not all of it: _passes); CUDA is synchronised around each run. Differences are floored at a small positive value. It takes
-seconds for a small model on a CPU core; the profile says how long it took.
+machines are shared: a busy neighbour then slows both sides of a pair alike), after a warm-up, in
+PASSES rounds over the whole grid with the median of the rounds kept (a slow second of the host
+then touches one round of a figure, not all of it: _passes). CUDA is synchronised around each run.
+Differences are floored at a small positive value. It takes seconds for a small model on a CPU
+core; the profile says how long it took.
 
 With --corun N (CPU), the profile also gets the host's co-run table: the decode step of mid4 at
 batch 1, timed while 0, 1, ... N-1 helper processes decode their own copies without a break, over
-the step alone, in alternating rounds (measure_corun). Nodes that share a host (`host:` in the cluster file) are slowed by it when they
-compute at once (policies/costmodel.py, host_slowdowns).
+the step alone, in alternating rounds (measure_corun). Nodes that share a host (`host:` in the
+cluster file) are slowed by it when they compute at once (policies/costmodel.py, host_slowdowns).
 """
 from __future__ import annotations
 
@@ -196,8 +197,9 @@ def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int,
     sum of its windows over the sum of the alone windows of the same rounds. Alternating makes a
     host that drifts meanwhile slow both sides alike, and summing many windows averages over how the
     scheduler happens to pair the processes on the cores (3 on 2 cores: a window where ours has a
-    core to itself reads 1x, one where it shares reads 2x). Measured on a 2-core AMD EPYC VM, 5 runs
-    each: 3 at once 2.02-2.31x this way; 1.26-2.58x timing each step after a short sleep, as before."""
+    core to itself reads 1x, one where it shares reads 2x). Measured on a 2-core AMD EPYC VM, side by
+    side: 3 at once 2.02-2.31x over 5 runs this way, 1.26-1.95x over 4 timing each step after a short
+    sleep, as before."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")         # a fork would copy this process's torch state mid-flight
     fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)

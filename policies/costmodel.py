@@ -336,10 +336,12 @@ def group_sizes(n: int, groups: int) -> list[int]:
     return [n // groups + (1 if j < n % groups else 0) for j in range(groups) if n // groups or j < n % groups]
 
 
-def micro_batches(rows: int, tokens_per_row: int, stages: int) -> list[int]:
+def micro_batches(rows: int, tokens_per_row: float, stages: int) -> list[int]:
     """Rows of each micro-batch a step of `rows` prompts is cut into (runtime.DistributedPipeline:
-    one per stage when the step has MICRO_BATCH_MIN_TOKENS per stage, near-equal, split_rows)."""
-    parts = min(stages, rows) if stages > 1 and rows * tokens_per_row >= MICRO_BATCH_MIN_TOKENS * stages else 1
+    one per stage when the step has MICRO_BATCH_MIN_TOKENS per stage, near-equal, split_rows).
+    tokens_per_row may be a mean (the simulator's rows differ); the sum is compared with a margin."""
+    enough = rows * tokens_per_row >= MICRO_BATCH_MIN_TOKENS * stages - 1e-9
+    parts = min(stages, rows) if stages > 1 and enough else 1
     bounds = [round(i * rows / parts) for i in range(parts + 1)]
     return [b - a for a, b in zip(bounds, bounds[1:])]
 

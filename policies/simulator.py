@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from .cluster import Cluster
 from .costmodel import (MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, flow_shop, hop_ms, host_slowdowns,
-                        logits_hop_ms)
+                        logits_hop_ms, micro_batches)
 from .delta import PlanDelta
 from .intent import KV_BLOCK_TOKENS, IntentSpec, Traffic
 from .modelspec import ModelSpec
@@ -217,13 +217,13 @@ class _Stages:
         jobs, owner = [], []
         for j in range(g):
             rows = list(range(j, len(takes), g))
-            tokens = sum(takes[r] for r in rows)
-            parts = min(self.k, len(rows)) if (self.k > 1 and cfg.micro_batches
-                                               and tokens >= self.k * MICRO_BATCH_MIN_TOKENS) else 1
-            bounds = [round(i * len(rows) / parts) for i in range(parts + 1)]
-            for a, b in zip(bounds, bounds[1:]):
-                jobs.append(rows[a:b])
+            sizes = micro_batches(len(rows), sum(takes[r] for r in rows) / len(rows), self.k) \
+                if cfg.micro_batches else [len(rows)]
+            a = 0
+            for n in sizes:
+                jobs.append(rows[a:a + n])
                 owner.append(j)
+                a += n
         work, hops = [], []
         for rows in jobs:
             p = sum(takes[r] for r in rows)
