@@ -660,6 +660,14 @@ class HopStats(_Doc):
     transfer_s: float | None = Field(description="mean send-to-delivery time per engine step")
 
 
+class TransportStats(_Doc):
+    steps: int = Field(description="steps with one group in flight and no micro-batches: each receiver waited "
+                                   "for its message, so a transfer time is the message's, not a queue's")
+    hops: list[HopStats] = Field(description="the hops of those steps")
+    driver_s: float | None = Field(description="mean engine step less the pipeline's forward in those steps: "
+                                               "the driver's own turn (scheduling, sampling)")
+
+
 class PipelineStats(_Doc):
     ttft_s: Quantiles
     tpot_s: Quantiles
@@ -682,6 +690,8 @@ class WindowStats(_Doc):
     kv_use: dict[str, MeanMax] = Field(description="per node: KV blocks in use / allocated")
     stages: list[StageStats]
     hops: list[HopStats]
+    transport: TransportStats = Field(description="what a pass costs beyond the stages' compute, for the cost "
+                                                  "model (policies.costmodel.Corrections.observe_transport)")
 
 
 class KVNow(_Doc):

@@ -194,10 +194,14 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
             sim_g = dataclasses.replace(sim_cfg, groups_in_flight=groups)
             # warm-up after the move; its TTFT and TPOT also feed the correction factors (observed /
             # calibrated, smoothed over the plans measured so far), as a serving controller would
+            tel = getattr(svc, "telemetry", None)
+            since = tel.clock() if tel is not None else None
             warm = _measure(svc, 1, 2, cfg.vocab_size, seed=99)[1:]
             t1 = Traffic(concurrency=1, prompt_tokens=len(warm[0].prompt_ids), output_tokens=OUTPUT_TOKENS,
                          context_tokens=512)
-            tel = getattr(svc, "telemetry", None)
+            if tel is not None and tel.enabled and hasattr(tel, "transport"):
+                # what a pass costs beyond the stages: the transport per message, the driver per step
+                corrections.observe_transport(tel.transport(since=since), cluster, driver)
             if tel is not None and tel.enabled and corrections.observe_stage_times(
                     tel.stage_times(), plan, cluster, spec, len(warm[0].prompt_ids) + OUTPUT_TOKENS // 2, profiles):
                 corrected_by = "each stage's measured compute time (telemetry) / calibrated"
@@ -303,12 +307,17 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                 if side in CONTROLS else "TPOT with the residual learned per load")
         console.print(f"{base:<10}: {what} mean |error| {100 * mean_b:.1f}%, {within_b}/{len(rows)} within "
                       f"{TARGET:.0%}; {label} {100 * mean:.1f}%, {within}/{len(rows)}", highlight=False)
-    console.print(f"corrected: {corrected_by}, smoothed over the plans measured so far", highlight=False)
+    console.print(f"corrected: {corrected_by}, smoothed over the plans measured so far; the transport "
+                  f"{corrections.message_fixed_ms:.2f} ms a message + {corrections.message_ms_per_mb:.2f} ms a MB "
+                  f"beyond the link model, the driver {corrections.driver_ms:.2f} ms a step (step telemetry)",
+                  highlight=False)
     load_after = os.getloadavg()[0]
     console.print(f"machine load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on "
                   f"{os.cpu_count()} cores: other work on a shared machine slows the service and the calibration "
                   "unevenly", highlight=False)
-    result = {"links": links, "corrected_by": corrected_by, "rows": rows, "summary": summary, "controls": controls,
+    result = {"links": links, "corrected_by": corrected_by,
+              "transport": {"message_fixed_ms": corrections.message_fixed_ms,
+                            "message_ms_per_mb": corrections.message_ms_per_mb, "driver_ms": corrections.driver_ms}, "rows": rows, "summary": summary, "controls": controls,
               "corun": prof.corun.model_dump() if prof.corun else None, "profile": str(path),
               "calibrate_s": prof.seconds, "loadavg": [load_before, load_after]}
     if as_json:

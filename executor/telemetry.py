@@ -234,6 +234,20 @@ class Telemetry:
         steps = [s for s in self._copy()[4] if s.t >= now - window_s]
         return _stage_times(steps)
 
+    def transport(self, window_s: float | None = None, since: float | None = None) -> dict[str, Any]:
+        """What a pass costs beyond the stages' compute, for the cost model (Corrections.observe_transport):
+        per hop, the mean bytes and transfer time of a step's message, and the driver's own time per step
+        (the whole step less the pipeline's forward). Only steps with one group in flight and no
+        micro-batches count (every running request in the step): there each receiver waits for its
+        message, so its transfer time is the message's, not a queue's. `since`: steps after this time
+        of the telemetry clock only (a new plan's, say)."""
+        window_s = self.horizon if window_s is None else window_s
+        if not 0 < window_s <= self.horizon:
+            raise ValueError(f"window_s must be in (0, {self.horizon:g}] (the longest window kept), not {window_s}")
+        now = self.clock()
+        start = max(now - window_s, since if since is not None else -math.inf)
+        return _transport([s for s in self._copy()[4] if s.t >= start], max(now - start, 1e-9))
+
     def stage_time(self, node: str, window_s: float | None = None) -> StageTime | None:
         """The stage a node serves now (its latest layer range), measured over the window."""
         times = [t for t in self.stage_times(window_s) if t.node == node]
@@ -298,6 +312,7 @@ class Telemetry:
                             "prefill_compute_s": t.prefill_compute_s,
                             "prefill_tokens_per_step": t.prefill_tokens_per_step} for t in _stage_times(ws)],
                 "hops": _hops(ws, span),
+                "transport": _transport(ws, span),
             }
         return out
 
@@ -318,6 +333,13 @@ def _stage_times(steps: Sequence[StepSample]) -> list[StageTime]:
             _mean([s.context for s, _ in xs if s.decode]),
             len(pre), _mean([st.compute_s for st in pre]), _mean([st.tokens for st in pre])))
     return out
+
+
+def _transport(steps: Sequence[StepSample], span: float) -> dict[str, Any]:
+    """Telemetry.transport's figures of `steps`: those with one group in flight and no micro-batches."""
+    one = [s for s in steps if s.stages and s.rows and s.running <= s.rows and s.micro_batches <= 1]
+    return {"steps": len(one), "hops": _hops(one, span) if one else [],
+            "driver_s": _mean([max(0.0, s.wall_s - s.forward_s) for s in one])}
 
 
 def _hops(steps: Sequence[StepSample], span: float) -> list[dict[str, Any]]:

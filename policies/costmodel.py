@@ -29,9 +29,16 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
     out the embedding table (a lookup reads only B rows).
   Either is then multiplied by the stage's correction factor (Corrections: measured / predicted while
   serving, smoothed; 1 until something is observed).
-  hop(link, T tokens)      = latency + T * hidden * dtype_bytes / bandwidth
+  hop(link, T tokens)      = latency + T * hidden * dtype_bytes / bandwidth + message(T * hidden * dtype_bytes)
   logits hop (rows R)      = latency + R * vocab * 4 / bandwidth   from the LM-head stage to the driver,
-                             counted when `driver_node` is given and is not the last stage's node
+                             counted when `driver_node` is given and is not the last stage's node;
+                             + message(R * vocab * 4) + message(0) (the step message out) + driver
+                             on every pass, wherever the driver sits
+  message(bytes) = fixed + per_MB * bytes / 1e6, and driver, are measured while serving: what a message
+  between two processes costs beyond its link (serialising, the transport's turn, waking the receiver)
+  and the engine's own turn per step (Corrections.observe_transport, from the step telemetry of steps
+  where each receiver waits for its message); 0 until observed. On scenarios/local at 1x: ~1.2 ms a
+  message and ~0.5 ms a step, 8-13% of a token on 2-3 stages, which the cost model had left out.
 
   The engine keeps g groups of requests in flight (EngineConfig.pipeline_groups; by default one per
   stage, g = k; `groups_in_flight` here, None meaning the engine's default): each group's next step is
@@ -69,8 +76,8 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
   flow shop in TTFT is slowed moment by moment instead, where its micro-batches overlap; the decode
   step's co-run table stands in for prefill's: measured on the local bench, this brought the 2- and
   3-stage plans' 4x TTFT from -17% / -30% of the measured to -9% / -9% before correction.)
-  What it leaves out: the driver's own time per step (scheduling, sampling, sending: small next to a
-  stage's step on these models), which the correction factors pick up while serving.
+  What it leaves out: the driver's and the transport's work competing with the stages for the cores
+  of a shared host (the co-run table counts stages only).
   cost per hour = sum of the hourly price of the distinct nodes used (per node override, or
     the GPU kind's list price * gpus; a price table passed in overrides by GPU kind).
 """
@@ -211,6 +218,7 @@ class Corrections:
 
     MAX_FACTOR = 10.0
     PHASES = ("prefill", "decode")
+    MESSAGES_KEPT = 64     # the transport's cost is fitted to this many latest message figures
 
     def __init__(self, alpha: float = 0.2):
         if not 0 < alpha <= 1:
@@ -218,6 +226,16 @@ class Corrections:
         self.alpha = alpha
         self.factors: dict[tuple[str, str], float] = {}
         self.samples: dict[tuple[str, str], int] = {}
+        # What the link model (latency + bytes / bandwidth) leaves out of a message between two
+        # processes, even on one machine: serialising, the transport's own turn, waking the receiver.
+        # A fixed part and a part per MB, fitted to measured transfers (observe_message); 0 until then.
+        # On scenarios/local at 1x (stop 32): ~1.2 ms per message, the logits' 196 KB ~2 ms.
+        self.message_fixed_ms = 0.0
+        self.message_ms_per_mb = 0.0
+        self._messages: list[tuple[float, float]] = []      # (MB, ms beyond the link model)
+        # the engine's own time per step outside the pipeline's forward (scheduling, sampling), smoothed
+        self.driver_ms = 0.0
+        self._driver_n = 0
 
     def observe(self, node: str, phase: str, measured_ms: float, predicted_ms: float) -> float:
         """Fold one observed step time into the node's factor for `phase`; returns the new factor."""
@@ -301,6 +319,59 @@ class Corrections:
 
     def factor(self, node: str, phase: str) -> float:
         return self.factors.get((node, phase), 1.0)
+
+    # --- the transport and the driver: what a pass through the pipeline costs beyond the stages ---
+
+    def observe_message(self, nbytes: float, measured_ms: float, modeled_ms: float = 0.0) -> None:
+        """One message's measured transfer time (send to delivery, with its receiver waiting for it)
+        against the link model's time for it; refits the fixed and per-MB cost over the latest
+        MESSAGES_KEPT (least squares, neither below 0)."""
+        if not (nbytes >= 0 and math.isfinite(nbytes)):
+            raise ValueError(f"a message's bytes must be a finite number >= 0, not {nbytes}")
+        if not (measured_ms >= 0 and math.isfinite(measured_ms) and modeled_ms >= 0 and math.isfinite(modeled_ms)):
+            raise ValueError(f"transfer times must be finite and >= 0 (measured {measured_ms}, modeled {modeled_ms})")
+        self._messages = [*self._messages[-(self.MESSAGES_KEPT - 1):], (nbytes / 1e6, measured_ms - modeled_ms)]
+        xs, ys = [x for x, _ in self._messages], [y for _, y in self._messages]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx) if sxx > 1e-12 else 0.0
+        a = my - b * mx
+        if a < 0:                    # through the origin: all of it per byte
+            sx2 = sum(x * x for x in xs)
+            a, b = 0.0, (max(0.0, sum(x * y for x, y in zip(xs, ys)) / sx2) if sx2 > 0 else 0.0)
+        self.message_fixed_ms, self.message_ms_per_mb = a, b
+
+    def message_ms(self, nbytes: float) -> float:
+        """The transport's own cost of a message of `nbytes`, beyond its link's latency and bandwidth."""
+        return self.message_fixed_ms + self.message_ms_per_mb * nbytes / 1e6
+
+    def observe_driver(self, ms: float) -> float:
+        """Fold in the engine's own time per step outside the pipeline's forward."""
+        if not (ms >= 0 and math.isfinite(ms)):
+            raise ValueError(f"the driver's time per step must be finite and >= 0, not {ms}")
+        self.driver_ms = smoothed(self.driver_ms, self._driver_n, ms, self.alpha)
+        self._driver_n += 1
+        return self.driver_ms
+
+    def observe_transport(self, transport: dict, cluster: Cluster, driver_node: str | None = None) -> int:
+        """Fold in the service's telemetry (executor.telemetry.Telemetry.transport(): per hop of steps with
+        one group in flight, where each receiver waits for its message, the mean bytes and transfer time;
+        and the driver's time per step). Each hop's modeled time is its link's (latency + bytes /
+        bandwidth), none between the driver and a stage on the driver's own node. Returns the figures
+        folded in."""
+        n = 0
+        for h in transport.get("hops", ()):          # a hop without its figures is malformed: KeyError / TypeError
+            nbytes, seconds = float(h["bytes_per_step"]), float(h["transfer_s"])
+            src = driver_node if h["src"] == "driver" else h["src"]
+            dst = driver_node if h["dst"] == "driver" else h["dst"]
+            link = cluster.link(src, dst) if src and dst and src != dst else None
+            modeled = (link.latency_ms + 1e3 * nbytes * 8 / (link.bandwidth_gbps * 1e9)) if link else 0.0
+            self.observe_message(nbytes, 1e3 * seconds, modeled)
+            n += 1
+        if transport.get("driver_s") is not None:
+            self.observe_driver(1e3 * transport["driver_s"])
+            n += 1
+        return n
 
 
 def stage_step_ms(model: ModelSpec, s: StageShape, node: Node, phase: str, tokens: int,
@@ -490,6 +561,10 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     g_engine = engine_groups(k, groups_in_flight)
     g = min(g_engine, B)
     sizes = group_sizes(B, g)                     # decoding rows of each group
+    # the transport's own cost per message beyond the link model, and the driver's per step (measured:
+    # Corrections.observe_transport; 0 without)
+    msg = corrections.message_ms if corrections else (lambda nbytes: 0.0)
+    act_bytes = model.hidden_size * model.dtype_bytes          # activations per token, one hop
     # the stages, each with its step-time functions (corrected) and the link to the next stage
     stages, pre_fn, dec_fn, hop_fn, ser_fn, hosts, slow_fn = [], [], [], [], [], [], []
     for i, st in enumerate(plan.stages):
@@ -505,7 +580,8 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
             decode_ms(model, shape, node, m, traffic, prof)
             + x / chunk * joined_prefill_ms(model, shape, node, m, decode_context(traffic), chunk, prof)))
         link = cluster.link(st.node, plan.stages[i + 1].node) if i + 1 < k else None
-        hop_fn.append((lambda t, link=link: hop_ms(model, link, t)) if link is not None else (lambda t: 0.0))
+        hop_fn.append((lambda t, link=link: hop_ms(model, link, t) + msg(t * act_bytes)) if link is not None
+                      else (lambda t: 0.0))
         ser_fn.append((lambda t, link=link: hop_ms(model, link, t) - link.latency_ms) if link is not None
                       else (lambda t: 0.0))
         stages.append(StageEstimate(
@@ -514,10 +590,16 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
             capacity_bytes=node.usable_memory_bytes, prefill_ms=pre_fn[-1](prefill_rows), decode_ms=dec_fn[-1](B),
             hop_out_ms_prefill=hop_fn[-1](prefill_rows * P), hop_out_ms_decode=hop_fn[-1](B),
             source="measured" if prof is not None else "datasheet", correction_prefill=fp, correction_decode=fd))
-    # the logits of the sampled rows go back to the driver (it samples), when it sits on another node
+    # the logits of the sampled rows go back to the driver (it samples), over a link when it sits on
+    # another node; each pass also costs the driver's step message to the first stage, the transport's
+    # cost of both messages, and the driver's own turn
     last = plan.stages[-1].node
     back_link = cluster.link(last, driver_node) if driver_node and driver_node != last else None
-    back = (lambda r: logits_hop_ms(model, back_link, r)) if back_link is not None else (lambda r: 0.0)
+    driver_ms = corrections.driver_ms if corrections else 0.0
+
+    def back(r):
+        link = logits_hop_ms(model, back_link, r) if back_link is not None else 0.0
+        return link + msg(r * model.vocab_size * 4) + msg(0) + driver_ms
 
     # TTFT: the wave's prompts spread over the engine's groups, each group's step cut into micro-batches;
     # all are launched at once and go through the stages in launch order (a flow shop)

@@ -137,6 +137,11 @@ class _Stages:
         self.last: tuple[int, float, float, list[float]] = (0, 0.0, 0.0, [])
         self.sources: list[str] = []
         raw, classes = [], {}
+        # the transport's cost per message beyond the link model, and the driver's turn per step
+        # (Corrections.observe_transport; costmodel.estimate counts the same)
+        msg_fixed = corrections.message_fixed_ms if corrections else 0.0
+        msg_per_mb = corrections.message_ms_per_mb if corrections else 0.0
+        act_mb = model.hidden_size * model.dtype_bytes / 1e6
         self.stage_class: list[int] = []
         self.class_host: list[str | None] = []
         self.class_slow: list = []
@@ -150,8 +155,9 @@ class _Stages:
                 link = cluster.link(st.node, plan.stages[i + 1].node)
                 if link is None:
                     raise ValueError(f"no link between {st.node} and {plan.stages[i + 1].node}")
-                lat = link.latency_ms
-                per_tok = hop_ms(model, link, 1) - lat
+                # the link, and the transport's own cost of the message (as the cost model counts it)
+                lat = link.latency_ms + msg_fixed
+                per_tok = hop_ms(model, link, 1) - link.latency_ms + msg_per_mb * act_mb
             shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
             # datasheet speed is per node kind; profiles are per object: both make the class key
             speed = ("p", id(prof)) if prof is not None else ("d", node.gpu, node.gpus)
@@ -174,11 +180,14 @@ class _Stages:
         self.stage_slow = [self.class_slow[c] for c in self.per_stage]
         hosts = [h for h in self.stage_host if h is not None]
         self.shared_host = len(set(hosts)) < len(hosts)
-        # the logits of the sampled rows go back to the driver when it sits on another node
+        # the logits of the sampled rows go back to the driver, over a link when it sits on another node;
+        # with the transport's cost of them and of the step message to the first stage, and the driver's turn
         last = plan.stages[-1].node
         back = cluster.link(last, driver_node) if driver_node and driver_node != last else None
-        self.back_lat = back.latency_ms if back else 0.0
-        self.back_per_row = (logits_hop_ms(model, back, 1) - back.latency_ms) if back else 0.0
+        self.back_lat = (back.latency_ms if back else 0.0) + 2 * msg_fixed \
+            + (corrections.driver_ms if corrections else 0.0)
+        self.back_per_row = ((logits_hop_ms(model, back, 1) - back.latency_ms) if back else 0.0) \
+            + msg_per_mb * model.vocab_size * 4 / 1e6
         self.busy = [0.0] * len(raw)       # per class: busy ms of ONE stage of the class
 
     def _layer_ms(self, prof, speed, d: float, ctx: float, p: float) -> float:

@@ -668,3 +668,38 @@ def test_no_replica_flips_under_constant_load(factor):
     run(ap, tg, list(np.random.default_rng(3).poisson(rate * 10, size=40) / 10))
     assert tg.drained == [], (tg.added, tg.drained)
     assert len(tg.added) <= ap.config.max_replicas
+
+
+def test_window_transport_teaches_the_cost_per_message_before_the_residual():
+    """The window's `transport` (hops of one-group steps, the driver's turn) sets the transport's cost per
+    message and the driver's: every plan then pays them per message of a pass, and the TPOT residual is
+    what is left after them. A malformed transport entry is an error naming it."""
+    from policies.costmodel import StageShape, stage_step_ms
+    plan = plan_of(("edge-a", 0, 29))
+    tg = ScriptedTarget(plan)
+    ap = pilot(tg, hysteresis=99)
+    pred = stage_step_ms(MODEL, StageShape(30, True, True), CLUSTER.node("edge-a"), "decode", 2, 300)
+    stages = [{"node": "edge-a", "layers": [0, 30], "decode_steps": 50, "decode_compute_s": pred / 1e3,
+               "decode_rows_per_step": 2.0, "decode_context": 300.0, "prefill_steps": 0}]
+    transport = {"steps": 40, "driver_s": 0.001,
+                 "hops": [{"src": "driver", "dst": "edge-a", "kind": "control", "bytes_per_step": 0.0, "transfer_s": 0.002},
+                          {"src": "edge-a", "dst": "driver", "kind": "logits", "bytes_per_step": 0.0, "transfer_s": 0.002}]}
+    base = ap._at_load(plan, CLUSTER, 0.2, ap.corrections, concurrency=2).tpot_ms
+    snap = tg.snapshot()
+    w = snap["windows"]["10s"]
+    w.update(stages=stages, transport=transport, tpot_s={"p50": (base + 5.0) / 1e3, "p99": None, "n": 20},
+             ttft_s={"p50": 0.1, "p99": None, "n": 20}, arrival_rate=0.2)
+    snap["now"]["running"] = 2
+    tg.snapshot = lambda: snap
+    ap.tick()
+    assert ap.corrections.message_fixed_ms == pytest.approx(2.0) and ap.corrections.driver_ms == pytest.approx(1.0)
+    # the step message and the logits (2 ms each) and the driver (1 ms) explain the 5 ms (a longer round
+    # also gathers a little more of the prompts riding in it): the residual is only what is left
+    with_transport = ap._at_load(plan, CLUSTER, 0.2, ap.corrections, concurrency=2, residual=1.0).tpot_ms
+    assert with_transport - base == pytest.approx(5.0, rel=0.05)
+    assert ap.tpot_residual == pytest.approx((base + 5.0) / with_transport, rel=1e-3)
+    assert abs(ap.tpot_residual - 1.0) < 0.02
+    w["transport"] = {"steps": 3, "hops": [{"src": "edge-a"}]}
+    tg.t += 10.0
+    with pytest.raises(ValueError, match="transport"):
+        ap.tick()

@@ -273,3 +273,55 @@ def test_smaller_prompt_chunks_hide_more_under_the_weight_read():
     assert small <= whole
     with pytest.raises(ValueError, match="prompt_chunk_tokens"):
         estimate(plan, cluster, model, t, prompt_tokens_per_s=2e4, prompt_chunk_tokens=0)
+
+
+def test_the_transports_cost_per_message_is_fitted_and_counted_alike_in_both_models():
+    """Corrections.observe_message fits a fixed and a per-MB cost beyond the link model; the cost model and
+    the simulator then add it to every message of a pass (the step message out, each hop, the logits back)
+    and the driver's turn per step."""
+    from policies.costmodel import Corrections
+    c = Corrections(alpha=0.5)
+    for mb in (0.001, 0.2, 0.8, 0.001, 0.2):
+        c.observe_message(mb * 1e6, 0.1 + 1.2 + 2.5 * mb, modeled_ms=0.1)     # the link's 0.1 ms taken out
+    assert c.message_fixed_ms == pytest.approx(1.2) and c.message_ms_per_mb == pytest.approx(2.5)
+    assert c.message_ms(4e5) == pytest.approx(1.2 + 2.5 * 0.4)
+    c.observe_driver(0.4)
+    cluster, model, plan, intent, ps = setup((("edge-a", 0, 14), ("cloud-1", 15, 29)))
+    t1 = intent.traffic.model_copy(update={"concurrency": 1})
+    tr = Trace([0.0], [64], [11])
+    bare = Corrections()
+    e0, e1 = (estimate(plan, cluster, model, t1, profiles=ps, corrections=x) for x in (bare, c))
+    r0, r1 = (simulate(cluster, plan, model, tr, profiles=ps, intent=intent, corrections=x) for x in (bare, c))
+    logits, act = 49152 * 4 / 1e6, 576 * 2 / 1e6                     # MB a row: fp32 logits, bf16 activations
+    # one token: the step message (fixed), the hop (fixed + 1 token), the logits (fixed + 1 row), the driver
+    per_token = 3 * 1.2 + 2.5 * (act + logits) + 0.4
+    assert e1.tpot_ms - e0.tpot_ms == pytest.approx(per_token)
+    assert r1.tpot_ms_p50 - r0.tpot_ms_p50 == pytest.approx(per_token)
+    # the prompt: the hop carries 64 tokens
+    assert e1.ttft_ms - e0.ttft_ms == pytest.approx(3 * 1.2 + 2.5 * (64 * act + logits) + 0.4)
+    assert r1.ttft_ms_p50 == pytest.approx(e1.ttft_ms)
+    # a one-stage plan pays the step message and the logits only
+    one = setup()[2]
+    assert estimate(one, cluster, model, t1, profiles=ps, corrections=c).tpot_ms - \
+        estimate(one, cluster, model, t1, profiles=ps).tpot_ms == pytest.approx(2 * 1.2 + 2.5 * logits + 0.4)
+
+
+def test_the_transport_is_learned_from_telemetrys_hops_with_the_link_taken_out():
+    from policies.costmodel import Corrections
+    cluster = load_cluster(CLUSTER)
+    link = cluster.link("edge-a", "cloud-1")                 # 10 Gbps, 1 ms
+    c = Corrections()
+    hops = [{"src": "driver", "dst": "edge-a", "bytes_per_step": 0.0, "transfer_s": 0.0012},       # same node: no link
+            {"src": "edge-a", "dst": "cloud-1", "bytes_per_step": 0.0, "transfer_s": 0.0022},      # 1 ms of it the link's
+            {"src": "cloud-1", "dst": "driver", "bytes_per_step": 0.0, "transfer_s": 0.0022}]
+    assert c.observe_transport({"hops": hops, "driver_s": 0.0005}, cluster, driver_node="edge-a") == 4
+    assert link.latency_ms == 1.0
+    assert c.message_fixed_ms == pytest.approx(1.2) and c.message_ms_per_mb == 0.0 and c.driver_ms == pytest.approx(0.5)
+    # a transfer faster than the link model says (loopback where the file says 1 ms) teaches no negative cost
+    c2 = Corrections()
+    c2.observe_transport({"hops": [dict(hops[1], transfer_s=0.0002)]}, cluster, "edge-a")
+    assert c2.message_fixed_ms == 0.0 and c2.message_ms_per_mb == 0.0
+    with pytest.raises(ValueError, match="bytes"):
+        c.observe_message(-1, 1.0)
+    with pytest.raises(ValueError, match="transfer times"):
+        c.observe_message(10, float("nan"))

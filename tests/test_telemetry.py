@@ -196,3 +196,29 @@ def test_an_engine_step_may_finish_several_pipeline_steps_or_none():
     tel.step(0.001, queue=0, running=1)
     assert [len(s.stages) for s in tel.steps] == [1, 1, 0]
     assert tel.stage_times()[0].steps == 2
+
+
+def test_transport_counts_only_steps_where_each_receiver_waits():
+    """Telemetry.transport: hops and the driver's turn from steps with one group in flight (every running
+    request in the step); a step of one of two groups in flight queues behind the other and is left out."""
+    clock = Clock()
+    tel = Telemetry(clock=clock)
+    tel.node_of = {1: "edge-a", 2: "edge-b"}.get
+    route = (Hop(1, 0, 3), Hop(2, 3, 7))
+    a = dict(compute_us=4000, ctl_bytes=500, ctl_transfer_us=1000)
+    for running, in_us in ((2, 1500), (4, 9000)):          # the second: 2 of the 4 running requests
+        clock.t += 0.1
+        got = [Received(1000, 0.002, _record(1, 0, 3, tokens=2, rows=2, **a) +
+                        _record(2, 3, 7, tokens=2, rows=2, in_bytes=2048, in_transfer_us=in_us))]
+        tel.pipeline_step(_batch([1, 1], [10, 20]), route, got, 0.0, 0.03)
+        tel.step(0.0305, queue=0, running=running)
+    since = clock.t
+    tr = tel.transport()
+    assert tr["steps"] == 1 and tr["driver_s"] == pytest.approx(0.0005)
+    hops = {(h["src"], h["dst"]): h for h in tr["hops"]}
+    assert hops[("edge-a", "edge-b")]["transfer_s"] == pytest.approx(0.0015)
+    assert hops[("driver", "edge-a")]["bytes_per_step"] == 500 and hops[("edge-b", "driver")]["transfer_s"] == \
+        pytest.approx(0.002)
+    assert tel.transport(since=since + 1) == {"steps": 0, "hops": [], "driver_s": None}
+    with pytest.raises(ValueError, match="window_s"):
+        tel.transport(window_s=0)

@@ -241,8 +241,9 @@ class Autopilot:
                 share = total / (total + sum(r["capacity_rps"] for r in reps if r["state"] == "serving"))
         if reps:
             forecast["plan_share"] = share
+        transport = ((snap.get("windows") or {}).get(cfg.window) or {}).get("transport")
         self._correct(live, cluster, {**load, "arrival_rate": rate_now * share, "running": load["running"] * share},
-                      measured, stages)
+                      measured, stages, transport)
         self._tail(measured)
         rate_all, rate_now = rate, rate_now * share
         rate *= share
@@ -516,7 +517,7 @@ class Autopilot:
         self._tail_n += 1
 
     def _correct(self, live: PlacementPlan, cluster: Cluster, load: dict, measured: dict,
-                 stages: list["_StageWindow"]) -> None:
+                 stages: list["_StageWindow"], transport: dict | None = None) -> None:
         """Fold what the window measured into the corrections (Dynamo's measured / expected).
 
         Where the telemetry has each stage's compute time (the window's "stages", split into decode-only
@@ -529,7 +530,13 @@ class Autopilot:
         waited for a seat, which the estimate does not: while requests queue (or every seat is taken) it
         measures the queue, not the nodes' prefill speed, so prefill is corrected only from windows without
         a queue (folding a queue in made every plan look several times slower, so none kept the SLOs and the
-        controller never scaled up)."""
+        controller never scaled up).
+
+        With the stages' figures come the window's `transport` (per hop of the steps where each receiver
+        waited for its message, and the driver's turn per step): the transport's own cost per message and
+        the driver's, which every plan pays once per message and step (Corrections.observe_transport),
+        so a plan with more stages is predicted to pay for its extra hops, not scaled by the live plan's
+        ratio. The plans' estimates here count no link back to the driver, and neither does the fit."""
         traffic = _traffic(live, self.intent)
         by_context: dict[float, list] = {}
         for st in stages:                       # one call per decode context (the telemetry's, else the intent's)
@@ -537,6 +544,11 @@ class Autopilot:
         if sum(self.corrections.observe_stage_times(group, live, cluster, self.model, round(ctx), self.profiles,
                                                     window_s=load.get("span_s"))
                for ctx, group in by_context.items()):
+            if isinstance(transport, dict) and transport.get("steps"):
+                try:
+                    self.corrections.observe_transport(transport, cluster)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"telemetry window transport {transport!r}: {type(e).__name__}: {e}") from None
             # what the per-stage figures leave out (how the prompts' chunks fall into steps, overheads):
             # measured / predicted TPOT of the live plan at the measured load, with the stages corrected
             if measured.get("tpot_n", 0) >= MIN_SLO_SAMPLES and measured.get("tpot_p50_ms"):
