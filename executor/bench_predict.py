@@ -9,8 +9,9 @@ plans x 2 loads, the real service's TTFT and TPOT p50 against:
   corrected   the calibrated cost model times correction factors, smoothed over the plans so far, as a
               controller corrects its model while serving (NVIDIA Dynamo's planner): each stage's
               compute time in the service's telemetry during the plan's warm-up / calibrated
-              (Corrections.observe_stage_times); without telemetry, the warm-up's TTFT and TPOT
-              (Corrections.observe_plan)
+              (Corrections.observe_stage_times), and from the same steps what each message costs
+              beyond its link and the driver's turn per step (Corrections.observe_transport); without
+              telemetry, the warm-up's TTFT and TPOT (Corrections.observe_plan)
   simulator   the simulator on the corrected cost model, fed the loads' own waves
   residual    corrected, with TPOT times the residual at that load: measured / corrected TPOT of the
               plans measured before this one at the same load (smoothed; 1 for the first plan), as the
