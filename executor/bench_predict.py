@@ -200,7 +200,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
             warm = _measure(svc, 1, 2, cfg.vocab_size, seed=99)[1:]
             t1 = Traffic(concurrency=1, prompt_tokens=len(warm[0].prompt_ids), output_tokens=OUTPUT_TOKENS,
                          context_tokens=512)
-            if tel is not None and tel.enabled and hasattr(tel, "transport"):
+            if tel is not None and tel.enabled:
                 # what a pass costs beyond the stages: the transport per message, the driver per step
                 corrections.observe_transport(tel.transport(since=since), cluster, driver)
             if tel is not None and tel.enabled and corrections.observe_stage_times(
@@ -316,9 +316,10 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
     console.print(f"machine load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on "
                   f"{os.cpu_count()} cores: other work on a shared machine slows the service and the calibration "
                   "unevenly", highlight=False)
-    result = {"links": links, "corrected_by": corrected_by,
-              "transport": {"message_fixed_ms": corrections.message_fixed_ms,
-                            "message_ms_per_mb": corrections.message_ms_per_mb, "driver_ms": corrections.driver_ms}, "rows": rows, "summary": summary, "controls": controls,
+    transport = {"message_fixed_ms": corrections.message_fixed_ms, "message_ms_per_mb": corrections.message_ms_per_mb,
+                 "driver_ms": corrections.driver_ms}
+    result = {"links": links, "corrected_by": corrected_by, "transport": transport, "rows": rows, "summary": summary,
+              "controls": controls,
               "corun": prof.corun.model_dump() if prof.corun else None, "profile": str(path),
               "calibrate_s": prof.seconds, "loadavg": [load_before, load_after]}
     if as_json:

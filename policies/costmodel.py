@@ -365,7 +365,7 @@ class Corrections:
             src = driver_node if h["src"] == "driver" else h["src"]
             dst = driver_node if h["dst"] == "driver" else h["dst"]
             link = cluster.link(src, dst) if src and dst and src != dst else None
-            modeled = (link.latency_ms + 1e3 * nbytes * 8 / (link.bandwidth_gbps * 1e9)) if link else 0.0
+            modeled = link_ms(link, nbytes) if link else 0.0
             self.observe_message(nbytes, 1e3 * seconds, modeled)
             n += 1
         if transport.get("driver_s") is not None:
@@ -384,14 +384,19 @@ def stage_step_ms(model: ModelSpec, s: StageShape, node: Node, phase: str, token
     return decode_ms(model, s, node, tokens, Traffic(), profile, context=ctx)
 
 
+def link_ms(link: Link, nbytes: float) -> float:
+    """The link model's time for a message of `nbytes`: latency + bytes / bandwidth."""
+    return link.latency_ms + 1e3 * nbytes * 8 / (link.bandwidth_gbps * 1e9)
+
+
 def hop_ms(model: ModelSpec, link: Link, tokens: int) -> float:
     """Time to send the activations of `tokens` tokens over a link."""
-    return link.latency_ms + 1e3 * tokens * model.hidden_size * model.dtype_bytes * 8 / (link.bandwidth_gbps * 1e9)
+    return link_ms(link, tokens * model.hidden_size * model.dtype_bytes)
 
 
 def logits_hop_ms(model: ModelSpec, link: Link, rows: int) -> float:
     """Time to send `rows` rows of fp32 logits from the LM-head stage to the driver over a link."""
-    return link.latency_ms + 1e3 * rows * model.vocab_size * 4 * 8 / (link.bandwidth_gbps * 1e9)
+    return link_ms(link, rows * model.vocab_size * 4)
 
 
 def node_price(node: Node, prices: dict[str, float] | None = None) -> float:
