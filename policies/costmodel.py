@@ -219,6 +219,10 @@ class Corrections:
     MAX_FACTOR = 10.0
     PHASES = ("prefill", "decode")
     MESSAGES_KEPT = 64     # the transport's cost is fitted to this many latest message figures
+    # A cost per MB is fitted only over messages whose sizes span at least this much: over a few hundred
+    # bytes (a tiny model's step messages and logits) noise made a slope of 180 ms a MB, which then
+    # charged a real model's 196 KB logits 36 ms a token. Below it, the mean is all fixed cost.
+    MESSAGE_SPAN_MB = 0.064
 
     def __init__(self, alpha: float = 0.2):
         if not 0 < alpha <= 1:
@@ -333,8 +337,11 @@ class Corrections:
         self._messages = [*self._messages[-(self.MESSAGES_KEPT - 1):], (nbytes / 1e6, measured_ms - modeled_ms)]
         xs, ys = [x for x, _ in self._messages], [y for _, y in self._messages]
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        if max(xs) - min(xs) < self.MESSAGE_SPAN_MB:
+            self.message_fixed_ms, self.message_ms_per_mb = max(0.0, my), 0.0
+            return
         sxx = sum((x - mx) ** 2 for x in xs)
-        b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx) if sxx > 1e-12 else 0.0
+        b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx)
         a = my - b * mx
         if a < 0:                    # through the origin: all of it per byte
             sx2 = sum(x * x for x in xs)

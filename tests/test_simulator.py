@@ -321,6 +321,11 @@ def test_the_transport_is_learned_from_telemetrys_hops_with_the_link_taken_out()
     c2 = Corrections()
     c2.observe_transport({"hops": [dict(hops[1], transfer_s=0.0002)]}, cluster, "edge-a")
     assert c2.message_fixed_ms == 0.0 and c2.message_ms_per_mb == 0.0
+    # sizes a few hundred bytes apart say nothing about a cost per MB: their mean is the fixed cost
+    c3 = Corrections()
+    for nbytes, ms in ((130, 1.5), (650, 2.2), (1024, 1.2), (650, 2.8)):
+        c3.observe_message(nbytes, ms)
+    assert c3.message_ms_per_mb == 0.0 and c3.message_fixed_ms == pytest.approx((1.5 + 2.2 + 1.2 + 2.8) / 4)
     with pytest.raises(ValueError, match="bytes"):
         c.observe_message(-1, 1.0)
     with pytest.raises(ValueError, match="transfer times"):
