@@ -31,7 +31,8 @@ assumption), `4x` waves of 4 requests submitted together (prefilled in one step,
 of 4: the cost model is given concurrency 4 and prefill_rows 4); 6 requests at 1x, 3 waves at 4x
 (the median of one wave's 4 TTFTs moved 20% from run to run). Each request makes 32 tokens
 (EOS ignored) from a prompt of 48-80 random tokens. The service starts on the first plan and
-moves to each next one by live reconfiguration; a warm-up request follows each move.
+moves to each next one by live reconfiguration; after each move, a cold first request (not learned
+from), then two warm-up requests.
 
 Links: with the link emulation of `Service.launch(emulate_links=True)` (the cluster file's latency
 and bandwidth per pair), when this checkout has it; otherwise loopback, and it says so (the
@@ -196,21 +197,26 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
             # warm-up after the move; its TTFT and TPOT also feed the correction factors (observed /
             # calibrated, smoothed over the plans measured so far), as a serving controller would
             tel = getattr(svc, "telemetry", None)
+            _measure(svc, 1, 1, cfg.vocab_size, seed=98)     # the plan's first request, cold: not learned from
             since = tel.clock() if tel is not None else None
-            warm = _measure(svc, 1, 2, cfg.vocab_size, seed=99)[1:]
-            t1 = Traffic(concurrency=1, prompt_tokens=len(warm[0].prompt_ids), output_tokens=OUTPUT_TOKENS,
+            warm = _measure(svc, 1, 2, cfg.vocab_size, seed=99)
+            warm_prompt = round(statistics.mean(len(o.prompt_ids) for o in warm))
+            warm_ttft = statistics.median(1e3 * o.ttft for o in warm)
+            warm_tpot = statistics.median(1e3 * o.tpot for o in warm)
+            t1 = Traffic(concurrency=1, prompt_tokens=warm_prompt, output_tokens=OUTPUT_TOKENS,
                          context_tokens=512)
             if tel is not None and tel.enabled:
                 # what a pass costs beyond the stages: the transport per message, the driver per step
                 corrections.observe_transport(tel.transport(since=since), cluster, driver)
             if tel is not None and tel.enabled and corrections.observe_stage_times(
-                    tel.stage_times(), plan, cluster, spec, len(warm[0].prompt_ids) + OUTPUT_TOKENS // 2, profiles):
+                    tel.stage_times(since=since), plan, cluster, spec,
+                    warm_prompt + OUTPUT_TOKENS // 2, profiles):
                 corrected_by = "each stage's measured compute time (telemetry) / calibrated"
             else:
                 raw = estimate(plan, cluster, spec, t1, profiles=profiles, driver_node=driver, groups_in_flight=groups)
-                corrections.observe_plan(raw, 1e3 * warm[0].ttft, 1e3 * warm[0].tpot)
+                corrections.observe_plan(raw, warm_ttft, warm_tpot)
                 corrected_by = "the warm-up's TTFT and TPOT / calibrated"
-            # the control for the residual: the one learned from the warm-ups (one request, 1x) instead
+            # the control for the residual: the one learned from the warm-ups (1x) instead
             warm_pred = estimate(plan, cluster, spec, t1, profiles=profiles, corrections=corrections,
                                  driver_node=driver, groups_in_flight=groups)
             for load, width in LOADS.items():
@@ -250,7 +256,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                        "corrected_ttft_ms": cor.ttft_ms, "corrected_tpot_ms": cor.tpot_ms,
                        "simulator_ttft_ms": statistics.median(sim_ttft), "simulator_tpot_ms": statistics.median(sim_tpot),
                        "corrected_apart_tpot_ms": cor_apart.tpot_ms, "simulator_apart_tpot_ms": statistics.median(apart_tpot),
-                       "warmup_tpot_ratio": 1e3 * warm[0].tpot / warm_pred.tpot_ms,
+                       "warmup_tpot_ratio": warm_tpot / warm_pred.tpot_ms,
                        "calibrated_source": cal.source, "requests": len(outs), "groups_in_flight": groups}
                 rows.append(row)
                 console.print(f"{row['plan']} {load}: measured TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms; "

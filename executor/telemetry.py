@@ -224,15 +224,17 @@ class Telemetry:
         """The seconds a window covers so far (less than its length just after start)."""
         return max(1e-9, min(window, now - self.started))
 
-    def stage_times(self, window_s: float | None = None) -> list[StageTime]:
+    def stage_times(self, window_s: float | None = None, since: float | None = None) -> list[StageTime]:
         """Per stage (node and layer range) measured in the window (default: the longest), in
-        pipeline order: mean step, compute and communication time per engine step."""
+        pipeline order: mean step, compute and communication time per engine step. `since`: steps
+        after this time of the telemetry clock only (a warm-up's, say, without the cold steps before it
+        or an earlier plan's steps on a stage of the same node and layers)."""
         window_s = self.horizon if window_s is None else window_s
         if not 0 < window_s <= self.horizon:
             raise ValueError(f"window_s must be in (0, {self.horizon:g}] (the longest window kept), not {window_s}")
         now = self.clock()
-        steps = [s for s in self._copy()[4] if s.t >= now - window_s]
-        return _stage_times(steps)
+        start = max(now - window_s, since if since is not None else -math.inf)
+        return _stage_times([s for s in self._copy()[4] if s.t >= start])
 
     def transport(self, window_s: float | None = None, since: float | None = None) -> dict[str, Any]:
         """What a pass costs beyond the stages' compute, for the cost model (Corrections.observe_transport):

@@ -198,6 +198,27 @@ def test_an_engine_step_may_finish_several_pipeline_steps_or_none():
     assert tel.stage_times()[0].steps == 2
 
 
+def test_stage_times_since_leaves_out_the_steps_before():
+    """A plan's warm-up is judged on its own steps: not the cold first request's, nor an earlier plan's on a
+    stage of the same node and layers (bench predict's correction factors come from stage_times(since=))."""
+    clock = Clock()
+    tel = Telemetry(clock=clock)
+    tel.node_of = {1: "a"}.get
+    route = (Hop(1, 0, 7),)
+    for compute_us in (9000, 1000, 3000):                 # a cold step, then two warm ones
+        clock.t += 0.1
+        tel.pipeline_step(_batch([1]), route, [Received(10, 0.001, _record(1, 0, 7, compute_us=compute_us))],
+                          0.0, 0.01)
+        tel.step(0.02, queue=0, running=1)
+        if compute_us == 9000:
+            since = clock.t + 0.05          # between the cold step and the next
+    [every] = tel.stage_times()
+    [warm] = tel.stage_times(since=since)
+    assert every.steps == 3 and every.decode_compute_s == pytest.approx(0.013 / 3)
+    assert warm.steps == 2 and warm.decode_compute_s == pytest.approx(0.002)
+    assert tel.stage_times(since=clock.t + 1) == []
+
+
 def test_transport_counts_only_steps_where_each_receiver_waits():
     """Telemetry.transport: hops and the driver's turn from steps with one group in flight (every running
     request in the step); a step of one of two groups in flight queues behind the other and is left out."""
