@@ -22,8 +22,9 @@ plans x 2 loads, the real service's TTFT and TPOT p50 against:
   sim_residual  the simulator's TPOT times its own residual (measured / simulator TPOT, the same way)
 
 The three nodes are worker processes on this one machine (`host: this-machine` in the cluster
-file): the calibration also measures the co-run table (a decode step with 1, 2, 3 stages decoding at
-once, over alone), and the cost model and the simulator slow stages that compute at once by it. The
+file): the calibration also measures the co-run tables (a decode step, and a prefill step, with 1, 2,
+3 stages running it at once, over alone), and the cost model and the simulator slow stages that
+compute at once by them (decode steps by the first, a wave's prefill by the second). The
 control, printed beside them: the same models' TPOT with every node on a machine of its own.
 
 Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
@@ -326,7 +327,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                  "driver_ms": corrections.driver_ms}
     result = {"links": links, "corrected_by": corrected_by, "transport": transport, "rows": rows, "summary": summary,
               "controls": controls,
-              "corun": prof.corun.model_dump() if prof.corun else None, "profile": str(path),
+              "corun": prof.corun.model_dump() if prof.corun else None,
+              "corun_prefill": prof.corun_prefill.model_dump() if prof.corun_prefill else None, "profile": str(path),
               "calibrate_s": prof.seconds, "loadavg": [load_before, load_after]}
     if as_json:
         print(json.dumps(result))

@@ -23,9 +23,9 @@ then touches one round of a figure, not all of it: _passes). CUDA is synchronise
 Differences are floored at a small positive value. It takes seconds for a small model on a CPU
 core; the profile says how long it took.
 
-With --corun N (CPU), the profile also gets the host's co-run table: the decode step of mid4 at
+With --corun N (CPU), the profile also gets the host's co-run tables: the decode step of mid4 at
 batch 1, timed while 0, 1, ... N-1 helper processes decode their own copies without a break, over
-the step alone, in alternating rounds (measure_corun). Nodes that share a host (`host:` in the
+the step alone, in alternating rounds (measure_corun); and the same for a 64-token prefill step. Nodes that share a host (`host:` in the
 cluster file) are slowed by it when they compute at once (policies/costmodel.py, host_slowdowns).
 """
 from __future__ import annotations
@@ -62,6 +62,7 @@ SLOW_MS = 200.0      # ... under this a third as often, above it once (long prom
 CUT_LAYERS = 6
 PASSES = 3           # rounds over the whole grid (see _passes); `repeats` is split among them
 CORUN_CONTEXT = 64   # the co-run table's decode steps: batch 1 at this context (memory-bound, the worst case)
+CORUN_PREFILL_TOKENS = 64   # ... and the prefill table's: one prompt of this many tokens (compute-bound)
 CORUN_ROUNDS = 12    # alternating rounds of the co-run table (see measure_corun) ...
 CORUN_WINDOW_S = 0.15  # ... each timing one window of back-to-back steps per count at once
 
@@ -158,12 +159,23 @@ def _prefill(stage: LocalStage, cfg: ModelConfig, tokens: int, rows: int = 1):
     return (lambda: stage.forward(step, x)), (lambda: stage.free(reqs))
 
 
-def _corun_helper(cut: ModelConfig, threads: int, dtype: str, seed: int, ready, go, stop) -> None:
-    """A stage of its own (own weights: shared pages would share the cache too) decoding without a
-    break while `go` is set, until told to stop: one of the others while measure_corun times n at once."""
+def _corun_step(stage: LocalStage, cut: ModelConfig, phase: str):
+    """(fn, reset) of the co-run table's step: decode at batch 1 (memory-bound) or one prompt's prefill."""
+    if phase == "decode":
+        return _decode(stage, cut, 1, CORUN_CONTEXT)
+    if phase == "prefill":
+        return _prefill(stage, cut, CORUN_PREFILL_TOKENS)
+    raise ValueError(f"the co-run table is timed on a decode or a prefill step, not {phase!r}")
+
+
+def _corun_helper(cut: ModelConfig, threads: int, dtype: str, seed: int, ready, go, stop,
+                  phase: str = "decode") -> None:
+    """A stage of its own (own weights: shared pages would share the cache too) running the step without
+    a break while `go` is set, until told to stop: one of the others while measure_corun times n at once."""
     torch.set_num_threads(threads)
-    stage = build_stage(RandomSource(cut, seed=seed), 1, 5, -(-(CORUN_CONTEXT + 1) // 16) + 2, 16, getattr(torch, dtype))
-    fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)
+    blocks = -(-max(CORUN_CONTEXT + 1, CORUN_PREFILL_TOKENS) // 16) + 2
+    stage = build_stage(RandomSource(cut, seed=seed), 1, 5, blocks, 16, getattr(torch, dtype))
+    fn, reset = _corun_step(stage, cut, phase)
     fn()
     reset()
     ready.set()
@@ -187,11 +199,14 @@ def _window_ms(fn, reset) -> float:
 
 
 def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int, dtype: str,
-                  rounds: int = CORUN_ROUNDS, log=None) -> dict:
-    """The co-run table: a 4-layer stage's decode step (batch 1) timed with 1, 2, ... `procs` stages
-    decoding at once on this host (the others in helper processes with their own weights, started
-    once and switched on and off), over the step alone. CPU only: what nodes sharing one machine's
-    cores do to each other.
+                  rounds: int = CORUN_ROUNDS, log=None, phase: str = "decode") -> dict:
+    """The co-run table: a 4-layer stage's decode step (batch 1), or with phase="prefill" its prefill
+    of one CORUN_PREFILL_TOKENS-token prompt, timed with 1, 2, ... `procs` stages running that step at
+    once on this host (the others in helper processes with their own weights, started once and
+    switched on and off), over the step alone. CPU only: what nodes sharing one machine's cores do to
+    each other. The two differ: a decode step is bound by memory bandwidth, which sharing slows more
+    than the cores (2-core AMD EPYC VM, 3 at once, 2 runs each: decode 2.09x and 2.22x, prefill 1.67x
+    and 1.70x).
 
     Each round times alone, then 2, ... `procs` at once, one window each; the figure for n is the
     sum of its windows over the sum of the alone windows of the same rounds. Alternating makes a
@@ -202,12 +217,13 @@ def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int,
     sleep, as before."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")         # a fork would copy this process's torch state mid-flight
-    fn, reset = _decode(stage, cut, 1, CORUN_CONTEXT)
+    fn, reset = _corun_step(stage, cut, phase)
     helpers, stop = [], ctx.Event()
     try:
         for n in range(2, procs + 1):
             ready, go = ctx.Event(), ctx.Event()
-            h = ctx.Process(target=_corun_helper, args=(cut, threads, dtype, 100 + n, ready, go, stop), daemon=True)
+            h = ctx.Process(target=_corun_helper, args=(cut, threads, dtype, 100 + n, ready, go, stop, phase),
+                            daemon=True)
             h.start()
             helpers.append((h, go))
             if not ready.wait(120):
@@ -233,7 +249,8 @@ def measure_corun(cut: ModelConfig, stage: LocalStage, procs: int, threads: int,
                 h.kill()
     slow = [1.0] + [round(max(1.0, t / sums[0]), 3) for t in sums[1:]]
     if log:
-        log("co-run slowdown " + ", ".join(f"{n} at once {x:.2f}x" for n, x in zip(range(1, procs + 1), slow)))
+        log(f"co-run slowdown ({phase}) " + ", ".join(f"{n} at once {x:.2f}x"
+                                                     for n, x in zip(range(1, procs + 1), slow)))
     return {"procs": list(range(1, procs + 1)), "slowdown": slow}
 
 
@@ -263,7 +280,8 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
         torch.set_num_threads(threads)
     dev = torch.device(device)
     cut = dataclasses.replace(config, num_layers=CUT_LAYERS, max_position=max(config.max_position,
-                                                                            max(decode_context) + 2, max(prefill_tokens)))
+                                                                            max(decode_context) + 2, max(prefill_tokens),
+                                                                            CORUN_PREFILL_TOKENS))
     src = RandomSource(cut, seed=0)
     need = max(decode_batch) * (max(decode_context) + 1) + max(head_rows) * max(prefill_tokens)
     blocks = -(-need // 16) + 8
@@ -293,7 +311,10 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
     if log:
         log(f"layer decode {layer_dec[0][0]:.3f} ms (batch 1, ctx {c0}), head {head[0]:.3f} ms, "
             f"stage {stage_ms:.3f} ms")
-    table = measure_corun(cut, mid4, corun, torch.get_num_threads(), dtype, log=log) if corun >= 2 else None
+    table = pre_table = None
+    if corun >= 2:
+        table = measure_corun(cut, mid4, corun, torch.get_num_threads(), dtype, log=log)
+        pre_table = measure_corun(cut, mid4, corun, torch.get_num_threads(), dtype, log=log, phase="prefill")
     return Profile(model=model_name, kind=kind or gpu_kind(str(dev)), node=node, device=str(dev),
                    threads=torch.get_num_threads() if dev.type == "cpu" else None, dtype=dtype, host=this_host(),
                    measured_at=now_utc(), seconds=round(time.perf_counter() - t_start, 2),
@@ -302,7 +323,7 @@ def calibrate(config: ModelConfig, model_name: str, device: str = "cpu", threads
                    prefill={"tokens": list(prefill_tokens), "layer_ms": [round(v, 4) for v in layer_pre]},
                    decode={"batch": list(decode_batch), "context": list(decode_context),
                            "layer_ms": [[round(v, 4) for v in row] for row in layer_dec]},
-                   corun=table)
+                   corun=table, corun_prefill=pre_table)
 
 
 def _existing(model_name: str, kind: str, node: str | None, folder) -> Path | None:

@@ -55,7 +55,8 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
          a group's first tokens come when its last micro-batch is back (+ the logits hop); the
          estimate is the median over the wave's requests (a p50, as the bench measures it).
          Stages on one host slow each other while they compute at once (flow_shop: each goes at
-         1 / corun(stages of its host computing at that moment)).
+         1 / corun_prefill(stages of its host computing at that moment): the prefill step's own
+         co-run table, Profile.corun_prefill, where measured, else the decode step's).
          No queueing and no chunking of long prompts: the simulator models those.
   Decode, steady state, B running requests in min(g, B) groups of sizes m_j:
     pass(m) = sum_s(decode_s(m) + hop_s(m)) + logits hop(m)     one group's token through everything
@@ -73,9 +74,11 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
   computing at once / alone; 1 without a profile that has one), each other stage is busy
   u_o = sigma_o * its work per round / round of the time, independently, and the round uses the
   slowed steps: a fixed point. (With g = 1 the stages take turns and none is slowed. A wave's prefill
-  flow shop in TTFT is slowed moment by moment instead, where its micro-batches overlap; the decode
-  step's co-run table stands in for prefill's: measured on the local bench, this brought the 2- and
-  3-stage plans' 4x TTFT from -17% / -30% of the measured to -9% / -9% before correction.)
+  flow shop in TTFT is slowed moment by moment instead, where its micro-batches overlap, by the
+  prefill step's table: measured on the local bench, slowing it at all brought the 2- and 3-stage
+  plans' 4x TTFT from -17% / -30% of the measured to -9% / -9% before correction; the decode table
+  standing in for prefill's then put the 3-stage plan's 4x TTFT at +12% (stop 33: a prefill step
+  3 at once on 2 cores is 1.67-1.70x alone, a decode step 2.09-2.22x).)
   What it leaves out: the driver's and the transport's work competing with the stages for the cores
   of a shared host (the co-run table counts stages only).
   cost per hour = sum of the hourly price of the distinct nodes used (per node override, or
@@ -578,13 +581,14 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     msg = corrections.message_ms if corrections else (lambda nbytes: 0.0)
     act_bytes = model.hidden_size * model.dtype_bytes          # activations per token, one hop
     # the stages, each with its step-time functions (corrected) and the link to the next stage
-    stages, pre_fn, dec_fn, hop_fn, ser_fn, hosts, slow_fn = [], [], [], [], [], [], []
+    stages, pre_fn, dec_fn, hop_fn, ser_fn, hosts, slow_fn, pre_slow = [], [], [], [], [], [], [], []
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
         prof = profiles.find(node, model.name) if profiles else None
         hosts.append(node.host)
         slow_fn.append(prof.corun_slowdown if prof is not None else (lambda n: 1.0))
+        pre_slow.append(prof.corun_prefill_slowdown if prof is not None else (lambda n: 1.0))
         fp = corrections.factor(st.node, "prefill") if corrections else 1.0
         fd = corrections.factor(st.node, "decode") if corrections else 1.0
         pre_fn.append(lambda r, shape=shape, node=node, prof=prof, fp=fp: fp * prefill_ms(model, shape, node, P, prof, r))
@@ -618,7 +622,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     waves = [micro_batches(r, P, k) for r in group_sizes(prefill_rows, min(g_engine, prefill_rows))]
     jobs = [rows for parts in waves for rows in parts]
     done = flow_shop([[pre_fn[s](rows) for s in range(k)] for rows in jobs],
-                     [[hop_fn[s](rows * P) for s in range(k - 1)] + [back(rows)] for rows in jobs], hosts, slow_fn)
+                     [[hop_fn[s](rows * P) for s in range(k - 1)] + [back(rows)] for rows in jobs], hosts, pre_slow)
     ttfts, m = [], 0
     for parts in waves:                           # a group's first tokens come with its last micro-batch
         ttfts += [max(done[m:m + len(parts)])] * sum(parts)

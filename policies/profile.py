@@ -49,6 +49,14 @@ def _rising(xs: tuple, where: tuple) -> list[tuple[tuple, str]]:
     return [((*where, i), f"must rise: {xs[i]} after {xs[i - 1]}") for i in range(1, len(xs)) if xs[i] <= xs[i - 1]]
 
 
+def _corun_at(c: "CorunTable | None", procs: float) -> float:
+    if c is None or procs <= 1:
+        return 1.0
+    xs = (1,) + tuple(x for x in c.procs if x > 1)
+    ys = (1.0,) + tuple(y for x, y in zip(c.procs, c.slowdown) if x > 1)
+    return max(1.0, _interp(xs, ys, procs))
+
+
 def _interp(xs, ys, x: float) -> float:
     """Piecewise-linear ys(x); linear beyond both ends from the nearest two points; floored at min(ys).
     (Only sizes are looked up; a stage's layer count, which the planner passes as an array, multiplies.)"""
@@ -82,8 +90,8 @@ class DecodeTable(BaseModel):
 
 
 class CorunTable(BaseModel):
-    """How much slower one stage's decode step gets while `procs - 1` others run on the same host at
-    once (shared cores and memory bandwidth): slowdown[i] = step time with procs[i] running / alone."""
+    """How much slower one stage's step gets while `procs - 1` others run the same step on the same host
+    at once (shared cores and memory bandwidth): slowdown[i] = step time with procs[i] running / alone."""
     model_config = _STRICT
     procs: tuple[int, ...] = Field(min_length=1)
     slowdown: tuple[float, ...] = Field(min_length=1)
@@ -107,7 +115,11 @@ class Profile(BaseModel):
     head: HeadTable
     prefill: PrefillTable
     decode: DecodeTable
-    corun: CorunTable | None = Field(None, description="measured only when asked (continuo calibrate --corun N)")
+    corun: CorunTable | None = Field(None, description="a decode step's (memory-bound); measured only when asked "
+                                                       "(continuo calibrate --corun N)")
+    corun_prefill: CorunTable | None = Field(None, description="the same for a prefill step (compute-bound: it "
+                                                               "shares the cores more than the memory bandwidth); "
+                                                               "without it the decode table stands for both")
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo):
@@ -138,14 +150,15 @@ class Profile(BaseModel):
                 out.append((("decode", "layer_ms", i), f"has {len(row)} values for {len(d.context)} context lengths"))
             out += [(("decode", "layer_ms", i, j), f"must be positive, not {y}") for j, y in enumerate(row)
                     if not y > 0]
-        c = self.corun
-        if c is not None:
-            out += _rising(c.procs, ("corun", "procs"))
+        for name, c in (("corun", self.corun), ("corun_prefill", self.corun_prefill)):
+            if c is None:
+                continue
+            out += _rising(c.procs, (name, "procs"))
             if c.procs[0] != 1:
-                out.append((("corun", "procs", 0), f"must be 1 (the step alone), not {c.procs[0]}"))
+                out.append(((name, "procs", 0), f"must be 1 (the step alone), not {c.procs[0]}"))
             if len(c.slowdown) != len(c.procs):
-                out.append((("corun", "slowdown"), f"has {len(c.slowdown)} values for {len(c.procs)} procs"))
-            out += [(("corun", "slowdown", i), f"must be positive, not {y}") for i, y in enumerate(c.slowdown)
+                out.append(((name, "slowdown"), f"has {len(c.slowdown)} values for {len(c.procs)} procs"))
+            out += [((name, "slowdown", i), f"must be positive, not {y}") for i, y in enumerate(c.slowdown)
                     if not y > 0]
         return out
 
@@ -168,14 +181,13 @@ class Profile(BaseModel):
         return max(min(min(r) for r in d.layer_ms), y0 + (y1 - y0) * (batch - x0) / (x1 - x0))
 
     def corun_slowdown(self, procs: float) -> float:
-        """Slowdown of a step while `procs` stages (itself included) compute on this host at once:
+        """Slowdown of a decode step while `procs` stages (itself included) compute on this host at once:
         1 alone or without a co-run table; piecewise linear in between and past the last count measured."""
-        c = self.corun
-        if c is None or procs <= 1:
-            return 1.0
-        xs = (1,) + tuple(x for x in c.procs if x > 1)
-        ys = (1.0,) + tuple(y for x, y in zip(c.procs, c.slowdown) if x > 1)
-        return max(1.0, _interp(xs, ys, procs))
+        return _corun_at(self.corun, procs)
+
+    def corun_prefill_slowdown(self, procs: float) -> float:
+        """The same for a prefill step: its own table where measured, else the decode table's."""
+        return _corun_at(self.corun_prefill or self.corun, procs)
 
     def stage_prefill_ms(self, layers, embed: bool, head: bool, tokens: int, rows: int = 1):
         """One prefill step of `rows` prompts of `tokens` tokens each through a stage of `layers` layers."""

@@ -144,7 +144,8 @@ class _Stages:
         act_mb = model.hidden_size * model.dtype_bytes / 1e6
         self.stage_class: list[int] = []
         self.class_host: list[str | None] = []
-        self.class_slow: list = []
+        self.class_slow: list = []          # each class's co-run slowdown of a decode step, and of a prefill step
+        self.class_pre_slow: list = []
         for i, st in enumerate(plan.stages):
             node = cluster.node(st.node)
             prof = profiles.find(node, model.name) if profiles else None
@@ -169,6 +170,7 @@ class _Stages:
                 raw.append([shape, prof, (bw, fl), fp, fd, lat, per_tok, 0])
                 self.class_host.append(node.host)
                 self.class_slow.append(prof.corun_slowdown if prof is not None else (lambda n: 1.0))
+                self.class_pre_slow.append(prof.corun_prefill_slowdown if prof is not None else (lambda n: 1.0))
             raw[classes[key]][-1] += 1
             self.stage_class.append(classes[key])
         self.classes = raw
@@ -246,7 +248,7 @@ class _Stages:
             work.append(w)
             hops.append(h)
         done = flow_shop(work, hops, [self.class_host[c] for c in self.stage_class],
-                         [self.class_slow[c] for c in self.stage_class])
+                         [self.class_pre_slow[c] for c in self.stage_class])
         group_done = [0.0] * g                             # a group's tokens come with its last micro-batch
         for j, t in zip(owner, done):
             group_done[j] = max(group_done[j], t)

@@ -150,14 +150,16 @@ def test_the_agent_plans_and_validates_with_the_profiles_in_the_default_folder(t
 
 
 def test_calibrate_measures_the_corun_table_when_asked(tmp_path):
-    """--corun N: the step timed with 1..N stages decoding at once on this host; the first is 1 by
-    definition, the others no less (a helper never speeds the step up)."""
+    """--corun N: the step timed with 1..N stages decoding at once on this host, and a prefill step
+    the same way; the first is 1 by definition, the others no less (a helper never speeds it up)."""
     prof = calibrate(TINY, "tiny", "cpu", threads=1, corun=2, **GRID)
-    assert prof.corun is not None and prof.corun.procs == (1, 2)
-    assert prof.corun.slowdown[0] == 1.0 and prof.corun.slowdown[1] >= 1.0
+    for table in (prof.corun, prof.corun_prefill):
+        assert table is not None and table.procs == (1, 2)
+        assert table.slowdown[0] == 1.0 and table.slowdown[1] >= 1.0
     assert not multiprocessing.active_children()     # the helper processes are stopped and joined
     assert load_profile(save_profile(prof, tmp_path)) == prof
-    assert calibrate(TINY, "tiny", "cpu", threads=1, **GRID).corun is None      # not asked: not measured
+    plain = calibrate(TINY, "tiny", "cpu", threads=1, **GRID)
+    assert plain.corun is None and plain.corun_prefill is None                   # not asked: not measured
 
 
 def test_calibrate_cli_refuses_a_bad_corun():

@@ -17,6 +17,7 @@ from tests.test_costmodel_profile import make_profile, plan2
 
 CLUSTER = "scenarios/local/cluster.yaml"
 CORUN = {"procs": [1, 2, 3], "slowdown": [1.0, 1.2, 1.8]}
+CORUN_PREFILL = {"procs": [1, 2, 3], "slowdown": [1.0, 1.1, 1.4]}
 
 
 def unshared(cluster):
@@ -41,6 +42,17 @@ def test_corun_table_reads_and_extends_and_bad_tables_are_refused(tmp_path):
     assert p.corun_slowdown(4) == pytest.approx(2.4)          # along the last segment
     assert make_profile().corun_slowdown(3) == 1.0              # not measured: no slowdown
     assert load_profile(save_profile(p, tmp_path)) == p
+    # a prefill step's own table where measured; else the decode step's stands for it
+    assert p.corun_prefill_slowdown(3) == pytest.approx(1.8)
+    both = make_profile(corun=CORUN, corun_prefill=CORUN_PREFILL)
+    assert both.corun_prefill_slowdown(3) == pytest.approx(1.4) and both.corun_slowdown(3) == pytest.approx(1.8)
+    assert load_profile(save_profile(both, tmp_path)) == both
+    with pytest.raises(InputError) as e:
+        f = tmp_path / "bad-prefill.yaml"
+        f.write_text(save_profile(both, tmp_path).read_text().replace(
+            "corun_prefill:\n  procs: [1, 2, 3]", "corun_prefill:\n  procs: [2, 3, 4]"))
+        load_profile(f)
+    assert e.value.field.startswith("corun_prefill.procs") and "must be 1" in str(e.value), str(e.value)
     for table, field, words in [({"procs": [2, 3], "slowdown": [1.2, 1.8]}, "corun.procs", "must be 1"),
                                 ({"procs": [1, 2], "slowdown": [1.0]}, "corun.slowdown", "1 values for 2 procs"),
                                 ({"procs": [1, 3, 2], "slowdown": [1, 1.5, 1.2]}, "corun.procs", "must rise"),
@@ -121,13 +133,36 @@ def test_flow_shop_with_and_without_a_shared_host():
     assert flow_shop([], []) == []
 
 
+def test_a_waves_prefill_is_slowed_by_the_prefill_table_and_decode_by_the_decode_table():
+    """TTFT's flow shop takes the prefill step's co-run table, TPOT's rounds the decode step's: with a
+    prefill table of 1 everywhere, TTFT is as if nothing were shared and TPOT as with the decode table."""
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    t4 = Traffic(concurrency=4, prompt_tokens=64, output_tokens=32, context_tokens=256)
+    flat = {"procs": [1, 2, 3], "slowdown": [1.0, 1.0, 1.0]}
+
+    def est(corun=None, corun_prefill=None, c=cluster):
+        over = {k: v for k, v in (("corun", corun), ("corun_prefill", corun_prefill)) if v is not None}
+        return estimate(plan2(), c, model, t4, profiles=ProfileSet([make_profile(**over)]), groups_in_flight=2,
+                        prefill_rows=4)
+    plain, decode_only, both = est(), est(CORUN), est(CORUN, flat)
+    assert decode_only.ttft_ms > plain.ttft_ms                   # the decode table stands in for prefill's
+    assert both.ttft_ms == pytest.approx(plain.ttft_ms) and both.tpot_ms == pytest.approx(decode_only.tpot_ms)
+    assert plain.ttft_ms < est(CORUN, CORUN_PREFILL).ttft_ms < decode_only.ttft_ms
+    trace = Trace([0.0] * 4, [64] * 4, [32] * 4, "a wave of 4")
+    for prof in (make_profile(corun=CORUN, corun_prefill=flat), make_profile(corun=CORUN, corun_prefill=CORUN_PREFILL)):
+        sim = simulate(cluster, plan2(), model, trace, profiles=ProfileSet([prof]), config=SimConfig(groups_in_flight=2))
+        e = estimate(plan2(), cluster, model, t4, profiles=ProfileSet([prof]), groups_in_flight=2, prefill_rows=4)
+        assert statistics.median(sim.ttft_ms) == pytest.approx(e.ttft_ms, rel=1e-6)
+
+
 def test_simulator_staggers_a_waves_groups_and_slows_them_as_the_cost_model():
     cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
     plan = plan2()
     trace = Trace([0.0] * 4, [64] * 4, [32] * 4, "a wave of 4")
     t4 = Traffic(concurrency=4, prompt_tokens=64, output_tokens=32, context_tokens=256)
     for c, ps in ((cluster, ProfileSet([make_profile()])), (cluster, ProfileSet([make_profile(corun=CORUN)])),
-                  (unshared(cluster), ProfileSet([make_profile(corun=CORUN)]))):
+                  (unshared(cluster), ProfileSet([make_profile(corun=CORUN)])),
+                  (cluster, ProfileSet([make_profile(corun=CORUN, corun_prefill=CORUN_PREFILL)]))):
         sim = simulate(c, plan, model, trace, profiles=ps, config=SimConfig(groups_in_flight=2))
         est = estimate(plan, c, model, t4, profiles=ps, groups_in_flight=2, prefill_rows=4)
         # group 0's two prompts come back before group 1's: two first-token times, a step apart
