@@ -25,8 +25,9 @@ core; the profile says how long it took.
 
 With --corun N (CPU), the profile also gets the host's co-run tables: the decode step of mid4 at
 batch 1, timed while 0, 1, ... N-1 helper processes decode their own copies without a break, over
-the step alone, in alternating rounds (measure_corun); and the same for a 64-token prefill step. Nodes that share a host (`host:` in the
-cluster file) are slowed by it when they compute at once (policies/costmodel.py, host_slowdowns).
+the step alone, in alternating rounds (measure_corun); and the same for a 64-token prefill step.
+Nodes that share a host (`host:` in the cluster file) are slowed by them when they compute at once
+(policies/costmodel.py: host_slowdowns for decode, flow_shop for a wave's prefill).
 """
 from __future__ import annotations
 
