@@ -252,8 +252,9 @@ def test_the_gate_still_rejects_what_the_choice_let_through():
         def _plans(self, cluster, lost, live=None, taken=()):
             return [bad]
 
-        def _choose(self, current, assessed, lost, cluster, load, check=None, down=None, reachable=None):
-            return super()._choose(current, assessed, lost, cluster, load, None, down, reachable)
+        def _choose(self, current, assessed, lost, cluster, load, check=None, down=None, reachable=None,
+                    elsewhere=None):
+            return super()._choose(current, assessed, lost, cluster, load, None, down, reachable, elsewhere)
     tg = ScriptedTarget(plan_of(*TWO, intent=intent))
     ap = BadChoice(tg, intent, POLICY, MODEL, AutopilotConfig(mode="auto", hysteresis=1))
     ds = run(ap, tg, [0.0] * 3)
@@ -505,6 +506,45 @@ def test_a_plan_two_valid_steps_away_is_reached_through_a_first_step():
     assert Autopilot._via(rows(goal), rows(big, near), reachable) == (near, goal)
     assert Autopilot._via(rows(goal), rows(big), reachable) is None
     assert Autopilot._via(rows(goal), rows(big, near), None) is None
+
+
+def test_a_first_step_that_would_queue_gives_way_to_a_plan_on_free_nodes():
+    """Autopilot._choose: the live plan misses a bound, the plan wanted is two valid moves away, and the
+    only first step would run past its capacity at the forecast (a queue, then a move back at the next
+    burst). A plan on nodes the live plan leaves free that keeps the SLOs is one move: it is chosen.
+    Without one (or when the first step carries the forecast) the first step is taken, as before."""
+    from types import SimpleNamespace
+    from agent.autopilot.controller import Assessment
+    tg = ScriptedTarget(plan_of(("edge-a", 0, 29)))
+    ap = pilot(tg)
+
+    def a(*stages, cap, util, ok=True):
+        return Assessment(plan_of(*stages), 0.1, cap, util, 1, 100.0, 5.0, ok)
+    current = a(("edge-a", 0, 29), cap=4.0, util=0.5, ok=False)            # misses the TPOT bound
+    goal = a(("edge-a", 0, 14), ("edge-b", 15, 29), cap=6.0, util=0.33)    # keeps it; not one step away
+    near = a(("edge-b", 0, 29), cap=1.0, util=2.0)                          # one step away; 200% at the forecast
+    free = a(("cloud-1", 0, 29), cap=5.0, util=0.4)                         # on nodes the live plan leaves free
+    bad = SimpleNamespace(ok=False, violations=[SimpleNamespace(rule="transition", message="mid-way too much")])
+    good = SimpleNamespace(ok=True, violations=[])
+
+    def check(p):
+        return bad if p.placement_key() == goal.plan.placement_key() else good
+
+    def reachable(new, via):
+        return via.placement_key() == near.plan.placement_key()
+    load = {"running": 0.0, "arrival_rate": 2.0}
+
+    def choose(elsewhere, first=near):
+        return ap._choose(current, [goal, first], {}, CLUSTER, load, check, None, reachable, elsewhere)
+    action, pick, reason, rows = choose(lambda: [free])
+    assert action == "change" and pick is free, reason
+    assert "on nodes the live plan leaves free" in reason and rows[-1]["verdict"] == "chosen"
+    assert choose(None)[1] is near
+    assert choose(lambda: [])[1] is near
+    missing = a(("cloud-1", 0, 29), cap=5.0, util=0.4, ok=False)
+    assert choose(lambda: [missing])[1] is near
+    roomy = a(("edge-b", 0, 29), cap=5.0, util=0.4)                        # a first step that carries it
+    assert choose(lambda: [free], first=roomy)[1] is roomy
 
 
 def test_stage_telemetry_sets_the_stage_factors_and_the_tpot_residual():

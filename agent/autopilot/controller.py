@@ -265,9 +265,13 @@ class Autopilot:
 
         def down(p: PlacementPlan) -> tuple[Assessment, bool]:
             return self._assess(p, cluster, survivors), self._assess(p, cluster, survivors * band).slo_ok
+        # plans on nodes neither the live plan nor a replica holds: a move there never holds two plans on
+        # one node mid-way (asked for only when the plan wanted is two moves away, see _choose)
+        elsewhere = lambda: [self._assess(p, cluster, rate)   # noqa: E731
+                             for p in self._plans_without(cluster, lost, [*live.nodes, *taken])]
         action, choice, reason, rows = self._choose(current, assessed, lost, cluster, load,
                                                     lambda p: self._review(p, cluster, live)[0], down,
-                                                    lambda p, via: self._review(p, cluster, via)[0].ok)
+                                                    lambda p, via: self._review(p, cluster, via)[0].ok, elsewhere)
         replica = None
         beyond = bool(_beyond_one_pipeline(current, assessed, cfg.headroom))
         if beyond and not reps:
@@ -457,28 +461,18 @@ class Autopilot:
         return d
 
     def _plans_without(self, cluster: Cluster, lost: dict[str, str], used: list[str]) -> list[PlacementPlan]:
-        """The planner's plans (each seat level, cheapest and fastest) on the nodes neither lost nor `used`."""
+        """The planner's plans as `_plans` makes them (each seat level and k, the cheapest and the fastest) on
+        the nodes neither lost nor `used`. (With only the cheapest and fastest at up to max_stages per seat
+        level, the 4-stage 64-seat chain that kept the TPOT bound on sim_eval's seed-99 day was never a
+        replica: a 32-seat one was added, and in a burst a change to a 192-seat chain won over a replica.)"""
         state = (cluster.fingerprint(), ",".join(sorted(lost)))
         if self._replica_plans[0] != state:
             self._replica_plans = (state, {})
         key, cache = ",".join(sorted(used)), self._replica_plans[1]
         if key not in cache:
-            from ..planner import Infeasible, plan as make_plan
             spec = self._planning_intent(lost)
             spec = spec.model_copy(update={"exclude_nodes": tuple(dict.fromkeys((*spec.exclude_nodes, *used)))})
-            found: dict[str, PlacementPlan] = {}
-            for seats in self._seat_levels():
-                sized = spec.model_copy(update={"traffic": spec.traffic.model_copy(update={"concurrency": seats})})
-                for objective in ("cost", "throughput"):
-                    try:
-                        p = make_plan(sized.model_copy(update={"objective": objective}), cluster, self.policy,
-                                      self.model, max_stages=self.config.max_stages, prices=self.prices,
-                                      profiles=self.profiles, corrections=self.corrections,
-                                      groups_in_flight=self.groups_in_flight)
-                    except Infeasible:
-                        break
-                    found.setdefault(p.plan.placement_key(), p.plan.model_copy(update={"intent": sized}))
-            cache[key] = list(found.values())
+            cache[key] = self._planned((spec,), cluster, (None,))
         return cache[key]
 
     # ------------------------------------------------------------------ observe
@@ -594,7 +588,6 @@ class Autopilot:
         only, most of the plans with more seats were not one valid step away from the live plan, and the
         controller sat on a plan it could not leave while the queue grew. Planned again when the live plan
         changes. `taken`: nodes replicas hold, excluded as the lost ones are (but nothing is lost)."""
-        from ..planner import Infeasible, plan as make_plan
         moves_from = (None,) if lost or live is None else (None, live)
         key = "|".join((cluster.fingerprint(), ",".join(sorted(lost)), live.placement_key() if live else "",
                         ",".join(sorted(taken))))
@@ -602,8 +595,16 @@ class Autopilot:
             return self._candidates[1]
         self._planned_with = dict(self.corrections.factors)
         spec = self._planning_intent({**lost, **dict.fromkeys(taken, "held by a replica")})
+        self._candidates = (key, self._planned((spec, _relaxed(spec)) if lost else (spec,), cluster, moves_from))
+        return self._candidates[1]
+
+    def _planned(self, specs: tuple[IntentSpec, ...], cluster: Cluster,
+                 moves_from: tuple[PlacementPlan | None, ...]) -> list[PlacementPlan]:
+        """For each intent of `specs`, plan as a move from each of `moves_from` (None: a plan of its own):
+        each seat level, k stages from the fewest the memory allows, the cheapest and the fastest."""
+        from ..planner import Infeasible, plan as make_plan
         found: dict[tuple, PlacementPlan] = {}
-        for base, current in [(b, c) for b in ((spec, _relaxed(spec)) if lost else (spec,)) for c in moves_from]:
+        for base, current in [(b, c) for b in specs for c in moves_from]:
             for seats in self._seat_levels():
                 sized = base if seats == base.traffic.concurrency else base.model_copy(
                     update={"traffic": base.traffic.model_copy(update={"concurrency": seats})})
@@ -631,8 +632,7 @@ class Autopilot:
                             done.add(objective)    # allowed k stages it took fewer: more allowed changes nothing
                     if len(done) == 2 or (infeasible and had):
                         break
-        self._candidates = (key, list(found.values()))
-        return self._candidates[1]
+        return list(found.values())
 
     def _seat_levels(self) -> list[int]:
         """The concurrencies plans are sized for: the intent's (the smallest) and the larger `seat_levels`."""
@@ -762,7 +762,8 @@ class Autopilot:
     def _choose(self, current: Assessment, assessed: list[Assessment], lost: dict[str, str], cluster: Cluster,
                 load: dict, check: Callable[[PlacementPlan], Any] | None = None,
                 down: Callable[[PlacementPlan], tuple[Assessment, bool]] | None = None,
-                reachable: Callable[[PlacementPlan, PlacementPlan], bool] | None = None
+                reachable: Callable[[PlacementPlan, PlacementPlan], bool] | None = None,
+                elsewhere: Callable[[], list[Assessment]] | None = None
                 ) -> tuple[str, Assessment | None, str, list[dict]]:
         """(action, the chosen assessment or None to hold, the reason, every alternative with its verdict).
 
@@ -776,6 +777,10 @@ class Autopilot:
         `reachable(new, via)`: whether the validator passes `new` as a move from `via`. When scaling up and the
         plan wanted is not one valid step from the live plan (mid-way a node would hold the layers and KV of
         both), a valid plan from which it is becomes the first step (`_via`); the next tick takes the second.
+        A first step that would not carry the forecast under `headroom` trades a latency miss for a queue
+        (and a move back at the next burst): then the cheapest plan of `elsewhere()` (plans on nodes the
+        live plan leaves free, at the forecast: one move away, each node holding one plan mid-way) that keeps
+        the SLOs and carries the survivors' load is taken instead, where there is one.
 
         Only a plan the validator passes as a move from the live plan (`check(plan)` -> its Report) is ever
         chosen: a candidate that is valid on its own may not be one step away (mid-way a node holds the
@@ -849,6 +854,25 @@ class Autopilot:
             far = sorted((s for s in scored if id(s[0]) in invalid and s[0].keeps(cfg.headroom)
                           and carries_survivors(s[0])), key=lambda s: (s[2], len(set(s[0].plan.nodes))))
             step = self._via(far, valid, reachable)
+            if step is not None and not step[0].keeps(cfg.headroom) and elsewhere is not None:
+                # On the seed-99 day of sim_eval, the first step (a 32-seat chain, 148% of its capacity at the
+                # forecast) made three flips in an hour: it queued, and the next burst moved the plan back.
+                first, goal = step
+                apart = []
+                for a in elsewhere():
+                    if a.keeps(cfg.headroom) and carries_survivors(a) and (check is None or check(a.plan).ok):
+                        move_s, move_price = self._move(live, a.plan, cluster, load)
+                        apart.append((a.cost * horizon_h + move_price, len(set(a.plan.nodes)), move_s, a))
+                if apart:
+                    total, _, move_s, pick = min(apart, key=lambda s: s[:2])
+                    gain = ((current.cost * horizon_h - total) / (current.cost * horizon_h)) if current.cost else 0.0
+                    rows = table(None, lambda a, g: "not a step toward a plan that keeps the SLOs")
+                    rows.append({**pick.row(), "move_s": round(move_s, 3), "gain": round(gain, 4),
+                                 "verdict": "chosen"})
+                    return "change", pick, f"scale up: on the live plan {miss}; {goal.plan.summary()} keeps the " \
+                        f"SLOs at {goal.util:.0%} but is not one valid step away, and the first step there " \
+                        f"would carry the forecast at {first.util:.0%} of its capacity: this plan, on nodes the " \
+                        f"live plan leaves free, keeps the SLOs at {pick.util:.0%} in one move", rows
             if step is not None:
                 first, goal = step
                 return "change", first, f"scale up: on the live plan {miss}; {goal.plan.summary()} keeps the " \
