@@ -787,14 +787,17 @@ class Autopilot:
         layers of both plans), and recommending it would only have the gate reject it, tick after tick."""
         cfg, live = self.config, current.plan
         horizon_h = cfg.horizon_s / 3600
+
+        def gain_of(total: float) -> float:
+            """The share of the live plan's horizon cost that a plan costing `total` over it saves."""
+            return (current.cost * horizon_h - total) / (current.cost * horizon_h) if current.cost > 0 else 0.0
         scored = []
         for a in assessed:
             if a.plan.placement_key() == live.placement_key():
                 continue
             move_s, move_price = self._move(live, a.plan, cluster, load)
             total = a.cost * horizon_h + move_price                  # what the horizon costs on this plan
-            gain = ((current.cost * horizon_h - total) / (current.cost * horizon_h)) if current.cost > 0 else 0.0
-            scored.append((a, move_s, total, gain))
+            scored.append((a, move_s, total, gain_of(total)))
         invalid: dict[int, str] = {}           # id(assessment) -> the validator's first violation, as a move
         if check is not None:
             for a, *_ in scored:
@@ -865,9 +868,8 @@ class Autopilot:
                         apart.append((a.cost * horizon_h + move_price, len(set(a.plan.nodes)), move_s, a))
                 if apart:
                     total, _, move_s, pick = min(apart, key=lambda s: s[:2])
-                    gain = ((current.cost * horizon_h - total) / (current.cost * horizon_h)) if current.cost else 0.0
                     rows = table(None, lambda a, g: "not a step toward a plan that keeps the SLOs")
-                    rows.append({**pick.row(), "move_s": round(move_s, 3), "gain": round(gain, 4),
+                    rows.append({**pick.row(), "move_s": round(move_s, 3), "gain": round(gain_of(total), 4),
                                  "verdict": "chosen"})
                     return "change", pick, f"scale up: on the live plan {miss}; {goal.plan.summary()} keeps the " \
                         f"SLOs at {goal.util:.0%} but is not one valid step away, and the first step there " \
