@@ -77,6 +77,8 @@ MIN_WAVES = 3          # waves measured at least per load: one wave's median is 
 TARGET = 0.15
 SIDES = ("datasheet", "calibrated", "corrected", "simulator", "residual", "sim_residual")
 CONTROLS = ("corrected_apart", "simulator_apart")     # TPOT as if no two nodes shared this machine
+# TPOT without each stage's messages occupying it per group (costmodel's io_s), on the same measurements
+IO_CONTROLS = ("corrected_without_io", "simulator_without_io")
 WARMUP_CONTROL = "residual_warmup"     # corrected TPOT times the residual of the earlier plans' 1x warm-ups
 
 
@@ -237,9 +239,12 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                 # the control: the same, as if each node had a machine of its own (no co-run slowdown)
                 cor_apart = estimate(plan, apart, spec, traffic, profiles=profiles, corrections=corrections,
                                      prefill_rows=width, driver_node=driver, groups_in_flight=groups)
+                cor_no_io = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
+                                     prefill_rows=width, driver_node=driver, groups_in_flight=groups,
+                                     stage_io=False)
                 # the client waits for a wave before sending the next (a closed loop): each wave is
                 # simulated on its own, its requests arriving as they were measured to
-                sim_ttft, sim_tpot, apart_tpot = [], [], []
+                sim_ttft, sim_tpot, apart_tpot, no_io_tpot = [], [], [], []
                 for w in range(0, len(outs), width):
                     wave = outs[w:w + width]
                     # a wave is submitted in one call on the engine thread: the engine sees it all at once
@@ -251,12 +256,17 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     sim_tpot += sim.tpot_ms
                     apart_tpot += simulate(apart, plan, spec, trace, profiles=profiles, corrections=corrections,
                                            intent=plan.intent, driver_node=driver, config=sim_g).tpot_ms
+                    no_io_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
+                                           intent=plan.intent, driver_node=driver,
+                                           config=dataclasses.replace(sim_g, stage_io=False)).tpot_ms
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
                        "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
                        "corrected_ttft_ms": cor.ttft_ms, "corrected_tpot_ms": cor.tpot_ms,
                        "simulator_ttft_ms": statistics.median(sim_ttft), "simulator_tpot_ms": statistics.median(sim_tpot),
                        "corrected_apart_tpot_ms": cor_apart.tpot_ms, "simulator_apart_tpot_ms": statistics.median(apart_tpot),
+                       "corrected_without_io_tpot_ms": cor_no_io.tpot_ms,
+                       "simulator_without_io_tpot_ms": statistics.median(no_io_tpot),
                        "warmup_tpot_ratio": warm_tpot / warm_pred.tpot_ms,
                        "calibrated_source": cal.source, "requests": len(outs), "groups_in_flight": groups}
                 rows.append(row)
@@ -272,7 +282,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
         for side in SIDES:
             for m in ("ttft", "tpot"):
                 row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
-        for side in (*CONTROLS, WARMUP_CONTROL):
+        for side in (*CONTROLS, *IO_CONTROLS, WARMUP_CONTROL):
             row[f"{side}_tpot_err"] = _err(row[f"{side}_tpot_ms"], row["measured_tpot_ms"])
     t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads")
     short = {"datasheet": "sheet", "calibrated": "calib", "corrected": "corr", "simulator": "sim",
@@ -298,21 +308,23 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                       f"figures within {TARGET:.0%}", highlight=False)
     # the controls, on the same measurements: for the co-run slowdown, the same models with every node on
     # a machine of its own (TTFT is the same either way: the prefill flow shop is not slowed); for the
-    # residual per load, the corrected TPOT times the earlier plans' 1x warm-ups' residual
+    # residual per load, the corrected TPOT times the earlier plans' 1x warm-ups' residual; for the stages'
+    # messages, the corrected model and the simulator without them (io_s in policies/costmodel.py)
     def tpot_errors(side):
         errs = [abs(r[f"{side}_tpot_err"]) for r in rows]
         return statistics.mean(errs), sum(e <= TARGET for e in errs)
 
     controls = {}
-    for side, base, label in [*((c, c.replace("_apart", ""), "as if apart") for c in CONTROLS),
-                              (WARMUP_CONTROL, "residual", "with the earlier 1x warm-ups' residual (the control)")]:
+    hosts = f"TPOT with the nodes' shared host (co-run slowdown {prof.corun.slowdown if prof.corun else '-'})"
+    for side, base, label, key, what in [
+            *((c, c.replace("_apart", ""), "as if apart", "with_hosts", hosts) for c in CONTROLS),
+            *((c, c.replace("_without_io", ""), "without them", "with_io",
+               "TPOT with each stage's messages per group") for c in IO_CONTROLS),
+            (WARMUP_CONTROL, "residual", "with the earlier 1x warm-ups' residual (the control)", "per_load",
+             "TPOT with the residual learned per load")]:
         (mean, within), (mean_b, within_b) = tpot_errors(side), tpot_errors(base)
         controls[side] = {"mean_abs_tpot_err": mean, "tpot_within_15pct": within,
-                          "with_hosts_mean_abs_tpot_err" if side in CONTROLS else "per_load_mean_abs_tpot_err": mean_b,
-                          "with_hosts_tpot_within_15pct" if side in CONTROLS else "per_load_tpot_within_15pct": within_b,
-                          "of": len(rows)}
-        what = (f"TPOT with the nodes' shared host (co-run slowdown {prof.corun.slowdown if prof.corun else '-'})"
-                if side in CONTROLS else "TPOT with the residual learned per load")
+                          f"{key}_mean_abs_tpot_err": mean_b, f"{key}_tpot_within_15pct": within_b, "of": len(rows)}
         console.print(f"{base:<10}: {what} mean |error| {100 * mean_b:.1f}%, {within_b}/{len(rows)} within "
                       f"{TARGET:.0%}; {label} {100 * mean:.1f}%, {within}/{len(rows)}", highlight=False)
     console.print(f"corrected: {corrected_by}, smoothed over the plans measured so far; the transport "

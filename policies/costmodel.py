@@ -61,9 +61,17 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
   Decode, steady state, B running requests in min(g, B) groups of sizes m_j:
     pass(m) = sum_s(decode_s(m) + hop_s(m)) + logits hop(m)     one group's token through everything
     round   = max(max_j pass(m_j),                              a group waits for its own pass
-                  max_s sum_j decode_s(m_j),                    a stage computes every group once
+                  max_s sum_j (decode_s(m_j) + io_s(m_j)),      a stage computes every group once
                   max_links sum_j serialisation_s(m_j))         a link carries every group once
               (link latency overlaps across groups; only its bytes occupy it)
+    io_s(m) = message(0) + message(in) + message(out): the step message from the driver, the activations
+              from the stage before (none on the first stage) and what the stage sends on (activations, or
+              the last stage's logits to the driver). A worker takes and sends each group's messages itself,
+              between its steps (executor/worker.py serves one message at a time), so they occupy the stage
+              once per group even where the pass overlaps them. Measured on scenarios/local (2 stages,
+              waves of 4: 2 groups of 2), the last stage's worker spent 19.4 ms computing and 25.4 ms in all
+              per group (2.5 ms taking the step message, 0.5 ms the activations, ~2 ms staging and sending
+              the logits); a round of 2 x 19.4 ms alone was 20-25% under the measured TPOT.
     TPOT = round (each request gets one token per round); throughput = B / round.
   With g = 1 this is TPOT = sum(decode(B)) + sum(hop(B)): one step runs the whole batch through the
   stages one after the other.
@@ -555,7 +563,8 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
              prices: dict[str, float] | None = None, profiles: ProfileSet | None = None,
              corrections: Corrections | None = None, groups_in_flight: int | None = 1,
              prefill_rows: int = 1, driver_node: str | None = None,
-             prompt_tokens_per_s: float = 0.0, prompt_chunk_tokens: int | None = None) -> Estimates:
+             prompt_tokens_per_s: float = 0.0, prompt_chunk_tokens: int | None = None,
+             stage_io: bool = True) -> Estimates:
     """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above).
     groups_in_flight=None: as the engine by default, one group per stage. (The default stays 1 until
     the simulator and the planner, which mirror these formulas, default to the engine's too.)
@@ -565,7 +574,8 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     prefill budget while decoding, shared by the groups of a round; default the whole prompt). Chunks
     come whole, not spread thinly over every step: a step carrying one costs joined_prefill_ms of the
     chunk, and x tokens a step on average cost x / chunk of that (spread evenly, x tokens would mostly
-    hide under the weight read, and the simulator measured TPOT 20-45% over such an estimate at load)."""
+    hide under the weight read, and the simulator measured TPOT 20-45% over such an estimate at load).
+    stage_io=False leaves io_s out of the round (the control `continuo bench predict` prints)."""
     if prefill_rows < 1:
         raise ValueError(f"prefill_rows must be at least 1, not {prefill_rows}")
     if prompt_chunk_tokens is not None and prompt_chunk_tokens < 1:
@@ -581,7 +591,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     msg = corrections.message_ms if corrections else (lambda nbytes: 0.0)
     act_bytes = model.hidden_size * model.dtype_bytes          # activations per token, one hop
     # the stages, each with its step-time functions (corrected) and the link to the next stage
-    stages, pre_fn, dec_fn, hop_fn, ser_fn, hosts, slow_fn, pre_slow = [], [], [], [], [], [], [], []
+    stages, pre_fn, dec_fn, hop_fn, ser_fn, io_fn, hosts, slow_fn, pre_slow = [], [], [], [], [], [], [], [], []
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
@@ -600,6 +610,11 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
                       else (lambda t: 0.0))
         ser_fn.append((lambda t, link=link: hop_ms(model, link, t) - link.latency_ms) if link is not None
                       else (lambda t: 0.0))
+        # what the stage's own worker spends on a group's messages: the step message and activations it
+        # takes, the activations or logits it sends (m rows, x prompt tokens riding along)
+        io_fn.append((lambda m, x: 0.0) if not stage_io else
+                     lambda m, x, first=i == 0, last=i + 1 == k: msg(0) + (0.0 if first else msg((m + x) * act_bytes))
+                     + msg(m * model.vocab_size * 4 if last else (m + x) * act_bytes))
         stages.append(StageEstimate(
             node=st.node, weight_bytes=weight_bytes(model, shape), kv_bytes=kv_bytes(model, shape, traffic),
             workspace_bytes=workspace_bytes(model, shape, traffic), memory_bytes=memory_bytes(model, shape, traffic),
@@ -640,7 +655,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
         def pass_ms(m):
             return sum(sig[s] * dec_fn[s](m, x) + hop_fn[s](m + x) for s in range(k)) + back(m)
         return max(max(pass_ms(m) for m in set(sizes)),
-                   max(sig[s] * sum(dec_fn[s](m, x) for m in sizes) for s in range(k)),
+                   max(sum(sig[s] * dec_fn[s](m, x) + io_fn[s](m, x) for m in sizes) for s in range(k)),
                    max(sum(ser_fn[s](m + x) for m in sizes) for s in range(k)))
 
     def round_of(x: float) -> float:

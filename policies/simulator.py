@@ -70,6 +70,7 @@ class SimConfig:
     groups_in_flight: int = 1
     micro_batches: bool = True           # cut large steps into k micro-batches, as the runtime does
     step_overhead_ms: float = 0.0        # the driver's own time per step (scheduling, sampling), if known
+    stage_io: bool = True                # a stage's messages occupy it once per group (costmodel's io_s)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,13 @@ class _Stages:
         self.back_per_row = ((logits_hop_ms(model, back, 1) - back.latency_ms) if back else 0.0) \
             + msg_per_mb * model.vocab_size * 4 / 1e6
         self.busy = [0.0] * len(raw)       # per class: busy ms of ONE stage of the class
+        # what a stage's worker spends on each group's messages (costmodel's io_s): the step message, the
+        # activations in (not on the first stage) and out, or the logits out: (fixed ms, ms per token of
+        # activations, ms per sampled row of logits)
+        logits_mb = model.vocab_size * 4 / 1e6
+        self.io = [((2 if cl[0].embed else 3) * msg_fixed,
+                    msg_per_mb * act_mb * ((0 if cl[0].embed else 1) + (0 if cl[0].head else 1)),
+                    msg_per_mb * logits_mb if cl[0].head else 0.0) for cl in raw]
 
     def _layer_ms(self, prof, speed, d: float, ctx: float, p: float) -> float:
         if prof is not None:
@@ -266,6 +274,8 @@ class _Stages:
         times, hops = [], []
         back = self.back_lat + self.back_per_row * ss if self.back_lat or self.back_per_row else 0.0
         total, slowest = back, 0.0
+        io = [fixed + per_tok * (dd + pp) + per_row * ss if cfg.stage_io else 0.0     # per group, on the stage
+              for fixed, per_tok, per_row in self.io]
         for c, (shape, prof, speed, fp, fd, lat, per_tok, count) in enumerate(self.classes):
             f = fp if pp > dd else fd
             key = id(prof) if prof is not None else speed
@@ -277,14 +287,14 @@ class _Stages:
             times.append(t)
             hops.append(t_hop - t)
             total += t_hop * count
-            slowest = max(slowest, t_hop)
+            slowest = max(slowest, t_hop + (io[c] if g > 1 else 0.0))
         ms = max(total, g * slowest) if g > 1 else total + (parts - 1) * slowest
 
         def round_ms(sig: list[float]) -> float:     # the same with each class's steps slowed by sig
             total, slowest = back, 0.0
-            for s, t, h, cl in zip(sig, times, hops, self.classes):
+            for s, t, h, r, cl in zip(sig, times, hops, io, self.classes):
                 total += (s * t + h) * cl[-1]
-                slowest = max(slowest, s * t + h)
+                slowest = max(slowest, s * t + h + (r if g > 1 else 0.0))
             return max(total, g * slowest) if g > 1 else total + (parts - 1) * slowest
         if g > 1 and d > 0 and self.shared_host:
             # Stages on one host slow each other in decode rounds (as in the cost model; a wave's prefill

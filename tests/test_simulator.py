@@ -306,6 +306,36 @@ def test_the_transports_cost_per_message_is_fitted_and_counted_alike_in_both_mod
         estimate(one, cluster, model, t1, profiles=ps).tpot_ms == pytest.approx(2 * 1.2 + 2.5 * logits + 0.4)
 
 
+def test_with_groups_in_flight_a_stages_messages_occupy_it_once_per_group():
+    """io_s: the worker of a stage takes each group's step message and activations and sends its output
+    itself, so with g groups in flight the bottleneck stage's round is g x (its step + its messages).
+    Without a fitted transport there is nothing to add; with one group the pass already counts them."""
+    from policies.costmodel import Corrections
+    c = Corrections(alpha=0.5)
+    for mb in (0.001, 0.2, 0.8, 0.001, 0.2):
+        c.observe_message(mb * 1e6, 1.2 + 2.5 * mb)
+    cluster, model, plan, intent, ps = setup((("edge-a", 0, 9), ("cloud-1", 10, 29)))
+    t = intent.traffic                                 # 4 running: 2 groups of 2
+    act, logits = 576 * 2 / 1e6, 49152 * 4 / 1e6      # MB a row: bf16 activations, fp32 logits
+    # the last stage's: its step message, the group's activations in, its logits out
+    io_last = 1.2 + (1.2 + 2.5 * 2 * act) + (1.2 + 2.5 * 2 * logits)
+    # the last stage (20 layers + head: 1 + 10 + 4 = 15 ms a step) is the bottleneck of the round
+    with_, without = (estimate(plan, cluster, model, t, profiles=ps, corrections=c, groups_in_flight=2,
+                               stage_io=r).tpot_ms for r in (True, False))
+    assert without == pytest.approx(2 * 15.0)
+    assert with_ == pytest.approx(2 * (15.0 + io_last))
+    for x, g in ((None, 2), (c, 1)):                   # no transport learned, or one group: no change
+        a, b = (estimate(plan, cluster, model, t, profiles=ps, corrections=x, groups_in_flight=g,
+                         stage_io=r).tpot_ms for r in (True, False))
+        assert a == b
+    # the simulator's rounds count the same
+    tr = Trace([0.0] * 4, [64] * 4, [11] * 4)
+    sims = [simulate(cluster, plan, model, tr, profiles=ps, intent=intent, corrections=c,
+                     config=SimConfig(groups_in_flight=2, stage_io=r)).tpot_ms_p50 for r in (True, False)]
+    assert sims[1] == pytest.approx(without, rel=0.05)
+    assert sims[0] - sims[1] == pytest.approx(2 * io_last, rel=0.05)
+
+
 def test_the_transport_is_learned_from_telemetrys_hops_with_the_link_taken_out():
     from policies.costmodel import Corrections
     cluster = load_cluster(CLUSTER)
