@@ -70,8 +70,9 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
               between its steps (executor/worker.py serves one message at a time), so they occupy the stage
               once per group even where the pass overlaps them. Measured on scenarios/local (2 stages,
               waves of 4: 2 groups of 2), the last stage's worker spent 19.4 ms computing and 25.4 ms in all
-              per group (2.5 ms taking the step message, 0.5 ms the activations, ~2 ms staging and sending
-              the logits); a round of 2 x 19.4 ms alone was 20-25% under the measured TPOT.
+              per group (2.5 ms taking the step message, a wait included, 0.5 ms the activations, ~2 ms
+              staging and sending the logits); a round of 2 x 19.4 ms alone was 28-32% under the measured
+              TPOT (54-57 ms).
     TPOT = round (each request gets one token per round); throughput = B / round.
   With g = 1 this is TPOT = sum(decode(B)) + sum(hop(B)): one step runs the whole batch through the
   stages one after the other.
