@@ -788,6 +788,11 @@ class Autopilot:
         cfg, live = self.config, current.plan
         horizon_h = cfg.horizon_s / 3600
 
+        def priced(a: Assessment) -> tuple[float, float]:
+            """(seconds the move takes, what the horizon costs on a's plan, the move included)."""
+            move_s, move_price = self._move(live, a.plan, cluster, load)
+            return move_s, a.cost * horizon_h + move_price
+
         def gain_of(total: float) -> float:
             """The share of the live plan's horizon cost that a plan costing `total` over it saves."""
             return (current.cost * horizon_h - total) / (current.cost * horizon_h) if current.cost > 0 else 0.0
@@ -795,8 +800,7 @@ class Autopilot:
         for a in assessed:
             if a.plan.placement_key() == live.placement_key():
                 continue
-            move_s, move_price = self._move(live, a.plan, cluster, load)
-            total = a.cost * horizon_h + move_price                  # what the horizon costs on this plan
+            move_s, total = priced(a)
             scored.append((a, move_s, total, gain_of(total)))
         invalid: dict[int, str] = {}           # id(assessment) -> the validator's first violation, as a move
         if check is not None:
@@ -864,8 +868,8 @@ class Autopilot:
                 apart = []
                 for a in elsewhere():
                     if a.keeps(cfg.headroom) and carries_survivors(a) and (check is None or check(a.plan).ok):
-                        move_s, move_price = self._move(live, a.plan, cluster, load)
-                        apart.append((a.cost * horizon_h + move_price, len(set(a.plan.nodes)), move_s, a))
+                        move_s, total = priced(a)
+                        apart.append((total, len(set(a.plan.nodes)), move_s, a))
                 if apart:
                     total, _, move_s, pick = min(apart, key=lambda s: s[:2])
                     rows = table(None, lambda a, g: "not a step toward a plan that keeps the SLOs")
