@@ -24,8 +24,10 @@ plans x 2 loads, the real service's TTFT and TPOT p50 against:
 The three nodes are worker processes on this one machine (`host: this-machine` in the cluster
 file): the calibration also measures the co-run tables (a decode step, and a prefill step, with 1, 2,
 3 stages running it at once, over alone), and the cost model and the simulator slow stages that
-compute at once by them (decode steps by the first, a wave's prefill by the second). The
-control, printed beside them: the same models' TPOT with every node on a machine of its own.
+compute at once by them (decode steps by the first, a wave's prefill by the second), and count the
+driver's turn and the stages' messages as work on those cores too. The controls, printed beside them:
+the same models' TPOT with every node on a machine of its own, without each stage's messages per
+group (io_s), and without the driver's and the messages' work on the host (corun_driver).
 
 Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
 assumption), `4x` waves of 4 requests submitted together (prefilled in one step, decoded as a batch
@@ -79,6 +81,8 @@ SIDES = ("datasheet", "calibrated", "corrected", "simulator", "residual", "sim_r
 CONTROLS = ("corrected_apart", "simulator_apart")     # TPOT as if no two nodes shared this machine
 # TPOT without each stage's messages occupying it per group (costmodel's io_s), on the same measurements
 IO_CONTROLS = ("corrected_without_io", "simulator_without_io")
+# TPOT without the driver and the stages' messages counted as work on the shared host's cores (corun_driver)
+DRIVER_CONTROLS = ("corrected_without_driver", "simulator_without_driver")
 WARMUP_CONTROL = "residual_warmup"     # corrected TPOT times the residual of the earlier plans' 1x warm-ups
 
 
@@ -242,9 +246,12 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                 cor_no_io = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
                                      prefill_rows=width, driver_node=driver, groups_in_flight=groups,
                                      stage_io=False)
+                cor_no_drv = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
+                                      prefill_rows=width, driver_node=driver, groups_in_flight=groups,
+                                      corun_driver=False)
                 # the client waits for a wave before sending the next (a closed loop): each wave is
                 # simulated on its own, its requests arriving as they were measured to
-                sim_ttft, sim_tpot, apart_tpot, no_io_tpot = [], [], [], []
+                sim_ttft, sim_tpot, apart_tpot, no_io_tpot, no_drv_tpot = [], [], [], [], []
                 for w in range(0, len(outs), width):
                     wave = outs[w:w + width]
                     # a wave is submitted in one call on the engine thread: the engine sees it all at once
@@ -259,6 +266,9 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     no_io_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
                                            intent=plan.intent, driver_node=driver,
                                            config=dataclasses.replace(sim_g, stage_io=False)).tpot_ms
+                    no_drv_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
+                                            intent=plan.intent, driver_node=driver,
+                                            config=dataclasses.replace(sim_g, corun_driver=False)).tpot_ms
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
                        "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
@@ -267,6 +277,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                        "corrected_apart_tpot_ms": cor_apart.tpot_ms, "simulator_apart_tpot_ms": statistics.median(apart_tpot),
                        "corrected_without_io_tpot_ms": cor_no_io.tpot_ms,
                        "simulator_without_io_tpot_ms": statistics.median(no_io_tpot),
+                       "corrected_without_driver_tpot_ms": cor_no_drv.tpot_ms,
+                       "simulator_without_driver_tpot_ms": statistics.median(no_drv_tpot),
                        "warmup_tpot_ratio": warm_tpot / warm_pred.tpot_ms,
                        "calibrated_source": cal.source, "requests": len(outs), "groups_in_flight": groups}
                 rows.append(row)
@@ -282,7 +294,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
         for side in SIDES:
             for m in ("ttft", "tpot"):
                 row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
-        for side in (*CONTROLS, *IO_CONTROLS, WARMUP_CONTROL):
+        for side in (*CONTROLS, *IO_CONTROLS, *DRIVER_CONTROLS, WARMUP_CONTROL):
             row[f"{side}_tpot_err"] = _err(row[f"{side}_tpot_ms"], row["measured_tpot_ms"])
     t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads")
     short = {"datasheet": "sheet", "calibrated": "calib", "corrected": "corr", "simulator": "sim",
@@ -320,6 +332,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
             *((c, c.replace("_apart", ""), "as if apart", "with_hosts", hosts) for c in CONTROLS),
             *((c, c.replace("_without_io", ""), "without them", "with_io",
                "TPOT with each stage's messages per group") for c in IO_CONTROLS),
+            *((c, c.replace("_without_driver", ""), "without them", "with_driver",
+               "TPOT with the driver's and the messages' work on the host") for c in DRIVER_CONTROLS),
             (WARMUP_CONTROL, "residual", "with the earlier 1x warm-ups' residual (the control)", "per_load",
              "TPOT with the residual learned per load")]:
         (mean, within), (mean_b, within_b) = tpot_errors(side), tpot_errors(base)

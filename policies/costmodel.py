@@ -88,8 +88,13 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
   plans' 4x TTFT from -17% / -30% of the measured to -9% / -9% before correction; the decode table
   standing in for prefill's then put the 3-stage plan's 4x TTFT at +12% (stop 33: a prefill step
   3 at once on 2 cores is 1.67-1.70x alone, a decode step 2.09-2.22x).)
-  What it leaves out: the driver's and the transport's work competing with the stages for the cores
-  of a shared host (the co-run table counts stages only).
+  The driver and the stages' messages work on the host's cores too: a stage's io_s counts in its busy
+  share u (not slowed: the table times steps), and the driver, on its node's host, is one more party
+  busy u_d = g * (driver turn + step message + logits) / round of the time (corun_driver). Measured on
+  scenarios/local at 4x (stop 36, one run each): the 2-stage plan's TPOT 53.4 ms, predicted 51.1 with
+  them and 46.7 without; the 3-stage plan's 95.6 ms, predicted 93.0 and 79.4. In `continuo bench
+  predict` (5 plans x 2 loads) the corrected TPOT's mean |error| went 12.5% -> 8.3% (the simulator's
+  11.8% -> 7.7%). At 1x nothing changes (one group: the stages take turns).
   cost per hour = sum of the hourly price of the distinct nodes used (per node override, or
     the GPU kind's list price * gpus; a price table passed in overrides by GPU kind).
 """
@@ -521,27 +526,35 @@ def expected_slowdown(slowdown: Callable[[float], float], others_busy: Sequence[
 
 
 def host_slowdowns(hosts: Sequence[str | None], work_ms: Sequence[float], slowdown: Sequence[Callable[[float], float]],
-                   round_of: Callable[[list[float]], float], iterations: int = 30) -> tuple[list[float], float]:
+                   round_of: Callable[[list[float]], float], iterations: int = 30,
+                   io_ms: Sequence[float] | None = None,
+                   others: Sequence[tuple[str | None, float]] = ()) -> tuple[list[float], float]:
     """The slowdown of each stage's steps from the other stages on its host that compute at the same
     time, and the round they make together: a fixed point.
 
     Stage s does work_ms[s] of steps per round when alone on its host; slowed by sigma[s], it is busy
-    u[s] = min(1, sigma[s] * work_ms[s] / round) of the round. Each other stage on the host is taken to
+    u[s] = min(1, (sigma[s] * work_ms[s] + io_ms[s]) / round) of the round (io_ms: what its worker
+    spends on its messages, busy on the cores but not a step). Each other stage on the host is taken to
     be busy at a random moment of the round with its own u, independently, so n of them are busy with
     busy_count_distribution's probabilities, and sigma[s] = sum_n P(n) * slowdown[s](1 + n) (the host's
-    measured co-run slowdown with 1 + n stages computing). round_of(sigma) is the round those
-    slowdowns give. Stages with no host (None) or alone on theirs keep 1."""
+    measured co-run slowdown with 1 + n stages computing). `others`: (host, busy ms per round) of
+    parties that are not stages but work on a host's cores, the driver (its turn and its messages):
+    busy u = min(1, ms / round), counted as one more stage computing. round_of(sigma) is the round
+    those slowdowns give. Stages with no host (None) or alone on theirs keep 1."""
     k = len(hosts)
+    io = list(io_ms) if io_ms is not None else [0.0] * k
     sigma = [1.0] * k
     shared = [[o for o in range(k) if o != s and hosts[s] is not None and hosts[o] == hosts[s]] for s in range(k)]
+    extra = [[ms for h, ms in others if hosts[s] is not None and h == hosts[s] and ms > 0] for s in range(k)]
     r = round_of(sigma)
-    if not any(shared):
+    if not any(shared) and not any(extra):
         return sigma, r
     for _ in range(iterations):
         if not (0 < r < math.inf):
             break
-        u = [min(1.0, sigma[s] * work_ms[s] / r) for s in range(k)]
-        new = [expected_slowdown(slowdown[s], [u[o] for o in shared[s]]) if shared[s] else 1.0 for s in range(k)]
+        u = [min(1.0, (sigma[s] * work_ms[s] + io[s]) / r) for s in range(k)]
+        new = [expected_slowdown(slowdown[s], [u[o] for o in shared[s]] + [min(1.0, ms / r) for ms in extra[s]])
+               if shared[s] or extra[s] else 1.0 for s in range(k)]
         # halfway to the new value: a longer round lowers u, which lowers sigma; damping keeps it from see-sawing
         step = max(abs(a - b) for a, b in zip(new, sigma))
         sigma = [(a + b) / 2 for a, b in zip(new, sigma)]
@@ -565,7 +578,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
              corrections: Corrections | None = None, groups_in_flight: int | None = 1,
              prefill_rows: int = 1, driver_node: str | None = None,
              prompt_tokens_per_s: float = 0.0, prompt_chunk_tokens: int | None = None,
-             stage_io: bool = True) -> Estimates:
+             stage_io: bool = True, corun_driver: bool = True) -> Estimates:
     """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above).
     groups_in_flight=None: as the engine by default, one group per stage. (The default stays 1 until
     the simulator and the planner, which mirror these formulas, default to the engine's too.)
@@ -576,7 +589,8 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     come whole, not spread thinly over every step: a step carrying one costs joined_prefill_ms of the
     chunk, and x tokens a step on average cost x / chunk of that (spread evenly, x tokens would mostly
     hide under the weight read, and the simulator measured TPOT 20-45% over such an estimate at load).
-    stage_io=False leaves io_s out of the round (the control `continuo bench predict` prints)."""
+    stage_io=False leaves io_s out of the round, corun_driver=False the driver's and the messages' work
+    out of a shared host's slowdowns (the controls `continuo bench predict` prints)."""
     if prefill_rows < 1:
         raise ValueError(f"prefill_rows must be at least 1, not {prefill_rows}")
     if prompt_chunk_tokens is not None and prompt_chunk_tokens < 1:
@@ -664,7 +678,12 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
         if g == 1:                  # one group: the stages take turns, none computes beside another
             return round_at(x, slowed)
         work = [sum(dec_fn[s](m, x) for m in sizes) for s in range(k)]
-        slowed, r = host_slowdowns(hosts, work, slow_fn, lambda sig: round_at(x, sig))
+        io = [sum(io_fn[s](m, x) for m in sizes) for s in range(k)]
+        # the driver's turn and its two messages per group step work on its node's host too
+        drv = [(cluster.node(driver_node).host, sum(driver_ms + msg(0) + msg(m * model.vocab_size * 4)
+                                                     for m in sizes))] if driver_node and corun_driver else []
+        slowed, r = host_slowdowns(hosts, work, slow_fn, lambda sig: round_at(x, sig),
+                                   io_ms=io if corun_driver else None, others=drv)
         return r
     round_ms = idle_round_ms = round_of(0.0)
     if prompt_tokens_per_s > 0:

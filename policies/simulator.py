@@ -71,6 +71,7 @@ class SimConfig:
     micro_batches: bool = True           # cut large steps into k micro-batches, as the runtime does
     step_overhead_ms: float = 0.0        # the driver's own time per step (scheduling, sampling), if known
     stage_io: bool = True                # a stage's messages occupy it once per group (costmodel's io_s)
+    corun_driver: bool = True            # the driver and the stages' messages work on a shared host's cores too
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,11 @@ class _Stages:
             + (corrections.driver_ms if corrections else 0.0)
         self.back_per_row = ((logits_hop_ms(model, back, 1) - back.latency_ms) if back else 0.0) \
             + msg_per_mb * model.vocab_size * 4 / 1e6
+        # the driver's work on its node's host per group step (costmodel.estimate's corun_driver): its turn,
+        # the step message and the logits, (fixed ms, ms per sampled row)
+        self.driver_host = cluster.node(driver_node).host if driver_node else None
+        self.driver_work = ((corrections.driver_ms if corrections else 0.0) + 2 * msg_fixed,
+                            msg_per_mb * model.vocab_size * 4 / 1e6)
         self.busy = [0.0] * len(raw)       # per class: busy ms of ONE stage of the class
         # what a stage's worker spends on each group's messages (costmodel's io_s): the step message, the
         # activations in (not on the first stage) and out, or the logits out: (fixed ms, ms per token of
@@ -296,13 +302,18 @@ class _Stages:
                 total += (s * t + h) * cl[-1]
                 slowest = max(slowest, s * t + h + (r if g > 1 else 0.0))
             return max(total, g * slowest) if g > 1 else total + (parts - 1) * slowest
-        if g > 1 and d > 0 and self.shared_host:
+        drv = [(self.driver_host, g * (self.driver_work[0] + self.driver_work[1] * ss))] \
+            if cfg.corun_driver and self.driver_host is not None and self.driver_host in self.stage_host else []
+        if g > 1 and d > 0 and (self.shared_host or drv):
             # Stages on one host slow each other in decode rounds (as in the cost model; a wave's prefill
-            # flows through the stages and is not slowed there either). Every stage of a round does g
-            # steps; a class's stages are alike, so one stands for all.
+            # flows through the stages and is not slowed there either), and so do the driver and the
+            # stages' messages. Every stage of a round does g steps; a class's stages are alike, so one
+            # stands for all.
             first = self.first_stage
             st_sig, ms = host_slowdowns(self.stage_host, [g * times[c] for c in self.per_stage], self.stage_slow,
-                                        lambda s: round_ms([s[i] for i in first]))
+                                        lambda s: round_ms([s[i] for i in first]),
+                                        io_ms=[g * io[c] for c in self.per_stage] if cfg.corun_driver else None,
+                                        others=drv)
             times = [st_sig[i] * t for i, t in zip(first, times)]
         for c, t in enumerate(times):
             self.busy[c] += t * n

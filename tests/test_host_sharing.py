@@ -237,3 +237,42 @@ def test_the_planner_judges_plans_on_a_shared_host_by_the_estimates():
     # on machines of their own nothing changes
     apart = planner.plan(intent, unshared(cluster), policy, model, profiles=corun, groups_in_flight=None)
     assert apart.plan.placement_key() == alone.plan.placement_key()
+
+
+def test_the_driver_and_the_messages_count_as_work_on_the_host():
+    """corun_driver: a stage's messages keep its worker busy (io_ms in its busy share, not slowed), and
+    the driver on a stage's host is one more party computing there part of the round."""
+    slow = {1: 1.0, 2: 1.2, 3: 1.8}.__getitem__
+    # one stage, the driver beside it busy 30 of each round: sigma = 1 + (30 / r) * 0.2, a fixed point
+    sig, r = host_slowdowns(["h"], [50.0], [slow], lambda s: s[0] * 50 + 10, others=[("h", 30.0)])
+    assert sig[0] == pytest.approx(1 + 0.2 * 30 / r, abs=1e-3) and r == pytest.approx(sig[0] * 50 + 10)
+    for others in ([("elsewhere", 30.0)], [(None, 30.0)], [("h", 0.0)], []):       # not on its host: nothing
+        assert host_slowdowns(["h"], [50.0], [slow], lambda s: s[0] * 50 + 10, others=others) == ([1.0], 60.0)
+    # a light stage whose messages keep it busy too: the heavy one beside it is slowed more
+    rnd = lambda s: max(s[0] * 20 + 20, s[1] * 50)       # noqa: E731
+    plain, _ = host_slowdowns(["h", "h"], [20.0, 50.0], [slow, slow], rnd)
+    busy, _ = host_slowdowns(["h", "h"], [20.0, 50.0], [slow, slow], rnd, io_ms=[20.0, 0.0])
+    assert 1 < plain[1] < busy[1] <= 1.2
+
+    # the cost model and the simulator: with a transport and a driver's turn learned, a 2-stage plan on
+    # the local bench's one host, waves of 4 (2 groups): slower with the driver's work counted, and alike
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    ps = ProfileSet([make_profile(corun=CORUN)])
+    c = Corrections(alpha=0.5)
+    for mb in (0.001, 0.2, 0.8):
+        c.observe_message(mb * 1e6, 1.2 + 2.5 * mb)
+    c.driver_ms = 2.0
+    t4 = Traffic(concurrency=4, prompt_tokens=64, output_tokens=11, context_tokens=256)
+    kw = dict(profiles=ps, corrections=c, groups_in_flight=2, driver_node="edge-a")
+    with_, without = (estimate(plan2(), cluster, model, t4, corun_driver=d, **kw).tpot_ms for d in (True, False))
+    assert without < with_ < 1.2 * without
+    t1 = t4.model_copy(update={"concurrency": 1})           # one group: the stages and the driver take turns
+    assert estimate(plan2(), cluster, model, t1, **kw).tpot_ms == \
+        estimate(plan2(), cluster, model, t1, corun_driver=False, **kw).tpot_ms
+    assert estimate(plan2(), unshared(cluster), model, t4, **kw).tpot_ms == \
+        estimate(plan2(), unshared(cluster), model, t4, corun_driver=False, **kw).tpot_ms   # no host: nothing
+    tr = Trace([0.0] * 4, [64] * 4, [11] * 4)
+    sims = [statistics.median(simulate(cluster, plan2(), model, tr, profiles=ps, corrections=c, driver_node="edge-a",
+                                       config=SimConfig(groups_in_flight=2, corun_driver=d)).tpot_ms) for d in (True, False)]
+    assert sims[1] < sims[0]
+    assert sims[0] / sims[1] == pytest.approx(with_ / without, rel=0.03)
