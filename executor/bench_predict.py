@@ -83,6 +83,8 @@ CONTROLS = ("corrected_apart", "simulator_apart")     # TPOT as if no two nodes 
 IO_CONTROLS = ("corrected_without_io", "simulator_without_io")
 # TPOT without the driver and the stages' messages counted as work on the shared host's cores (corun_driver)
 DRIVER_CONTROLS = ("corrected_without_driver", "simulator_without_driver")
+# TPOT as the max of the round's bounds alone, without the groups' queueing at the stages (costmodel's closed_cycle_ms)
+QUEUE_CONTROLS = ("corrected_without_queueing", "simulator_without_queueing")
 WARMUP_CONTROL = "residual_warmup"     # corrected TPOT times the residual of the earlier plans' 1x warm-ups
 
 
@@ -249,9 +251,11 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                 cor_no_drv = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
                                       prefill_rows=width, driver_node=driver, groups_in_flight=groups,
                                       corun_driver=False)
+                cor_no_q = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
+                                    prefill_rows=width, driver_node=driver, groups_in_flight=groups, queueing=False)
                 # the client waits for a wave before sending the next (a closed loop): each wave is
                 # simulated on its own, its requests arriving as they were measured to
-                sim_ttft, sim_tpot, apart_tpot, no_io_tpot, no_drv_tpot = [], [], [], [], []
+                sim_ttft, sim_tpot, apart_tpot, no_io_tpot, no_drv_tpot, no_q_tpot = [], [], [], [], [], []
                 for w in range(0, len(outs), width):
                     wave = outs[w:w + width]
                     # a wave is submitted in one call on the engine thread: the engine sees it all at once
@@ -269,6 +273,9 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     no_drv_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
                                             intent=plan.intent, driver_node=driver,
                                             config=dataclasses.replace(sim_g, corun_driver=False)).tpot_ms
+                    no_q_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
+                                          intent=plan.intent, driver_node=driver,
+                                          config=dataclasses.replace(sim_g, queueing=False)).tpot_ms
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
                        "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
@@ -279,6 +286,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                        "simulator_without_io_tpot_ms": statistics.median(no_io_tpot),
                        "corrected_without_driver_tpot_ms": cor_no_drv.tpot_ms,
                        "simulator_without_driver_tpot_ms": statistics.median(no_drv_tpot),
+                       "corrected_without_queueing_tpot_ms": cor_no_q.tpot_ms,
+                       "simulator_without_queueing_tpot_ms": statistics.median(no_q_tpot),
                        "warmup_tpot_ratio": warm_tpot / warm_pred.tpot_ms,
                        "calibrated_source": cal.source, "requests": len(outs), "groups_in_flight": groups}
                 rows.append(row)
@@ -294,7 +303,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
         for side in SIDES:
             for m in ("ttft", "tpot"):
                 row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
-        for side in (*CONTROLS, *IO_CONTROLS, *DRIVER_CONTROLS, WARMUP_CONTROL):
+        for side in (*CONTROLS, *IO_CONTROLS, *DRIVER_CONTROLS, *QUEUE_CONTROLS, WARMUP_CONTROL):
             row[f"{side}_tpot_err"] = _err(row[f"{side}_tpot_ms"], row["measured_tpot_ms"])
     t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads")
     short = {"datasheet": "sheet", "calibrated": "calib", "corrected": "corr", "simulator": "sim",
@@ -334,6 +343,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                "TPOT with each stage's messages per group") for c in IO_CONTROLS),
             *((c, c.replace("_without_driver", ""), "without them", "with_driver",
                "TPOT with the driver's and the messages' work on the host") for c in DRIVER_CONTROLS),
+            *((c, c.replace("_without_queueing", ""), "without it", "with_queueing",
+               "TPOT with the groups' queueing at the stages") for c in QUEUE_CONTROLS),
             (WARMUP_CONTROL, "residual", "with the earlier 1x warm-ups' residual (the control)", "per_load",
              "TPOT with the residual learned per load")]:
         (mean, within), (mean_b, within_b) = tpot_errors(side), tpot_errors(base)

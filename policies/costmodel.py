@@ -73,6 +73,15 @@ Formulas (all documented here; figures are estimates, good to about +-25%):
               per group (2.5 ms taking the step message, a wait included, 0.5 ms the activations, ~2 ms
               staging and sending the logits); a round of 2 x 19.4 ms alone was 28-32% under the measured
               TPOT (54-57 ms).
+    On stages that share a host (below) the round is also at least closed_cycle_ms: the g groups
+    circling the stages as jobs of a closed queueing network (approximate mean value analysis, each
+    stage taking mean_j(decode_s(m_j) + io_s(m_j)) a visit, the links and the driver a pure delay). Near
+    balance (a group's pass about g times the busiest stage's step) a group reaching a stage busy with
+    another waits out the rest of that step, which the max of the bounds leaves out: the co-running
+    makes steps there vary, so the groups do not keep in step. On scenarios/local (stop 36, `continuo
+    bench predict`, one run) it took the corrected 4x TPOT of the 2-stage plans from -18%, -19%, -11%
+    of the measured to -10%, -8%, -0%, and the 3-stage plan's from -4% to +1%. Devices of their own
+    (host: none) keep the bounds.
     TPOT = round (each request gets one token per round); throughput = B / round.
   With g = 1 this is TPOT = sum(decode(B)) + sum(hop(B)): one step runs the whole batch through the
   stages one after the other.
@@ -564,6 +573,27 @@ def host_slowdowns(hosts: Sequence[str | None], work_ms: Sequence[float], slowdo
     return sigma, r
 
 
+def closed_cycle_ms(service_ms: Sequence[float], delay_ms: float, jobs: int, scv: float = 0.0) -> float:
+    """The time one of `jobs` circulating jobs takes around a loop of single-server stations (each
+    taking service_ms[s] per visit, one job at a time) and a pure delay: approximate mean value analysis
+    for a closed network, with the residual of the job in service that an arriving one waits out at
+    (1 + scv) / 2 of a service (scv: squared coefficient of variation; 0 for steps of fixed length):
+        R_s(n) = S_s + S_s (Q_s(n-1) - U_s(n-1)) + U_s(n-1) S_s (1 + scv) / 2
+        C(n) = sum_s R_s(n) + delay;  Q_s(n) = n R_s(n) / C(n);  U_s(n) = n S_s / C(n)
+    It counts what the max of the bounds (a job's own pass, a station's work for every job) leaves out
+    where they are near balance: a group reaching a stage while another group's step is under way
+    waits out its rest. Below the bounds it is not a round: estimate takes the larger."""
+    q = [0.0] * len(service_ms)
+    u = [0.0] * len(service_ms)
+    cycle = delay_ms + sum(service_ms)
+    for n in range(1, jobs + 1):
+        r = [sv + sv * (qs - us) + us * sv * (1 + scv) / 2 for sv, qs, us in zip(service_ms, q, u)]
+        cycle = sum(r) + delay_ms
+        q = [n * rs / cycle for rs in r]
+        u = [n * sv / cycle for sv in service_ms]
+    return cycle
+
+
 def engine_groups(stages: int, groups_in_flight: int | None) -> int:
     """Groups of requests the engine keeps in flight: the setting, else one per stage (EngineConfig.
     pipeline_groups = None; a one-stage plan has nothing to overlap)."""
@@ -578,7 +608,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
              corrections: Corrections | None = None, groups_in_flight: int | None = 1,
              prefill_rows: int = 1, driver_node: str | None = None,
              prompt_tokens_per_s: float = 0.0, prompt_chunk_tokens: int | None = None,
-             stage_io: bool = True, corun_driver: bool = True) -> Estimates:
+             stage_io: bool = True, corun_driver: bool = True, queueing: bool = True) -> Estimates:
     """Estimates for a plan whose nodes exist and whose consecutive stages are linked (formulas above).
     groups_in_flight=None: as the engine by default, one group per stage. (The default stays 1 until
     the simulator and the planner, which mirror these formulas, default to the engine's too.)
@@ -590,7 +620,8 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     chunk, and x tokens a step on average cost x / chunk of that (spread evenly, x tokens would mostly
     hide under the weight read, and the simulator measured TPOT 20-45% over such an estimate at load).
     stage_io=False leaves io_s out of the round, corun_driver=False the driver's and the messages' work
-    out of a shared host's slowdowns (the controls `continuo bench predict` prints)."""
+    out of a shared host's slowdowns, queueing=False the groups' queueing at stages on a shared host
+    (closed_cycle_ms) (the controls `continuo bench predict` prints)."""
     if prefill_rows < 1:
         raise ValueError(f"prefill_rows must be at least 1, not {prefill_rows}")
     if prompt_chunk_tokens is not None and prompt_chunk_tokens < 1:
@@ -607,6 +638,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     act_bytes = model.hidden_size * model.dtype_bytes          # activations per token, one hop
     # the stages, each with its step-time functions (corrected) and the link to the next stage
     stages, pre_fn, dec_fn, hop_fn, ser_fn, io_fn, hosts, slow_fn, pre_slow = [], [], [], [], [], [], [], [], []
+    link_fn = []
     for i, st in enumerate(plan.stages):
         node = cluster.node(st.node)
         shape = StageShape(st.stop - st.start, st.start == 0, st.stop == L)
@@ -625,6 +657,7 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
                       else (lambda t: 0.0))
         ser_fn.append((lambda t, link=link: hop_ms(model, link, t) - link.latency_ms) if link is not None
                       else (lambda t: 0.0))
+        link_fn.append((lambda t, link=link: hop_ms(model, link, t)) if link is not None else (lambda t: 0.0))
         # what the stage's own worker spends on a group's messages: the step message and activations it
         # takes, the activations or logits it sends (m rows, x prompt tokens riding along)
         io_fn.append((lambda m, x: 0.0) if not stage_io else
@@ -640,12 +673,14 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     # another node; each pass also costs the driver's step message to the first stage, the transport's
     # cost of both messages, and the driver's own turn
     last = plan.stages[-1].node
-    back_link = cluster.link(last, driver_node) if driver_node and driver_node != last else None
+    back_link_ = cluster.link(last, driver_node) if driver_node and driver_node != last else None
     driver_ms = corrections.driver_ms if corrections else 0.0
 
+    def back_link(r):
+        return logits_hop_ms(model, back_link_, r) if back_link_ is not None else 0.0
+
     def back(r):
-        link = logits_hop_ms(model, back_link, r) if back_link is not None else 0.0
-        return link + msg(r * model.vocab_size * 4) + msg(0) + driver_ms
+        return back_link(r) + msg(r * model.vocab_size * 4) + msg(0) + driver_ms
 
     # TTFT: the wave's prompts spread over the engine's groups, each group's step cut into micro-batches;
     # all are launched at once and go through the stages in launch order (a flow shop)
@@ -665,13 +700,22 @@ def estimate(plan: PlacementPlan, cluster: Cluster, model: ModelSpec, traffic: T
     # and compute at once slow each other (host_slowdowns: each stage's busy share and the round they
     # make, a fixed point)
     slowed = [1.0] * k
+    host_list = [h for h in hosts if h is not None]
+    shared_host = len(set(host_list)) < len(host_list)
 
     def round_at(x: float, sig: list[float]) -> float:
         def pass_ms(m):
             return sum(sig[s] * dec_fn[s](m, x) + hop_fn[s](m + x) for s in range(k)) + back(m)
-        return max(max(pass_ms(m) for m in set(sizes)),
-                   max(sum(sig[s] * dec_fn[s](m, x) + io_fn[s](m, x) for m in sizes) for s in range(k)),
-                   max(sum(ser_fn[s](m + x) for m in sizes) for s in range(k)))
+        bound = max(max(pass_ms(m) for m in set(sizes)),
+                    max(sum(sig[s] * dec_fn[s](m, x) + io_fn[s](m, x) for m in sizes) for s in range(k)),
+                    max(sum(ser_fn[s](m + x) for m in sizes) for s in range(k)))
+        if g == 1 or not (queueing and shared_host):
+            return bound
+        # near balance, groups queue at stages that share a host (closed_cycle_ms): there a step's length
+        # varies with what the others do at that moment, so groups do not keep in step
+        service = [statistics.mean(sig[s] * dec_fn[s](m, x) + io_fn[s](m, x) for m in sizes) for s in range(k)]
+        delay = statistics.mean(sum(link_fn[s](m + x) for s in range(k)) + back_link(m) + driver_ms for m in sizes)
+        return max(bound, closed_cycle_ms(service, delay, g))
 
     def round_of(x: float) -> float:
         nonlocal slowed

@@ -46,8 +46,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .cluster import Cluster
-from .costmodel import (MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, flow_shop, hop_ms, host_slowdowns,
-                        logits_hop_ms, micro_batches)
+from .costmodel import (MICRO_BATCH_MIN_TOKENS, Corrections, StageShape, _speed, closed_cycle_ms, flow_shop, hop_ms,
+                        host_slowdowns, logits_hop_ms, micro_batches)
 from .delta import PlanDelta
 from .intent import KV_BLOCK_TOKENS, IntentSpec, Traffic
 from .modelspec import ModelSpec
@@ -72,6 +72,7 @@ class SimConfig:
     step_overhead_ms: float = 0.0        # the driver's own time per step (scheduling, sampling), if known
     stage_io: bool = True                # a stage's messages occupy it once per group (costmodel's io_s)
     corun_driver: bool = True            # the driver and the stages' messages work on a shared host's cores too
+    queueing: bool = True                # groups queue at the stages near balance (costmodel.closed_cycle_ms)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,12 @@ class _Stages:
         # the driver's work on its node's host per group step (costmodel.estimate's corun_driver): its turn,
         # the step message and the logits, (fixed ms, ms per sampled row)
         self.driver_host = cluster.node(driver_node).host if driver_node else None
+        # what a group's pass spends off the stages, for the queueing of groups at them (costmodel's
+        # closed_cycle_ms): the links without the transport's cost (the stages' io counts that), the
+        # logits' link back and the driver's turn: (fixed ms, ms per sampled row)
+        self.off_stage = ((back.latency_ms if back else 0.0) + (corrections.driver_ms if corrections else 0.0),
+                          (logits_hop_ms(model, back, 1) - back.latency_ms) if back else 0.0)
+        self.msg = (msg_fixed, msg_per_mb * act_mb)
         self.driver_work = ((corrections.driver_ms if corrections else 0.0) + 2 * msg_fixed,
                             msg_per_mb * model.vocab_size * 4 / 1e6)
         self.busy = [0.0] * len(raw)       # per class: busy ms of ONE stage of the class
@@ -294,14 +301,25 @@ class _Stages:
             hops.append(t_hop - t)
             total += t_hop * count
             slowest = max(slowest, t_hop + (io[c] if g > 1 else 0.0))
-        ms = max(total, g * slowest) if g > 1 else total + (parts - 1) * slowest
+        # a group's pass off the stages: the links (less the transport's cost per message), the way back
+        off = self.off_stage[0] + self.off_stage[1] * ss + sum(
+            max(0.0, h - self.msg[0] - self.msg[1] * (dd + pp)) * cl[-1] for h, cl in zip(hops, self.classes) if h)
 
-        def round_ms(sig: list[float]) -> float:     # the same with each class's steps slowed by sig
+        def round_ms(sig: list[float]) -> float:     # the round with each class's steps slowed by sig
             total, slowest = back, 0.0
             for s, t, h, r, cl in zip(sig, times, hops, io, self.classes):
                 total += (s * t + h) * cl[-1]
                 slowest = max(slowest, s * t + h + (r if g > 1 else 0.0))
-            return max(total, g * slowest) if g > 1 else total + (parts - 1) * slowest
+            if g == 1:
+                return total + (parts - 1) * slowest
+            bound = max(total, g * slowest)
+            if not (cfg.queueing and self.shared_host):
+                return bound
+            # near balance the groups queue at stages that share a host (costmodel.closed_cycle_ms, as
+            # estimate counts it)
+            service = [s * t + r for s, t, r, cl in zip(sig, times, io, self.classes) for _ in range(cl[-1])]
+            return max(bound, closed_cycle_ms(service, off, g))
+        ms = round_ms([1.0] * len(times))
         drv = [(self.driver_host, g * (self.driver_work[0] + self.driver_work[1] * ss))] \
             if cfg.corun_driver and self.driver_host is not None and self.driver_host in self.stage_host else []
         if g > 1 and d > 0 and (self.shared_host or drv):

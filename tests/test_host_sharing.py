@@ -13,16 +13,11 @@ from policies.costmodel import Corrections, busy_count_distribution, estimate, f
 from policies.profile import ProfileSet, load_profile, save_profile
 from policies.simulator import SimConfig, simulate
 from policies.traces import Trace
-from tests.test_costmodel_profile import make_profile, plan2
+from tests.test_costmodel_profile import make_profile, plan2, unshared
 
 CLUSTER = "scenarios/local/cluster.yaml"
 CORUN = {"procs": [1, 2, 3], "slowdown": [1.0, 1.2, 1.8]}
 CORUN_PREFILL = {"procs": [1, 2, 3], "slowdown": [1.0, 1.1, 1.4]}
-
-
-def unshared(cluster):
-    """The same cluster with every node on a machine of its own."""
-    return cluster.model_copy(update={"nodes": tuple(n.model_copy(update={"host": None}) for n in cluster.nodes)})
 
 
 def test_the_local_nodes_share_one_host_and_a_bad_host_is_named(tmp_path):
@@ -96,8 +91,9 @@ def test_estimate_slows_decode_rounds_of_stages_sharing_a_host():
     cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
     plain, corun = ProfileSet([make_profile()]), ProfileSet([make_profile(corun=CORUN)])
     t4 = Traffic(concurrency=4, prompt_tokens=64, output_tokens=64, context_tokens=256)
-    base = estimate(plan2(), cluster, model, t4, profiles=plain, groups_in_flight=None)
-    shared = estimate(plan2(), cluster, model, t4, profiles=corun, groups_in_flight=None)
+    # the co-run slowdown alone: without the groups' queueing at the stages (tested on its own below)
+    base = estimate(plan2(), cluster, model, t4, profiles=plain, groups_in_flight=None, queueing=False)
+    shared = estimate(plan2(), cluster, model, t4, profiles=corun, groups_in_flight=None, queueing=False)
     apart = estimate(plan2(), unshared(cluster), model, t4, profiles=corun, groups_in_flight=None)
     assert base.groups_in_flight == 2
     assert base.tpot_ms < shared.tpot_ms <= 1.2 * base.tpot_ms + 1e-9     # two at once: at most 1.2x
@@ -177,7 +173,7 @@ def test_simulator_slows_rounds_of_stages_sharing_a_host():
     cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
     plan = plan2()
     trace = Trace([0.0] * 4, [64] * 4, [32] * 4, "a wave of 4")
-    cfg = SimConfig(groups_in_flight=2)
+    cfg = SimConfig(groups_in_flight=2, queueing=False)     # the co-run slowdown alone (queueing: below)
 
     def tpot(c, profiles):
         return simulate(c, plan, model, trace, profiles=profiles, config=cfg).tpot_ms
@@ -276,3 +272,38 @@ def test_the_driver_and_the_messages_count_as_work_on_the_host():
                                        config=SimConfig(groups_in_flight=2, corun_driver=d)).tpot_ms) for d in (True, False)]
     assert sims[1] < sims[0]
     assert sims[0] / sims[1] == pytest.approx(with_ / without, rel=0.03)
+
+
+def test_groups_queue_at_stages_that_share_a_host():
+    """closed_cycle_ms: approximate mean value analysis of g groups circling the stages. It adds what the
+    max of the round's bounds leaves out near balance (a group reaching a stage busy with another waits
+    out the rest of its step), only where the stages share a host (their steps vary with each other)."""
+    from policies.costmodel import closed_cycle_ms
+    assert closed_cycle_ms([10.0, 20.0], 5.0, 1) == pytest.approx(35.0)          # one group: its pass
+    # two groups, by hand: U(1) = S / 35.8; R_a = 15.2 + U_a 15.2 / 2, R_b = 18.1 + U_b 18.1 / 2
+    r_a, r_b = 15.2 * (1 + 15.2 / 35.8 / 2), 18.1 * (1 + 18.1 / 35.8 / 2)
+    assert closed_cycle_ms([15.2, 18.1], 2.5, 2) == pytest.approx(r_a + r_b + 2.5)
+    # exponential steps (scv 1): exact MVA, R = S (1 + Q(1))
+    assert closed_cycle_ms([10.0, 10.0], 0.0, 2, scv=1.0) == pytest.approx(2 * 10 * 1.5)
+    # balanced: above both bounds (the pass, 35.8; the busier stage's two steps, 36.2)
+    assert closed_cycle_ms([15.2, 18.1], 2.5, 2) > 36.2
+
+    cluster, model = load_cluster(CLUSTER), load_model_spec("smollm2-135m")
+    ps = ProfileSet([make_profile()])
+    t4 = Traffic(concurrency=4, prompt_tokens=64, output_tokens=64, context_tokens=256)   # context 96
+    kw = dict(profiles=ps, groups_in_flight=2)
+    q, bound = (estimate(plan2(), cluster, model, t4, queueing=x, **kw).tpot_ms for x in (True, False))
+    p = make_profile()
+    s = [p.stage_decode_ms(15, True, False, 2, 96), p.stage_decode_ms(15, False, True, 2, 96)]
+    link = cluster.link("edge-a", "edge-b")
+    hop = link.latency_ms + 1e3 * 2 * model.hidden_size * model.dtype_bytes * 8 / (link.bandwidth_gbps * 1e9)
+    assert q == pytest.approx(max(bound, closed_cycle_ms(s, hop, 2))) and q > bound
+    apart = unshared(cluster)            # machines of their own: the bounds alone
+    assert estimate(plan2(), apart, model, t4, **kw).tpot_ms == estimate(plan2(), apart, model, t4, queueing=False, **kw).tpot_ms
+    t1 = t4.model_copy(update={"concurrency": 1})
+    assert estimate(plan2(), cluster, model, t1, **kw).tpot_ms == estimate(plan2(), cluster, model, t1, queueing=False, **kw).tpot_ms
+    # the simulator's rounds count the same
+    tr = Trace([0.0] * 4, [64] * 4, [64] * 4)
+    sims = [statistics.median(simulate(cluster, plan2(), model, tr, profiles=ps,
+                                       config=SimConfig(groups_in_flight=2, queueing=x)).tpot_ms) for x in (True, False)]
+    assert sims[0] / sims[1] == pytest.approx(q / bound, rel=0.03)
