@@ -196,14 +196,14 @@ class _Stages:
         # the driver's work on its node's host per group step (costmodel.estimate's corun_driver): its turn,
         # the step message and the logits, (fixed ms, ms per sampled row)
         self.driver_host = cluster.node(driver_node).host if driver_node else None
+        self.driver_work = ((corrections.driver_ms if corrections else 0.0) + 2 * msg_fixed,
+                            msg_per_mb * model.vocab_size * 4 / 1e6)
         # what a group's pass spends off the stages, for the queueing of groups at them (costmodel's
         # closed_cycle_ms): the links without the transport's cost (the stages' io counts that), the
         # logits' link back and the driver's turn: (fixed ms, ms per sampled row)
         self.off_stage = ((back.latency_ms if back else 0.0) + (corrections.driver_ms if corrections else 0.0),
                           (logits_hop_ms(model, back, 1) - back.latency_ms) if back else 0.0)
-        self.msg = (msg_fixed, msg_per_mb * act_mb)
-        self.driver_work = ((corrections.driver_ms if corrections else 0.0) + 2 * msg_fixed,
-                            msg_per_mb * model.vocab_size * 4 / 1e6)
+        self.msg = (msg_fixed, msg_per_mb * act_mb)     # the transport's cost of a hop: fixed, per token
         self.busy = [0.0] * len(raw)       # per class: busy ms of ONE stage of the class
         # what a stage's worker spends on each group's messages (costmodel's io_s): the step message, the
         # activations in (not on the first stage) and out, or the logits out: (fixed ms, ms per token of
@@ -313,10 +313,10 @@ class _Stages:
             if g == 1:
                 return total + (parts - 1) * slowest
             bound = max(total, g * slowest)
-            if not (cfg.queueing and self.shared_host):
+            if not (cfg.queueing and self.shared_host and d > 0):
                 return bound
-            # near balance the groups queue at stages that share a host (costmodel.closed_cycle_ms, as
-            # estimate counts it)
+            # near balance the groups queue at stages that share a host in decode rounds
+            # (costmodel.closed_cycle_ms, as estimate counts it; a wave's prefill is its flow shop)
             service = [s * t + r for s, t, r, cl in zip(sig, times, io, self.classes) for _ in range(cl[-1])]
             return max(bound, closed_cycle_ms(service, off, g))
         ms = round_ms([1.0] * len(times))
