@@ -290,7 +290,9 @@ class Agent:
         if self.executor is None:
             out.status, out.message = "dry-run", "dry run: nothing is serving, nothing applied"
             return out
-        if current is not None and current.placement_key() == plan.placement_key():
+        # the same placement with a new KV reservation (the intent's traffic changed) still reconfigures:
+        # every stage is rebuilt with the new pool (PlanDelta.rebuilt); only an identical plan is a no-op
+        if current is not None and current.placement_key() == plan.placement_key() and not delta.pool_changes:
             out.status, out.message = "unchanged", "the live plan already places the model this way: nothing to move"
             return out
         if mode == "confirm" and not (self.confirm and self.confirm(out)):

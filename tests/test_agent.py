@@ -285,6 +285,21 @@ def test_the_live_placement_again_moves_nothing(local, executor):
     assert out.status == "unchanged" and out.ok and {r.action for r in out.diff} == {"="} and executor.calls == []
 
 
+def test_the_live_placement_with_a_new_kv_reservation_is_applied(local, executor):
+    """Twice the concurrency on the same placement needs twice the KV pool: that is a reconfiguration
+    (every stage rebuilt with the new pool), not "unchanged" with the old pool left serving."""
+    a = agent_for(local, executor, mode="auto")
+    live = executor.plan.plan
+    t = live.intent.traffic
+    spec = live.intent.model_copy(update={"traffic": t.model_copy(update={"concurrency": 2 * t.concurrency})})
+    out = a.gate(live.model_copy(update={"intent": spec}), spec)
+    assert out.status == "applied", out.message
+    (sent, _), = executor.calls
+    assert sent.delta.pool_changes and sent.delta.kv_blocks == 2 * t.kv_blocks
+    assert sent.delta.moves == () and sent.delta.rebuilt == [s.node for s in live.stages]
+    assert a.gate(executor.plan.plan, spec).status == "unchanged"       # now it is the live plan: a no-op
+
+
 def test_a_reply_that_echoes_tool_json_becomes_a_plain_summary(local):
     """Small models often write a tool call out as JSON instead of answering: the operator sees what
     the tools said, never the raw JSON."""

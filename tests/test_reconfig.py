@@ -219,3 +219,29 @@ def test_weights_travel_in_the_serving_layout_without_copies():
     assert all(m.weight.data_ptr() == p for m, p in ptrs.items())     # already in the serving layout
     for a, b in zip(owner.model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_new_kv_reservation_on_the_same_placement_rebuilds_the_stages_under_load(reference):
+    """Twice the concurrency on the same placement: no layer moves, every stage is rebuilt with the new
+    pool while requests stream, admission counts against it after the switch, outputs stay identical."""
+    from tiny_service import POLICY, SPEC
+
+    from policies import approve
+    svc = Service.launch(CLUSTER, validated(START), SRC, EC)
+    try:
+        live = svc.plan.plan
+        old = svc.engine.config.num_kv_blocks
+        t = live.intent.traffic
+        spec = live.intent.model_copy(update={"traffic": t.model_copy(update={"concurrency": 2 * t.concurrency})})
+        v = approve(live.model_copy(update={"intent": spec}), CLUSTER, POLICY, spec, SPEC, current=live)
+        assert v.delta.pool_changes and v.delta.moves == () and v.delta.kv_blocks > old
+        futs = start_load(svc)
+        rep = svc.reconfigure(v, method="live")
+        assert rep.state == "done", rep.error
+        assert svc.engine.config.num_kv_blocks == v.delta.kv_blocks
+        results = [f.result(120) for f in futs]
+        assert [err for _, err in results] == [None] * len(PROMPTS)
+        assert [out.token_ids for out, _ in results] == reference
+        assert layers(svc) == {"edge-a": [[0, 3]], "edge-b": [[3, 7]], "cloud-1": []}
+    finally:
+        svc.close()
