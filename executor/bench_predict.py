@@ -79,12 +79,15 @@ MIN_WAVES = 3          # waves measured at least per load: one wave's median is 
 TARGET = 0.15
 SIDES = ("datasheet", "calibrated", "corrected", "simulator", "residual", "sim_residual")
 CONTROLS = ("corrected_apart", "simulator_apart")     # TPOT as if no two nodes shared this machine
-# TPOT without each stage's messages occupying it per group (costmodel's io_s), on the same measurements
-IO_CONTROLS = ("corrected_without_io", "simulator_without_io")
-# TPOT without the driver and the stages' messages counted as work on the shared host's cores (corun_driver)
-DRIVER_CONTROLS = ("corrected_without_driver", "simulator_without_driver")
-# TPOT as the max of the round's bounds alone, without the groups' queueing at the stages (costmodel's closed_cycle_ms)
-QUEUE_CONTROLS = ("corrected_without_queueing", "simulator_without_queueing")
+# The model's terms, each switched off on its own for a control on the same measurements (corrected_without_NAME,
+# simulator_without_NAME): NAME -> (the keyword of estimate and SimConfig that switches it off, what the control's
+# line says the model counts with it, how it says "without")
+ABLATIONS = {
+    "io": ("stage_io", "TPOT with each stage's messages per group", "without them"),             # costmodel's io_s
+    "driver": ("corun_driver", "TPOT with the driver's and the messages' work on the host", "without them"),
+    "queueing": ("queueing", "TPOT with the groups' queueing at the stages", "without it"),     # closed_cycle_ms
+}
+ABLATION_CONTROLS = tuple(f"{side}_without_{n}" for n in ABLATIONS for side in ("corrected", "simulator"))
 WARMUP_CONTROL = "residual_warmup"     # corrected TPOT times the residual of the earlier plans' 1x warm-ups
 
 
@@ -245,17 +248,15 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                 # the control: the same, as if each node had a machine of its own (no co-run slowdown)
                 cor_apart = estimate(plan, apart, spec, traffic, profiles=profiles, corrections=corrections,
                                      prefill_rows=width, driver_node=driver, groups_in_flight=groups)
-                cor_no_io = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
-                                     prefill_rows=width, driver_node=driver, groups_in_flight=groups,
-                                     stage_io=False)
-                cor_no_drv = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
-                                      prefill_rows=width, driver_node=driver, groups_in_flight=groups,
-                                      corun_driver=False)
-                cor_no_q = estimate(plan, cluster, spec, traffic, profiles=profiles, corrections=corrections,
-                                    prefill_rows=width, driver_node=driver, groups_in_flight=groups, queueing=False)
+                # the controls for the model's terms: the same with each switched off
+                off = {n: {switch: False} for n, (switch, *_) in ABLATIONS.items()}
+                ablated = {f"corrected_without_{n}_tpot_ms": estimate(
+                    plan, cluster, spec, traffic, profiles=profiles, corrections=corrections, prefill_rows=width,
+                    driver_node=driver, groups_in_flight=groups, **o).tpot_ms for n, o in off.items()}
                 # the client waits for a wave before sending the next (a closed loop): each wave is
                 # simulated on its own, its requests arriving as they were measured to
-                sim_ttft, sim_tpot, apart_tpot, no_io_tpot, no_drv_tpot, no_q_tpot = [], [], [], [], [], []
+                sim_ttft, sim_tpot, apart_tpot = [], [], []
+                sim_ablated: dict[str, list[float]] = {n: [] for n in off}
                 for w in range(0, len(outs), width):
                     wave = outs[w:w + width]
                     # a wave is submitted in one call on the engine thread: the engine sees it all at once
@@ -267,27 +268,18 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                     sim_tpot += sim.tpot_ms
                     apart_tpot += simulate(apart, plan, spec, trace, profiles=profiles, corrections=corrections,
                                            intent=plan.intent, driver_node=driver, config=sim_g).tpot_ms
-                    no_io_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
-                                           intent=plan.intent, driver_node=driver,
-                                           config=dataclasses.replace(sim_g, stage_io=False)).tpot_ms
-                    no_drv_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
-                                            intent=plan.intent, driver_node=driver,
-                                            config=dataclasses.replace(sim_g, corun_driver=False)).tpot_ms
-                    no_q_tpot += simulate(cluster, plan, spec, trace, profiles=profiles, corrections=corrections,
-                                          intent=plan.intent, driver_node=driver,
-                                          config=dataclasses.replace(sim_g, queueing=False)).tpot_ms
+                    for n, o in off.items():
+                        sim_ablated[n] += simulate(cluster, plan, spec, trace, profiles=profiles,
+                                                   corrections=corrections, intent=plan.intent, driver_node=driver,
+                                                   config=dataclasses.replace(sim_g, **o)).tpot_ms
+                ablated.update({f"simulator_without_{n}_tpot_ms": statistics.median(v) for n, v in sim_ablated.items()})
                 row = {"plan": plan.summary(), "load": load, "measured_ttft_ms": ttft, "measured_tpot_ms": tpot,
                        "datasheet_ttft_ms": sheet.ttft_ms, "datasheet_tpot_ms": sheet.tpot_ms,
                        "calibrated_ttft_ms": cal.ttft_ms, "calibrated_tpot_ms": cal.tpot_ms,
                        "corrected_ttft_ms": cor.ttft_ms, "corrected_tpot_ms": cor.tpot_ms,
                        "simulator_ttft_ms": statistics.median(sim_ttft), "simulator_tpot_ms": statistics.median(sim_tpot),
                        "corrected_apart_tpot_ms": cor_apart.tpot_ms, "simulator_apart_tpot_ms": statistics.median(apart_tpot),
-                       "corrected_without_io_tpot_ms": cor_no_io.tpot_ms,
-                       "simulator_without_io_tpot_ms": statistics.median(no_io_tpot),
-                       "corrected_without_driver_tpot_ms": cor_no_drv.tpot_ms,
-                       "simulator_without_driver_tpot_ms": statistics.median(no_drv_tpot),
-                       "corrected_without_queueing_tpot_ms": cor_no_q.tpot_ms,
-                       "simulator_without_queueing_tpot_ms": statistics.median(no_q_tpot),
+                       **ablated,
                        "warmup_tpot_ratio": warm_tpot / warm_pred.tpot_ms,
                        "calibrated_source": cal.source, "requests": len(outs), "groups_in_flight": groups}
                 rows.append(row)
@@ -303,7 +295,7 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
         for side in SIDES:
             for m in ("ttft", "tpot"):
                 row[f"{side}_{m}_err"] = _err(row[f"{side}_{m}_ms"], row[f"measured_{m}_ms"])
-        for side in (*CONTROLS, *IO_CONTROLS, *DRIVER_CONTROLS, *QUEUE_CONTROLS, WARMUP_CONTROL):
+        for side in (*CONTROLS, *ABLATION_CONTROLS, WARMUP_CONTROL):
             row[f"{side}_tpot_err"] = _err(row[f"{side}_tpot_ms"], row["measured_tpot_ms"])
     t = Table(title=f"Predicted vs measured p50 (error), {len(plans)} plans x {len(LOADS)} loads")
     short = {"datasheet": "sheet", "calibrated": "calib", "corrected": "corr", "simulator": "sim",
@@ -329,8 +321,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
                       f"figures within {TARGET:.0%}", highlight=False)
     # the controls, on the same measurements: for the co-run slowdown, the same models with every node on
     # a machine of its own (TTFT is the same either way: the prefill flow shop is not slowed); for the
-    # residual per load, the corrected TPOT times the earlier plans' 1x warm-ups' residual; for the stages'
-    # messages, the corrected model and the simulator without them (io_s in policies/costmodel.py)
+    # residual per load, the corrected TPOT times the earlier plans' 1x warm-ups' residual; for each of the
+    # model's terms in ABLATIONS, the corrected model and the simulator without it
     def tpot_errors(side):
         errs = [abs(r[f"{side}_tpot_err"]) for r in rows]
         return statistics.mean(errs), sum(e <= TARGET for e in errs)
@@ -339,12 +331,8 @@ def run(as_json: bool = False, requests: int = 6, quick: bool = False, source=No
     hosts = f"TPOT with the nodes' shared host (co-run slowdown {prof.corun.slowdown if prof.corun else '-'})"
     for side, base, label, key, what in [
             *((c, c.replace("_apart", ""), "as if apart", "with_hosts", hosts) for c in CONTROLS),
-            *((c, c.replace("_without_io", ""), "without them", "with_io",
-               "TPOT with each stage's messages per group") for c in IO_CONTROLS),
-            *((c, c.replace("_without_driver", ""), "without them", "with_driver",
-               "TPOT with the driver's and the messages' work on the host") for c in DRIVER_CONTROLS),
-            *((c, c.replace("_without_queueing", ""), "without it", "with_queueing",
-               "TPOT with the groups' queueing at the stages") for c in QUEUE_CONTROLS),
+            *((f"{side}_without_{n}", side, without, f"with_{n}", what)
+              for n, (_, what, without) in ABLATIONS.items() for side in ("corrected", "simulator")),
             (WARMUP_CONTROL, "residual", "with the earlier 1x warm-ups' residual (the control)", "per_load",
              "TPOT with the residual learned per load")]:
         (mean, within), (mean_b, within_b) = tpot_errors(side), tpot_errors(base)
