@@ -26,8 +26,9 @@ file): the calibration also measures the co-run tables (a decode step, and a pre
 3 stages running it at once, over alone), and the cost model and the simulator slow stages that
 compute at once by them (decode steps by the first, a wave's prefill by the second), and count the
 driver's turn and the stages' messages as work on those cores too. The controls, printed beside them:
-the same models' TPOT with every node on a machine of its own, without each stage's messages per
-group (io_s), and without the driver's and the messages' work on the host (corun_driver).
+the same models' TPOT with every node on a machine of its own, and with each of the model's terms in
+ABLATIONS switched off on its own: each stage's messages per group (io_s), the driver's and the
+messages' work on the host (corun_driver), the groups' queueing at the stages (closed_cycle_ms).
 
 Loads: `1x` one request at a time (a request meets an idle pipeline: the cost model's TTFT
 assumption), `4x` waves of 4 requests submitted together (prefilled in one step, decoded as a batch
